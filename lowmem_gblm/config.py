@@ -1,0 +1,124 @@
+"""Every option of a run as one frozen, validated dataclass, with JSON round-trip and a stable hash."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowmem_gblm.errors import UsageError
+from lowmem_gblm.mask import Pattern
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OFFLOADS = ("cpu", "disk")
+GRAD_NORMS = ("l1", "l2")
+MAGNITUDE_SCOPES = ("row", "matrix")
+
+# Options that do not change the output bytes; left out of the resume fingerprint.
+_NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress"})
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Where calibration windows come from. ``source`` is a path or a hub name (c4, wikitext2)."""
+
+    source: str | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    ids_file: str | None = None  # reuse exact windows: safetensors with int tensor input_ids [N, T]
+
+    def __post_init__(self) -> None:
+        if self.source is None and self.ids_file is None:
+            raise UsageError("no calibration data: pass --calib PATH|c4|wikitext2 or --calib-ids FILE.safetensors")
+        if self.nsamples < 1:
+            raise UsageError(f"--nsamples must be >= 1, got {self.nsamples}")
+        if self.seqlen < 2:
+            raise UsageError(f"--seqlen must be >= 2 (one predicted token), got {self.seqlen}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    model_dir: str
+    out_dir: str
+    calib: CalibConfig
+    method: str = "wanda"
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    magnitude_scope: str = "row"
+    device: str = "auto"
+    dtype: str = "auto"
+    alpha: float = 100.0
+    grad_norm: str = "l1"
+    gradients: str | None = None
+    offload: str = "cpu"
+    percdamp: float = 0.01
+    blocksize: int = 128
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from lowmem_gblm.methods import get_method  # registry imports config-free modules only
+
+        get_method(self.method)  # raises UsageError listing the methods
+        Pattern.parse(self.pattern, self.sparsity)
+        if self.magnitude_scope not in MAGNITUDE_SCOPES:
+            raise UsageError(f"--magnitude-scope must be one of {MAGNITUDE_SCOPES}, got {self.magnitude_scope!r}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.offload not in OFFLOADS:
+            raise UsageError(f"--offload must be one of {OFFLOADS}, got {self.offload!r}")
+        if self.grad_norm not in GRAD_NORMS:
+            raise UsageError(f"--grad-norm must be one of {GRAD_NORMS}, got {self.grad_norm!r}")
+        if not self.alpha >= 0.0:
+            raise UsageError(f"--alpha must be >= 0, got {self.alpha}")
+        if not 0.0 <= self.percdamp <= 10.0:
+            raise UsageError(f"--percdamp must be in [0, 10], got {self.percdamp}")
+        if self.blocksize < 1:
+            raise UsageError(f"--blocksize must be >= 1, got {self.blocksize}")
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return Pattern.parse(self.pattern, self.sparsity)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruneConfig:
+        data = dict(data)
+        data["calib"] = CalibConfig(**data["calib"])
+        return cls(**data)
+
+    def fingerprint_dict(self) -> dict:
+        """The options that decide the output bytes. model_dir is a path: the model itself is
+        fingerprinted separately (io.checkpoint.model_fingerprint)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        data["model_dir"] = str(Path(self.model_dir).resolve())
+        data["pattern"] = str(self.parsed_pattern)
+        data["sparsity"] = self.parsed_pattern.sparsity
+        return data
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.fingerprint_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def diff_dicts(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two fingerprint dicts ("alpha: 100 -> 10")."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_dicts(a, b, prefix + key + ".")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out

@@ -1,0 +1,166 @@
+"""A lazy view of a safetensors checkpoint: tensor name -> shard, read only what is asked for.
+
+Callers never see the shard layout. Each read opens the shard, copies the requested tensors out
+and closes it again, so no memory map stays resident between blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lowmem_gblm.errors import InputError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict:
+    """Parse a safetensors header and check it against the file size before any tensor is read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise InputError(f"{path}: truncated safetensors file ({size} bytes); re-download or re-export it")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise InputError(f"{path}: broken safetensors header (claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: broken safetensors header ({exc}); re-download the shard") from exc
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = info["data_offsets"]
+            count = 1
+            for d in info["shape"]:
+                count *= int(d)
+            width = _DTYPE_BYTES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: tensor {name!r} has a malformed header entry") from exc
+        if width is not None and stop - begin != count * width:
+            raise InputError(f"{path}: tensor {name!r} header size does not match its shape {info['shape']}")
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise InputError(
+            f"{path}: truncated: header needs {8 + n + end} bytes, file has {size}; re-download the shard"
+        )
+    return header
+
+
+class CheckpointIndex:
+    """name -> TensorInfo for a local checkpoint folder (single file or sharded with an index)."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.root = Path(model_dir)
+        if not self.root.is_dir():
+            raise InputError(f"MODEL_DIR {self.root} is not a folder; pass a local Hugging Face checkpoint folder")
+        if not (self.root / "config.json").is_file():
+            raise InputError(f"MODEL_DIR {self.root} has no config.json; it is not a Hugging Face checkpoint")
+        self.shards = self._find_shards()
+        self.tensors: dict[str, TensorInfo] = {}
+        self.headers: dict[str, dict] = {}
+        for shard in self.shards:
+            header = read_header(self.root / shard)
+            self.headers[shard] = header
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self.tensors[name] = TensorInfo(shard, info["dtype"], tuple(info["shape"]))
+        if self.weight_map is not None:
+            for name, shard in self.weight_map.items():
+                if name not in self.tensors:
+                    raise InputError(f"{INDEX_NAME} names {name!r} in {shard}, but that shard does not hold it")
+
+    def _find_shards(self) -> list[str]:
+        self.weight_map = None
+        index = self.root / INDEX_NAME
+        if index.is_file():
+            try:
+                self.weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise InputError(f"{index}: not a valid safetensors index ({exc})") from exc
+            shards = sorted(set(self.weight_map.values()))
+            for shard in shards:
+                path = (self.root / shard).resolve()
+                if self.root.resolve() not in path.parents:
+                    raise InputError(f"{index}: shard path {shard!r} points outside the model folder; refusing")
+                if not path.is_file():
+                    raise InputError(f"{index} names shard {shard}, which is missing; re-download the checkpoint")
+            return shards
+        if (self.root / SINGLE_NAME).is_file():
+            return [SINGLE_NAME]
+        if any(self.root.glob("*.bin")) or any(self.root.glob("*.pt")) or any(self.root.glob("*.pth")):
+            raise InputError(
+                f"MODEL_DIR {self.root} holds only pickle checkpoints (.bin/.pt); lowmem-gblm reads safetensors only. "
+                "Convert it once: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)"
+            )
+        raise InputError(f"MODEL_DIR {self.root} has no model.safetensors or {INDEX_NAME}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Read tensors (their stored dtype, CPU), opening each needed shard once."""
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.tensors:
+                raise InputError(f"tensor {name!r} is missing from the checkpoint in {self.root}")
+            by_shard.setdefault(self.tensors[name].shard, []).append(name)
+        out = {}
+        for shard, shard_names in by_shard.items():
+            path = self.root / shard
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for name in shard_names:
+                        out[name] = f.get_tensor(name).clone()
+            except InputError:
+                raise
+            except Exception as exc:  # safetensors raises its own error types
+                raise InputError(f"{path}: cannot read {shard_names[0]!r}: {exc}") from exc
+        return out
+
+    def nbytes(self, names: Iterable[str]) -> int:
+        total = 0
+        for name in names:
+            info = self.tensors[name]
+            count = 1
+            for d in info.shape:
+                count *= d
+            total += count * _DTYPE_BYTES.get(info.dtype, 4)
+        return total
+
+    def fingerprint(self) -> str:
+        """Identity of the input model: shard names, sizes, modification times and headers."""
+        h = hashlib.sha256()
+        for shard in self.shards:
+            st = (self.root / shard).stat()
+            h.update(f"{shard}|{st.st_size}|{st.st_mtime_ns}|".encode())
+            h.update(json.dumps(self.headers[shard], sort_keys=True).encode())
+        return h.hexdigest()

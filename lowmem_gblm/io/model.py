@@ -1,0 +1,133 @@
+"""One lazy block I/O path: a model is its config, its family row and a checkpoint index.
+
+Blocks are built on the meta device and their tensors loaded with ``assign=True``: nothing but the
+block being processed (or the embedding / head while they are used) is ever materialized.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowmem_gblm.errors import InputError
+from lowmem_gblm.io.checkpoint import CheckpointIndex
+from lowmem_gblm.io.layout import Family, family_for
+
+log = logging.getLogger(__name__)
+
+
+def load_hf_config(model_dir: str | Path):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as exc:
+        raise InputError(f"MODEL_DIR {model_dir}: cannot read config.json ({exc})") from exc
+    # Streamed blocks get attention_mask=None and rely on SDPA's causal path, as the full model
+    # does for unpadded input; eager attention would need an explicit mask.
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@dataclass
+class StreamedModel:
+    """Everything needed to stream a checkpoint block by block."""
+
+    root: Path
+    config: object
+    family: Family
+    index: CheckpointIndex
+
+    @classmethod
+    def open(cls, model_dir: str | Path) -> StreamedModel:
+        index = CheckpointIndex(model_dir)  # validates the folder and shards first
+        config = load_hf_config(model_dir)
+        family = family_for(config)
+        model = cls(Path(model_dir), config, family, index)
+        model._check_tensors()
+        return model
+
+    # -- layout --------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def tied(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", False)) or self.family.lm_head not in self.index
+
+    def block_names(self, i: int) -> list[str]:
+        prefix = self.family.block_prefix(i)
+        return [n for n in self.index.names() if n.startswith(prefix)]
+
+    def non_block_names(self) -> list[str]:
+        pattern = re.compile(re.escape(self.family.layers_prefix) + r"\.\d+\.")
+        return [n for n in self.index.names() if not pattern.match(n)]
+
+    def _check_tensors(self) -> None:
+        for name in (self.family.embed, self.family.final_norm):
+            if name not in self.index:
+                raise InputError(f"{self.root}: tensor {name!r} is missing; the checkpoint is incomplete")
+        expected = self._block_shapes()
+        for i in range(self.num_blocks):
+            prefix = self.family.block_prefix(i)
+            for suffix, shape in expected.items():
+                name = prefix + suffix
+                if name not in self.index:
+                    raise InputError(f"{self.root}: tensor {name!r} is missing; the checkpoint is incomplete")
+                got = self.index.tensors[name].shape
+                if tuple(got) != shape:
+                    raise InputError(
+                        f"{self.root}: tensor {name!r} in {self.index.tensors[name].shard} has shape "
+                        f"{list(got)}, config.json implies {list(shape)}"
+                    )
+
+    def _block_shapes(self) -> dict[str, tuple[int, ...]]:
+        block = self.build_block(0)
+        return {k: tuple(v.shape) for k, v in block.state_dict().items()}
+
+    # -- building ------------------------------------------------------------------------------
+    def build_block(self, i: int) -> nn.Module:
+        layer_cls = self.family.cls("layer_class")
+        with torch.device("meta"):
+            return layer_cls(self.config, layer_idx=i)
+
+    def load_block(self, i: int, device: torch.device, dtype: torch.dtype,
+                   source: CheckpointIndex | None = None) -> nn.Module:
+        """Block i with weights from ``source`` (default: this checkpoint) in ``dtype`` on ``device``."""
+        src = source or self.index
+        prefix = self.family.block_prefix(i)
+        raw = src.read(self.block_names(i))
+        state = {name[len(prefix):]: t.to(device=device, dtype=dtype) for name, t in raw.items()}
+        block = self.build_block(i)
+        block.load_state_dict(state, strict=True, assign=True)
+        block.requires_grad_(False)
+        return block.eval()
+
+    def load_embedding(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return self.index.read([self.family.embed])[self.family.embed].to(device=device, dtype=dtype)
+
+    def load_head(self, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+        """(final norm module, lm_head weight [vocab, D]); the embedding when tied."""
+        head_name = self.family.embed if self.tied else self.family.lm_head
+        raw = self.index.read([self.family.final_norm, head_name])
+        norm_cls = self.family.cls("norm_class")
+        with torch.device("meta"):
+            norm = norm_cls(self.hidden_size, eps=self.config.rms_norm_eps)
+        norm.load_state_dict({"weight": raw[self.family.final_norm].to(device=device, dtype=dtype)}, assign=True)
+        norm.requires_grad_(False)
+        return norm.eval(), raw[head_name].to(device=device, dtype=dtype)
+
+
+def linear_names(block: nn.Module) -> list[str]:
+    """Names (relative to the block) of every nn.Linear in it, in module order."""
+    return [name for name, mod in block.named_modules() if isinstance(mod, nn.Linear)]

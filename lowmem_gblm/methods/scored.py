@@ -1,0 +1,34 @@
+"""Score-and-mask methods: magnitude, Wanda, GBLM. Each is a score function plus keep selection."""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem_gblm.mask import select_keep
+from lowmem_gblm.methods import LinearJob, Method, register
+from lowmem_gblm.score import gblm_score, magnitude_score, wanda_score
+
+
+def _apply(job: LinearJob, score: torch.Tensor, scope: str = "row") -> torch.Tensor:
+    keep = select_keep(score, job.pattern, scope)
+    job.weight.masked_fill_(~keep, 0)
+    return keep
+
+
+def _magnitude(job: LinearJob) -> torch.Tensor:
+    return _apply(job, magnitude_score(job.weight), job.options.magnitude_scope)
+
+
+def _wanda(job: LinearJob) -> torch.Tensor:
+    return _apply(job, wanda_score(job.weight, job.stats["scaler_row"]))
+
+
+def _gblm(job: LinearJob) -> torch.Tensor:
+    score = gblm_score(job.weight, job.stats["scaler_row"], job.stats["gradient"], job.options.alpha)
+    return _apply(job, score)
+
+
+register(Method("magnitude", frozenset(), _magnitude, "|W| per output row (or per matrix)"))
+register(Method("wanda", frozenset({"scaler_row"}), _wanda, "|W| * sqrt(mean sum x^2) per output row"))
+register(Method("gblm", frozenset({"scaler_row", "gradient"}), _gblm,
+                "Wanda + alpha * |W| * G, G the l1/l2 norm of per-sample full-model gradients"))
