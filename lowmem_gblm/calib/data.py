@@ -134,7 +134,7 @@ def load_ids(path: str | Path) -> torch.Tensor:
         raise InputError(f"--calib-ids {path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            if "input_ids" not in f.keys():
+            if "input_ids" not in f.keys()  # noqa: SIM118 (safe_open has no __contains__):
                 raise InputError(f"--calib-ids {path}: no tensor named 'input_ids'")
             ids = f.get_tensor("input_ids")
     except InputError:
@@ -142,7 +142,9 @@ def load_ids(path: str | Path) -> torch.Tensor:
     except Exception as exc:
         raise InputError(f"--calib-ids {path}: not a readable safetensors file ({exc})") from exc
     if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise InputError(f"--calib-ids {path}: input_ids must be an integer tensor [N, T], got {ids.dtype} {list(ids.shape)}")
+        raise InputError(
+            f"--calib-ids {path}: input_ids must be an integer tensor [N, T], got {ids.dtype} {list(ids.shape)}"
+        )
     return ids.long()
 
 

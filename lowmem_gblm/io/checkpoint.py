@@ -164,3 +164,15 @@ class CheckpointIndex:
             h.update(f"{shard}|{st.st_size}|{st.st_mtime_ns}|".encode())
             h.update(json.dumps(self.headers[shard], sort_keys=True).encode())
         return h.hexdigest()
+
+
+class ShardFile:
+    """A single finished safetensors file read like a checkpoint (used to replay finished blocks)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.header = read_header(self.path)
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name).clone() for name in names}

@@ -5,6 +5,7 @@ The pipeline asks the registry; it never branches on a method's name.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ class Method:
     needs: frozenset[str]  # statistic names (stream.stats.STATISTICS) and/or "gradient"
     prune: Callable[[LinearJob], torch.Tensor]  # returns keep [out, in] bool; updates job.weight
     summary: str
+    updates_weights: bool = False  # True: surviving weights change (SparseGPT); else only masked
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -56,7 +58,5 @@ def method_names() -> list[str]:
 def _load_builtin() -> None:
     from lowmem_gblm.methods import scored  # noqa: F401  (registers magnitude, wanda, gblm)
 
-    try:
+    with contextlib.suppress(ImportError):  # registers sparsegpt
         from lowmem_gblm.methods import sparsegpt  # noqa: F401
-    except ImportError:  # pragma: no cover - optional during development
-        pass
