@@ -134,7 +134,7 @@ def load_ids(path: str | Path) -> torch.Tensor:
         raise InputError(f"--calib-ids {path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            if "input_ids" not in f.keys()  # noqa: SIM118 (safe_open has no __contains__):
+            if "input_ids" not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
                 raise InputError(f"--calib-ids {path}: no tensor named 'input_ids'")
             ids = f.get_tensor("input_ids")
     except InputError:
