@@ -40,6 +40,7 @@ from lowmem_gblm.runtime import resolve_device, resolve_dtype, storage_dtype
 from lowmem_gblm.stream.context import BlockContext, run_block
 from lowmem_gblm.stream.stats import STATISTICS, collect_inputs
 from lowmem_gblm.stream.store import ActivationBuffer, ActivationStore
+from lowmem_gblm.testing_hooks import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,9 @@ def run_prune_sweep(session: Session, manifest: Manifest, grads_for) -> dict:
         forward_all(session, block, src, dst)
         del block
         sha = save_tensors_atomic(out / file, tensors)
+        crash_point(f"shard_written:{i}")
         manifest.mark_done(key, file, sha, {"linears": report, "names": sorted(tensors)})
+        crash_point(f"block_done:{i}")
         linears.update(report)
         del tensors
         src, dst = dst, src

@@ -1,0 +1,74 @@
+"""In-memory references written independently of the streaming engine: the whole tiny model is
+loaded with transformers and pruned block by block as the published Wanda code does."""
+
+from __future__ import annotations
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+
+def load_ids(out_dir) -> torch.Tensor:
+    with safe_open(str(out_dir / "calibration_ids.safetensors"), framework="pt") as f:
+        return f.get_tensor("input_ids")
+
+
+def load_full(model_dir) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def _row_keep(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    k = int(score.shape[1] * sparsity)
+    idx = torch.argsort(score, dim=1, stable=True)[:, :k]
+    keep = torch.ones_like(score, dtype=torch.bool)
+    keep.scatter_(1, idx, False)
+    return keep
+
+
+def _nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    keep = torch.ones_like(score, dtype=torch.bool)
+    for start in range(0, score.shape[1], m):
+        group = score[:, start:start + m]
+        idx = torch.argsort(group, dim=1, stable=True)[:, : m - n]
+        keep[:, start:start + m].scatter_(1, idx, False)
+    return keep
+
+
+def keep_from_score(score: torch.Tensor, pattern: str, sparsity: float | None) -> torch.Tensor:
+    if pattern == "unstructured":
+        return _row_keep(score, sparsity)
+    n, m = (int(v) for v in pattern.split(":"))
+    return _nm_keep(score, n, m)
+
+
+@torch.no_grad()
+def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "unstructured",
+                   sparsity: float | None = 0.5, grads: dict | None = None, alpha: float = 0.0):
+    """Prune the whole in-memory model: for each block, collect sum x^2 per linear input with hooks while
+    the full model runs every window (earlier blocks already pruned), score, mask, go on."""
+    model = load_full(model_dir)
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        sums = {n: torch.zeros(m.in_features) for n, m in linears.items()}
+        hooks = []
+        for n, m in linears.items():
+            def hook(_m, args, _n=n):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[_n] += (x * x).sum(0)
+            hooks.append(m.register_forward_pre_hook(hook))
+        for k in range(ids.shape[0]):
+            model.model(ids[k:k + 1])
+        for h in hooks:
+            h.remove()
+        for n, m in linears.items():
+            w = m.weight
+            if method == "magnitude":
+                score = w.abs()
+            else:
+                score = w.abs() * torch.sqrt(sums[n] / ids.shape[0]).reshape(1, -1)
+                if method == "gblm":
+                    score = score + alpha * (w.abs() * grads[f"model.layers.{i}.{n}.weight"])
+            keep = keep_from_score(score, pattern, sparsity)
+            w.masked_fill_(~keep, 0)
+    return model

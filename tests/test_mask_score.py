@@ -1,0 +1,86 @@
+"""Hand-computed goldens for patterns, scores and keep-mask selection."""
+
+import pytest
+import torch
+
+from lowmem_gblm.errors import UsageError
+from lowmem_gblm.mask import Pattern, select_keep
+from lowmem_gblm.score import gblm_score, magnitude_score, wanda_score
+
+
+def test_two_four_keeps_largest_two_of_each_group():
+    w = torch.arange(1.0, 9.0).reshape(1, 8)  # weights 1..8
+    keep = select_keep(magnitude_score(w), Pattern.parse("2:4", None))
+    assert keep.tolist() == [[False, False, True, True, False, False, True, True]]  # keep 3,4,7,8
+
+
+def test_four_eight_and_one_four():
+    w = torch.tensor([[8.0, 1, 7, 2, 6, 3, 5, 4]])
+    assert select_keep(w, Pattern.parse("4:8", None)).tolist() == [[True, False, True, False, True, False, True, False]]
+    assert select_keep(w, Pattern.parse("1:4", None)).tolist() == [[True, False, False, False, True, False, False, False]]
+
+
+def test_unstructured_per_row_drops_lowest():
+    score = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.5, 9.0, 8.0, 0.1]])
+    keep = select_keep(score, Pattern.parse("unstructured", 0.5))
+    assert keep.tolist() == [[True, False, True, False], [False, True, True, False]]
+
+
+def test_unstructured_rounds_down_like_int():
+    score = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])  # int(5 * 0.5) = 2 dropped
+    keep = select_keep(score, Pattern.parse("unstructured", 0.5))
+    assert keep.tolist() == [[True, True, True, False, False]]
+
+
+def test_ties_break_stably_by_column():
+    score = torch.ones(1, 4)
+    assert select_keep(score, Pattern.parse("unstructured", 0.5)).tolist() == [[False, False, True, True]]
+    assert select_keep(torch.ones(1, 4), Pattern.parse("2:4", None)).tolist() == [[False, False, True, True]]
+
+
+def test_matrix_scope_one_threshold_for_the_matrix():
+    score = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.5, 6.0]])  # int(6 * 0.5) = 3 lowest: 0.5, 1, 2
+    keep = select_keep(score, Pattern.parse("unstructured", 0.5), scope="matrix")
+    assert keep.tolist() == [[False, False], [True, True], [False, True]]
+
+
+def test_wanda_and_gblm_scores_hand_computed():
+    w = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+    scaler = torch.tensor([4.0, 1.0])  # sqrt -> [2, 1]
+    assert wanda_score(w, scaler).tolist() == [[2.0, 2.0], [6.0, 4.0]]
+    g = torch.tensor([[0.5, 0.25], [1.0, 2.0]])
+    # |W|*sqrt(s) + 100*|W|*G = [[2 + 50, 2 + 50], [6 + 300, 4 + 800]]
+    assert gblm_score(w, scaler, g, 100.0).tolist() == [[52.0, 52.0], [306.0, 804.0]]
+
+
+def test_gblm_alpha_zero_is_wanda_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    w, s, grad = torch.randn(16, 32, generator=g), torch.rand(32, generator=g), torch.rand(16, 32, generator=g)
+    assert torch.equal(gblm_score(w, s, grad, 0.0), wanda_score(w, s))
+
+
+def test_bf16_weights_score_in_fp32():
+    w = torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16)
+    assert wanda_score(w, torch.tensor([1.0, 1.0])).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "pattern,sparsity,message",
+    [
+        ("2-4", None, "N:M"),
+        ("4:2", None, "0 < N < M"),
+        ("0:4", None, "0 < N < M"),
+        ("unstructured", 1.0, "(0, 1)"),
+        ("unstructured", 0.0, "(0, 1)"),
+        ("unstructured", None, "--sparsity is required"),
+        ("2:4", 0.3, "contradicts"),
+    ],
+)
+def test_bad_patterns(pattern, sparsity, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Pattern.parse(pattern, sparsity)
+
+
+def test_nm_must_divide_columns():
+    with pytest.raises(UsageError, match="not a multiple of M=3"):
+        Pattern.parse("1:3", None).check_columns(64, "mlp.down_proj")
