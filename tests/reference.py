@@ -43,7 +43,8 @@ def keep_from_score(score: torch.Tensor, pattern: str, sparsity: float | None) -
 
 @torch.no_grad()
 def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "unstructured",
-                   sparsity: float | None = 0.5, grads: dict | None = None, alpha: float = 0.0):
+                   sparsity: float | None = 0.5, grads: dict | None = None, alpha: float = 0.0,
+                   blocksize: int = 128, percdamp: float = 0.01):
     """Prune the whole in-memory model: for each block, collect sum x^2 per linear input with hooks while
     the full model runs every window (earlier blocks already pruned), score, mask, go on."""
     model = load_full(model_dir)
@@ -51,11 +52,13 @@ def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "un
     for i, layer in enumerate(layers):
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         sums = {n: torch.zeros(m.in_features) for n, m in linears.items()}
+        xtx = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
         hooks = []
         for n, m in linears.items():
             def hook(_m, args, _n=n):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 sums[_n] += (x * x).sum(0)
+                xtx[_n] += x.t() @ x
             hooks.append(m.register_forward_pre_hook(hook))
         for k in range(ids.shape[0]):
             model.model(ids[k:k + 1])
@@ -63,6 +66,14 @@ def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "un
             h.remove()
         for n, m in linears.items():
             w = m.weight
+            if method == "sparsegpt":
+                from lowmem_gblm.mask import Pattern
+                from lowmem_gblm.methods.sparsegpt import sparsegpt_prune
+
+                hessian = xtx[n] * (2.0 / ids.shape[0])
+                new, _keep = sparsegpt_prune(w, hessian, Pattern.parse(pattern, sparsity), blocksize, percdamp)
+                w.copy_(new)
+                continue
             if method == "magnitude":
                 score = w.abs()
             else:

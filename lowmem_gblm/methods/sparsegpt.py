@@ -181,4 +181,5 @@ def _sparsegpt(job: LinearJob) -> torch.Tensor:
 
 
 register(Method("sparsegpt", frozenset({"hessian"}), _sparsegpt,
-                "OBS-updated pruning with the inverse Hessian of the layer inputs (Frantar & Alistarh)"))
+                "OBS-updated pruning with the inverse Hessian of the layer inputs (Frantar & Alistarh)",
+                updates_weights=True))
