@@ -55,10 +55,10 @@ def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "un
         xtx = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
         hooks = []
         for n, m in linears.items():
-            def hook(_m, args, _n=n):
+            def hook(_m, args, _n=n, _sums=sums, _xtx=xtx):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
-                sums[_n] += (x * x).sum(0)
-                xtx[_n] += x.t() @ x
+                _sums[_n] += (x * x).sum(0)
+                _xtx[_n] += x.t() @ x
             hooks.append(m.register_forward_pre_hook(hook))
         for k in range(ids.shape[0]):
             model.model(ids[k:k + 1])

@@ -16,8 +16,9 @@ def test_two_four_keeps_largest_two_of_each_group():
 
 def test_four_eight_and_one_four():
     w = torch.tensor([[8.0, 1, 7, 2, 6, 3, 5, 4]])
-    assert select_keep(w, Pattern.parse("4:8", None)).tolist() == [[True, False, True, False, True, False, True, False]]
-    assert select_keep(w, Pattern.parse("1:4", None)).tolist() == [[True, False, False, False, True, False, False, False]]
+    t, f = True, False
+    assert select_keep(w, Pattern.parse("4:8", None)).tolist() == [[t, f, t, f, t, f, t, f]]
+    assert select_keep(w, Pattern.parse("1:4", None)).tolist() == [[t, f, f, f, t, f, f, f]]
 
 
 def test_unstructured_per_row_drops_lowest():

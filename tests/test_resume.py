@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def tree_bytes(out: Path) -> dict:
     """Every file of OUT_DIR except the timing report and the lock's pid."""
     skip = {"prune_report.json", "lock"}
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name not in skip}
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in skip)
+    return {str(p.relative_to(out)): p.read_bytes() for p in files}
 
 
 def cli(model, out, calib, extra=(), crash=None):
