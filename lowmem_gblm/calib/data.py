@@ -53,9 +53,9 @@ def load_documents(source: str) -> list[str]:
     """The documents of a calibration/evaluation source, in a fixed order."""
     if source in HUB_SOURCES:
         return _hub_documents(source)
-    if source.startswith("wiki-offline") or source.endswith(".json"):
-        from lowmem_gblm.calib.wiki import wiki_documents
+    from lowmem_gblm.calib.wiki import is_wiki_source, wiki_documents
 
+    if is_wiki_source(source):
         return wiki_documents(source)
     path = Path(source)
     if not path.exists():

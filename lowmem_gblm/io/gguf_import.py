@@ -1,0 +1,91 @@
+"""Import a GGUF file (llama.cpp format) as an ordinary sharded Hugging Face safetensors checkpoint.
+
+Quantized GGUF tensors are dequantized by transformers (``GgufConfig(dequantize=True)``, which needs
+the ``gguf`` package: ``pip install lowmem-gblm[gguf]``) and written in ``dtype``; the output
+folder holds ``config.json`` (without any quantization entry), ``generation_config.json``, the
+safetensors shards with their index, and the tokenizer. The whole model is materialized once on
+the CPU: this is a one-off conversion of small models, not a streamed step.
+
+Note that pruning a dequantized model prunes the *dequantized* weights: its dense baseline is the
+quantized model, not the original full-precision release.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from lowmem_gblm.errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STALE = ("*.safetensors", "model.safetensors.index.json", "*.bin", "pytorch_model.bin.index.json")
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create ``out_dir``; refuse a non-empty one unless ``overwrite`` (then drop stale weights)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"OUT_DIR {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise InputError(f"OUT_DIR {out_dir} is not empty; choose an empty folder or pass --overwrite")
+        for pattern in _STALE:  # old shards would otherwise survive next to the new index
+            for path in out_dir.glob(pattern):
+                path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _strip_quantization(out_dir: Path) -> None:
+    """The weights are plain tensors now; a leftover quantization entry would mislead loaders."""
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.dtype = "float32",
+                shard_size: str = "500MB", overwrite: bool = False) -> Path:
+    """Dequantize ``gguf_path`` and write a sharded safetensors checkpoint to ``out_dir``; return it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    torch_dtype = parse_dtype(dtype)
+    if not gguf_path.is_file():
+        raise InputError(f"GGUF file {gguf_path} does not exist")
+    prepare_out_dir(out_dir, overwrite)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    t0 = time.perf_counter()
+    log.info("gguf import: reading and dequantizing %s to %s", gguf_path, torch_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True), dtype=torch_dtype,
+        )
+    except ImportError as exc:
+        raise InputError(f"gguf import needs the gguf package ({exc}); pip install 'gguf>=0.10'") from exc
+    except (ValueError, KeyError, OSError) as exc:
+        raise InputError(f"{gguf_path}: cannot load as a causal LM ({exc})") from exc
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("gguf import: %s, %.1f M parameters loaded in %.1fs",
+             type(model).__name__, n_params / 1e6, time.perf_counter() - t0)
+    model.config.dtype = torch_dtype
+    model.save_pretrained(out_dir, max_shard_size=shard_size, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    _strip_quantization(out_dir)
+    shards = sorted(p.name for p in out_dir.glob("*.safetensors"))
+    log.info("gguf import: wrote %d shard(s) and the tokenizer to %s in %.1fs",
+             len(shards), out_dir, time.perf_counter() - t0)
+    return out_dir
