@@ -87,6 +87,55 @@ def prune(
                f"sparsity {s['overall']:.4f}")
 
 
+@app.command("eval")
+def eval_cmd(
+    model_dir: Annotated[str, typer.Argument(help="checkpoint folder (dense or pruned)")],
+    data: Annotated[str, typer.Option("--data", help="text file, .jsonl, folder, wiki-offline:eval, wikitext2")],
+    seqlen: SeqLen = 2048,
+    max_windows: Annotated[int | None, typer.Option("--max-windows", help="evaluate only the first K windows")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="windows per block call")] = 1,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Streamed perplexity (non-overlapping windows, last partial window dropped) and sparsity."""
+    import json
+
+    _setup_logging(quiet or as_json)
+    from lowmem_gblm.evaluate.perplexity import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(model_dir, data, seqlen, max_windows, device, dtype, batch_size)
+    except UsageError as exc:
+        _fail(exc)
+    if as_json:
+        keys = ("ppl", "nll", "tokens", "windows", "seqlen", "sparsity")
+        typer.echo(json.dumps({k: result[k] for k in keys} | {"phases": result["phases"]}))
+    else:
+        typer.echo(f"{model_dir}: perplexity {result['ppl']:.4f} (nll {result['nll']:.5f}, {result['tokens']} tokens "
+                   f"in {result['windows']} windows of {result['seqlen']}), sparsity {result['sparsity']:.4f}")
+
+
+@app.command("import-gguf")
+def import_gguf_cmd(
+    gguf_file: Annotated[str, typer.Argument(help="a .gguf file (LLaMA family)")],
+    out_dir: Annotated[str, typer.Argument(help="new Hugging Face checkpoint folder")],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = "float32",
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Dequantize a GGUF model into an ordinary sharded safetensors checkpoint with its tokenizer."""
+    _setup_logging(quiet)
+    from lowmem_gblm.io.gguf_import import import_gguf
+
+    try:
+        path = import_gguf(gguf_file, out_dir, dtype=dtype, overwrite=overwrite)
+    except UsageError as exc:
+        _fail(exc)
+    typer.echo(f"imported {gguf_file} -> {path}")
+
+
 def main() -> None:
     try:
         app()

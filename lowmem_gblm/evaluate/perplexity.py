@@ -147,3 +147,37 @@ def checkpoint_sparsity(model) -> dict:
     if total == 0:
         raise InputError(f"{model.root}: no 2-D weights found under the decoder blocks")
     return {"overall": zeros / total, "per_linear": per_linear, "zeros": zeros, "total": total}
+
+
+def evaluate_checkpoint(model_dir: str, data: str, seqlen: int, max_windows: int | None = None,
+                        device: str = "auto", dtype: str = "auto", batch_size: int = 1) -> dict:
+    """Streamed perplexity of a checkpoint folder on a text source, plus its decoder-linear sparsity
+    and the measured peaks of the phase. The windows use the checkpoint's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from lowmem_gblm.io.model import StreamedModel
+    from lowmem_gblm.memory.tracker import PhaseTracker
+    from lowmem_gblm.runtime import resolve_device, resolve_dtype, storage_dtype
+
+    model = StreamedModel.open(model_dir)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if seqlen < 2:
+        raise InputError(f"--seqlen must be >= 2, got {seqlen}")
+    if max_pos is not None and seqlen > max_pos:
+        raise InputError(f"--seqlen {seqlen} exceeds the model's context ({max_pos} positions)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:
+        raise InputError(f"cannot load the tokenizer from {model_dir} ({exc})") from exc
+    ids = eval_windows(tokenizer, data, seqlen, max_windows)
+    if ids.shape[0] == 0:
+        raise InputError(f"--data {data}: less than one full window of {seqlen} tokens")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, storage_dtype(model.index.tensors[model.block_names(0)[0]].dtype))
+    with PhaseTracker("eval", dev) as tracker:
+        result = streamed_perplexity(model, ids, dev, dt, batch_size)
+    sparsity = checkpoint_sparsity(model)
+    result["sparsity"] = sparsity["overall"]
+    result["data"] = data
+    result["phases"] = [tracker.stats.to_dict()]
+    return result
