@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tests.tiny_eval import SENTENCES, make_tiny_llama
 
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.evaluate.perplexity import (
@@ -13,6 +12,7 @@ from lowmem_gblm.evaluate.perplexity import (
     streamed_perplexity,
 )
 from lowmem_gblm.io.model import StreamedModel
+from tests.tiny_eval import SENTENCES, make_tiny_llama
 
 
 def reference_ppl(model_dir, ids):
