@@ -39,7 +39,6 @@ def cli_args(model: Path, out: Path, calib: Path, method: str = "wanda", offload
 def spawn(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
     """``lowmem-gblm ARGS`` in a fresh interpreter (the console script is cli.main:main)."""
     env = {**os.environ, **(env_extra or {})}
-    env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.Popen([sys.executable, "-c", "from cli.main import main; main()", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
