@@ -136,6 +136,32 @@ def import_gguf_cmd(
     typer.echo(f"imported {gguf_file} -> {path}")
 
 
+@app.command()
+def verify(
+    out_dir: Annotated[str, typer.Argument(help="a finished lowmem-gblm output folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="also print the checks as one JSON line")] = False,
+) -> None:
+    """Check OUT_DIR: index vs shards, sha256 vs manifest, sparsity / N:M vs report, keys from_pretrained needs.
+
+    Exit 0 when every check passes, 1 when one fails, 2 when OUT_DIR is not a finished run.
+    """
+    import json
+
+    from lowmem_gblm.verify import verify as run
+
+    try:
+        checks = run(out_dir)
+    except UsageError as exc:
+        _fail(exc)
+    for check in checks:
+        typer.echo(check.line())
+    ok = all(c.ok for c in checks)
+    typer.echo(f"{'OK' if ok else 'FAILED'}: {sum(c.ok for c in checks)}/{len(checks)} checks passed for {out_dir}")
+    if as_json:
+        typer.echo(json.dumps({"ok": ok, "checks": {c.name: c.ok for c in checks}}))
+    raise typer.Exit(code=0 if ok else 1)
+
+
 def main() -> None:
     try:
         app()

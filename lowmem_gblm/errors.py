@@ -11,3 +11,7 @@ class InputError(UsageError):
 
 class ResumeMismatch(UsageError):
     """OUT_DIR holds a run made with other options or another input model."""
+
+
+class OutOfSpace(UsageError):
+    """A write failed for lack of disk space; the run stopped cleanly and can be resumed."""

@@ -31,6 +31,7 @@ from lowmem_gblm.io.writer import (
     atomic_write_text,
     copy_side_files,
     prepare_out_dir,
+    remove_stale_temps,
     save_tensors_atomic,
     shard_name,
 )
@@ -179,9 +180,9 @@ def run_prune_sweep(session: Session, manifest: Manifest, grads_for) -> dict:
         forward_all(session, block, src, dst)
         del block
         sha = save_tensors_atomic(out / file, tensors)
-        crash_point(f"shard_written:{i}")
+        crash_point("manifest")
         manifest.mark_done(key, file, sha, {"linears": report, "names": sorted(tensors)})
-        crash_point(f"block_done:{i}")
+        crash_point("block_done")
         linears.update(report)
         del tensors
         src, dst = dst, src
@@ -199,6 +200,7 @@ def write_non_block_shard(session: Session, manifest: Manifest) -> None:
     names = model.non_block_names()
     tensors = model.index.read(names)
     sha = save_tensors_atomic(session.out / file, tensors)
+    crash_point("manifest")
     manifest.mark_done(key, file, sha, {"names": sorted(names)})
 
 
@@ -228,6 +230,7 @@ def finalize(session: Session, manifest: Manifest, linears: dict, report_extra: 
         **report_extra,
     }
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1, sort_keys=True))
+    crash_point("finalize")
     atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))  # last: marks complete
     manifest.data["complete"] = True
     manifest.save()
@@ -258,6 +261,9 @@ def prune(config: PruneConfig) -> dict:
     dtype = resolve_dtype(config.dtype, device, ckpt_dtype)
     prepare_out_dir(out, model_dir, overwrite=False)
     with OutputLock(out):
+        stale = remove_stale_temps(out)
+        if stale:
+            log.info("removed %d temporary file(s) left by an interrupted run: %s", len(stale), ", ".join(stale))
         if config.overwrite:
             _clear_out_dir(out)
         identity = {
@@ -309,6 +315,12 @@ def _open_manifest(out: Path, identity: dict) -> Manifest:
     old = manifest.data.get("identity", {})
     if old != identity:
         diffs = diff_dicts(old, identity)
+        changed = sorted({d.split(":")[0].removeprefix("model.") for d in diffs if d.startswith("model.")})
+        if changed:
+            raise ResumeMismatch(
+                f"the input model changed since the run in {out} started ({', '.join(changed[:3])} differs in "
+                "size, time or header); restore it, or pass --overwrite to start over with the new model"
+            )
         raise ResumeMismatch(
             f"OUT_DIR {out} holds a run with other settings ({'; '.join(diffs[:4])}); "
             "rerun with the same options to resume, or pass --overwrite to start over"

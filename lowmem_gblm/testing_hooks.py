@@ -1,18 +1,53 @@
-"""Fault-injection points for crash tests. No-ops unless LOWMEM_TEST_CRASH_AT names the point.
+"""Fault-injection points for the crash and disk-full tests. No-ops unless an env var is set.
 
-``LOWMEM_TEST_CRASH_AT="block_done:1"`` kills the process with SIGKILL the moment ``crash_point("block_done:1")``
-runs, exactly like a power loss at that point (no cleanup, no atexit).
+``LOWMEM_TEST_CRASH_AT="point:K[,point:K...]"``  SIGKILL this process the K-th time ``point`` is reached.
+``LOWMEM_TEST_ENOSPC_AT="point:K[,...]"``        raise OSError(ENOSPC) the K-th time ``point`` is reached.
+
+Points used by the library (a gradient sweep adds its own names the same way):
+  ``shard_write``     inside an atomic shard write, after half the bytes are in the temporary file
+  ``manifest_write``  inside an atomic manifest write, after half the bytes
+  ``write``           inside any other atomic write (config copies, report, index, calibration ids)
+  ``manifest``        after a block's shard is renamed into place, before the manifest lists it
+  ``finalize``        after prune_report.json is written, before the index
+The pseudo-point ``any`` counts every point.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+from collections import Counter
 
-ENV = "LOWMEM_TEST_CRASH_AT"
+CRASH_ENV = "LOWMEM_TEST_CRASH_AT"
+ENOSPC_ENV = "LOWMEM_TEST_ENOSPC_AT"
+
+_counts: Counter[str] = Counter()
+
+
+def _targets(env: str) -> dict[str, int]:
+    spec = os.environ.get(env, "")
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, k = item.rpartition(":")
+        out[name] = int(k)
+    return out
+
+
+def reset() -> None:
+    """Forget how often each point was reached (in-process tests)."""
+    _counts.clear()
 
 
 def crash_point(name: str) -> None:
-    target = os.environ.get(ENV)
-    if target and target == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Count ``name``; kill the process or raise ENOSPC if a test asked for it here."""
+    if CRASH_ENV not in os.environ and ENOSPC_ENV not in os.environ:
+        return
+    _counts[name] += 1
+    _counts["any"] += 1
+    for env in (CRASH_ENV, ENOSPC_ENV):
+        for target, k in _targets(env).items():
+            if _counts[target] == k and target in (name, "any"):
+                if env == CRASH_ENV:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")

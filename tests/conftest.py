@@ -24,3 +24,13 @@ def calib_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(sample_text(6000, seed=2))
     return path
+
+
+@pytest.fixture(scope="session")
+def pruned(tiny_model, calib_text, tmp_path_factory) -> Path:
+    """A finished wanda 50% run of ``tiny_model`` (read-only for tests: copy it before damaging it)."""
+    from tests.faults import run
+
+    out = tmp_path_factory.mktemp("pruned") / "out"
+    run(tiny_model, out, calib_text)
+    return out

@@ -43,7 +43,9 @@ def test_sigkill_then_resume_is_byte_identical(model5, calib_text, tmp_path, off
     assert cli(model5, ref, calib_text, extra).returncode == 0
     rng = random.Random(1234 + len(offload))
     out = tmp_path / "out"
-    kills = [f"{rng.choice(['shard_written', 'block_done'])}:{k}" for k in sorted(rng.sample(range(5), 2))]
+    # K-th block written by that process: first kill somewhere in blocks 1-3, then once more right away
+    points = ["manifest", "block_done"]
+    kills = [f"{rng.choice(points)}:{rng.randint(1, 3)}", f"{rng.choice(points)}:1"]
     for point in kills:
         r = cli(model5, out, calib_text, extra, crash=point)
         assert r.returncode == -signal.SIGKILL, (point, r.stderr)

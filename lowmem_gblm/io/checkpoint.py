@@ -50,7 +50,7 @@ def read_header(path: Path) -> dict:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"{path}: broken safetensors header ({exc}); re-download the shard") from exc
-    end = 0
+    end, last = 0, None
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -64,12 +64,33 @@ def read_header(path: Path) -> dict:
             raise InputError(f"{path}: tensor {name!r} has a malformed header entry") from exc
         if width is not None and stop - begin != count * width:
             raise InputError(f"{path}: tensor {name!r} header size does not match its shape {info['shape']}")
-        end = max(end, stop)
+        if stop > end:
+            end, last = stop, name
     if 8 + n + end > size:
         raise InputError(
-            f"{path}: truncated: header needs {8 + n + end} bytes, file has {size}; re-download the shard"
+            f"{path}: truncated: tensor {last!r} needs bytes up to {8 + n + end}, file has {size}; "
+            "re-download the shard"
         )
     return header
+
+
+def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The one read path: copy ``names`` out of one safetensors file and check they are finite."""
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in names:
+                out[name] = f.get_tensor(name).clone()
+    except Exception as exc:  # safetensors raises its own error types
+        raise InputError(f"{path}: cannot read tensor {names[min(len(out), len(names) - 1)]!r}: {exc}") from exc
+    for name, t in out.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise InputError(
+                f"{path}: tensor {name!r} holds {bad} NaN/Inf value(s); the checkpoint is damaged or "
+                "was saved after a diverged run; re-download or re-export it"
+            )
+    return out
 
 
 class CheckpointIndex:
@@ -109,7 +130,9 @@ class CheckpointIndex:
                 if self.root.resolve() not in path.parents:
                     raise InputError(f"{index}: shard path {shard!r} points outside the model folder; refusing")
                 if not path.is_file():
-                    raise InputError(f"{index} names shard {shard}, which is missing; re-download the checkpoint")
+                    first = next(k for k, v in self.weight_map.items() if v == shard)
+                    raise InputError(f"{index} names shard {shard} (holding {first!r}, ...), which is missing; "
+                                     "re-download the checkpoint")
             return shards
         if (self.root / SINGLE_NAME).is_file():
             return [SINGLE_NAME]
@@ -135,15 +158,7 @@ class CheckpointIndex:
             by_shard.setdefault(self.tensors[name].shard, []).append(name)
         out = {}
         for shard, shard_names in by_shard.items():
-            path = self.root / shard
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    for name in shard_names:
-                        out[name] = f.get_tensor(name).clone()
-            except InputError:
-                raise
-            except Exception as exc:  # safetensors raises its own error types
-                raise InputError(f"{path}: cannot read {shard_names[0]!r}: {exc}") from exc
+            out.update(read_tensors(self.root / shard, shard_names))
         return out
 
     def nbytes(self, names: Iterable[str]) -> int:
@@ -156,14 +171,16 @@ class CheckpointIndex:
             total += count * _DTYPE_BYTES.get(info.dtype, 4)
         return total
 
-    def fingerprint(self) -> str:
-        """Identity of the input model: shard names, sizes, modification times and headers."""
-        h = hashlib.sha256()
+    def fingerprint(self) -> dict[str, str]:
+        """Identity of the input model, per shard (so a resume mismatch names the changed file):
+        size, modification time and header. A content change that keeps all three is not seen."""
+        out = {}
         for shard in self.shards:
             st = (self.root / shard).stat()
-            h.update(f"{shard}|{st.st_size}|{st.st_mtime_ns}|".encode())
+            h = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|".encode())
             h.update(json.dumps(self.headers[shard], sort_keys=True).encode())
-        return h.hexdigest()
+            out[shard] = h.hexdigest()[:16]
+        return out
 
 
 class ShardFile:
@@ -174,5 +191,8 @@ class ShardFile:
         self.header = read_header(self.path)
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        with safe_open(str(self.path), framework="pt", device="cpu") as f:
-            return {name: f.get_tensor(name).clone() for name in names}
+        names = list(names)
+        missing = [n for n in names if n not in self.header]
+        if missing:
+            raise InputError(f"{self.path}: tensor {missing[0]!r} is missing; rerun with --overwrite")
+        return read_tensors(self.path, names)

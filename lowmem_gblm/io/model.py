@@ -77,19 +77,23 @@ class StreamedModel:
         for name in (self.family.embed, self.family.final_norm):
             if name not in self.index:
                 raise InputError(f"{self.root}: tensor {name!r} is missing; the checkpoint is incomplete")
-        expected = self._block_shapes()
+        vocab, d = int(self.config.vocab_size), self.hidden_size
+        expected = {self.family.embed: (vocab, d), self.family.final_norm: (d,)}
+        if self.family.lm_head in self.index:
+            expected[self.family.lm_head] = (vocab, d)
+        block = self._block_shapes()
         for i in range(self.num_blocks):
             prefix = self.family.block_prefix(i)
-            for suffix, shape in expected.items():
-                name = prefix + suffix
-                if name not in self.index:
-                    raise InputError(f"{self.root}: tensor {name!r} is missing; the checkpoint is incomplete")
-                got = self.index.tensors[name].shape
-                if tuple(got) != shape:
-                    raise InputError(
-                        f"{self.root}: tensor {name!r} in {self.index.tensors[name].shard} has shape "
-                        f"{list(got)}, config.json implies {list(shape)}"
-                    )
+            expected.update({prefix + suffix: shape for suffix, shape in block.items()})
+        for name, shape in expected.items():
+            if name not in self.index:
+                raise InputError(f"{self.root}: tensor {name!r} is missing; the checkpoint is incomplete")
+            got = self.index.tensors[name].shape
+            if tuple(got) != shape:
+                raise InputError(
+                    f"{self.root}: tensor {name!r} in {self.index.tensors[name].shard} has shape "
+                    f"{list(got)}, config.json implies {list(shape)}"
+                )
 
     def _block_shapes(self) -> dict[str, tuple[int, ...]]:
         block = self.build_block(0)

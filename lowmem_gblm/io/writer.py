@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_save
 
-from lowmem_gblm.errors import InputError
+from lowmem_gblm.errors import InputError, OutOfSpace
+from lowmem_gblm.testing_hooks import crash_point
 
 STATE_DIR = ".lowmem"  # inside OUT_DIR: manifest, lock, temporary stores
 MANIFEST = "manifest.json"
@@ -35,29 +36,55 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+_TMP_MARK = ".tmp-"
+
+
+def atomic_write_bytes(path: Path, data: bytes, point: str = "write") -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, rename over ``path``, fsync the folder.
+
+    On any OSError the temporary file is removed, so a failed write leaves ``path`` as it was.
+    ``point`` names the fault-injection point (see testing_hooks) reached half-way through the write.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            half = len(data) // 2
+            f.write(data[:half])
+            f.flush()
+            crash_point(point)
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if exc.errno == errno.ENOSPC:
-            raise InputError(
-                f"no space left on the device while writing {path}; free space and run the same command again "
-                "to resume (finished blocks are kept)"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutOfSpace(
+                f"no space left on the device while writing {path} ({exc.strerror}); nothing half-written was "
+                "kept. Free space and run the same command again to resume (finished blocks are kept)"
             ) from exc
         raise
-    fsync_dir(path.parent)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def remove_stale_temps(out_dir: Path) -> list[str]:
+    """Delete temporary files a killed run left in OUT_DIR and its state folder (call under the lock)."""
+    removed = []
+    for folder in (out_dir, out_dir / STATE_DIR):
+        if not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            stale = _TMP_MARK in child.name or child.name.startswith(".write-probe-")
+            if child.is_file() and child.name.startswith(".") and stale:
+                child.unlink()
+                removed.append(child.name)
+    return removed
+
+
+def atomic_write_text(path: Path, text: str, point: str = "write") -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), point)
 
 
 def tensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -69,7 +96,7 @@ def tensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """Write tensors atomically; return the sha256 of the bytes written."""
     data = tensors_bytes(tensors)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, point="shard_write")
     return hashlib.sha256(data).hexdigest()
 
 
@@ -148,7 +175,7 @@ class Manifest:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(self.data, sort_keys=True, indent=1))
+        atomic_write_text(self.path, json.dumps(self.data, sort_keys=True, indent=1), point="manifest_write")
 
     def is_done(self, key: str) -> bool:
         entry = self.data["done"].get(key)

@@ -1,0 +1,221 @@
+"""Check a finished OUT_DIR: index vs shards, checksums vs the manifest, sparsity and N:M vs the
+report, and that ``from_pretrained`` finds every key. Reads one shard at a time.
+
+``verify(out_dir)`` returns one ``Check`` per property; it raises InputError only when OUT_DIR is
+not a finished lowmem-gblm checkpoint at all (no folder, no index, no config.json).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowmem_gblm.errors import InputError
+from lowmem_gblm.io.checkpoint import read_header, read_tensors
+from lowmem_gblm.io.writer import INDEX_NAME, MANIFEST, STATE_DIR
+
+REPORT_NAME = "prune_report.json"  # same name as pipeline.REPORT_NAME (not imported: keeps verify light)
+_BLOCK_MATRIX = re.compile(r"\.layers\.\d+\..+\.weight$")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'}  {self.name:<10} {self.detail}"
+
+
+def _fail(problems: list[str], limit: int = 3) -> str:
+    more = f" (+{len(problems) - limit} more)" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
+
+
+def _load_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the {what} ({exc})") from exc
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_index(root: Path, weight_map: dict, total_size: int | None) -> tuple[Check, dict[str, dict]]:
+    """Every weight_map entry in its shard, no extra tensors, total_size = sum of tensor bytes."""
+    problems, headers, nbytes = [], {}, 0
+    for shard in sorted(set(weight_map.values())):
+        path = (root / shard).resolve()
+        if root.resolve() not in path.parents:
+            problems.append(f"shard path {shard!r} points outside {root}")
+            continue
+        if not path.is_file():
+            problems.append(f"shard {shard} is missing")
+            continue
+        try:
+            header = read_header(path)
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        headers[shard] = header
+        held = {k for k in header if k != "__metadata__"}
+        listed = {k for k, v in weight_map.items() if v == shard}
+        problems += [f"{shard}: index lists {n!r}, the shard does not hold it" for n in sorted(listed - held)]
+        problems += [f"{shard}: holds {n!r}, which the index does not list" for n in sorted(held - listed)]
+        nbytes += sum(header[n]["data_offsets"][1] - header[n]["data_offsets"][0] for n in held)
+    if total_size is None:
+        problems.append("index metadata has no total_size")
+    elif not problems and total_size != nbytes:
+        problems.append(f"total_size {total_size} != {nbytes} bytes of tensors in the shards")
+    detail = _fail(problems) if problems else f"{len(weight_map)} tensors in {len(headers)} shards, {nbytes} bytes"
+    return Check("index", not problems, detail), headers
+
+
+def check_checksums(root: Path, weight_map: dict) -> Check:
+    path = root / STATE_DIR / MANIFEST
+    if not path.is_file():
+        return Check("checksums", False, f"no manifest at {path}; cannot check shard checksums")
+    try:
+        manifest = json.loads(path.read_text())
+        entries = {e["file"]: e for e in manifest["done"].values()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        return Check("checksums", False, f"{path}: unreadable manifest ({exc})")
+    problems = []
+    for shard in sorted(set(weight_map.values())):
+        entry, file = entries.get(shard), root / shard
+        if entry is None:
+            problems.append(f"{shard} is not in the manifest")
+        elif not file.is_file():
+            problems.append(f"{shard} is missing")
+        elif file.stat().st_size != entry["size"]:
+            problems.append(f"{shard}: {file.stat().st_size} bytes, manifest says {entry['size']}")
+        elif _sha256(file) != entry["sha256"]:
+            problems.append(f"{shard}: sha256 differs from the manifest")
+    if not manifest.get("complete"):
+        problems.append("the manifest does not mark the run complete")
+    n = len(set(weight_map.values()))
+    return Check("checksums", not problems, _fail(problems) if problems else f"{n} shards match sha256 and size")
+
+
+def _nm_violations(w: torch.Tensor, n: int, m: int) -> int:
+    """Groups of M consecutive input columns (per row) with more than N nonzeros."""
+    if w.ndim != 2 or w.shape[1] % m:
+        return -1
+    nonzero = (w != 0).reshape(w.shape[0], w.shape[1] // m, m).sum(-1)  # [out, in/M]
+    return int((nonzero > n).sum())
+
+
+def check_sparsity(root: Path, weight_map: dict, headers: dict) -> list[Check]:
+    """Recount zeros per linear against prune_report.json; N:M groups when the report's pattern is N:M."""
+    path = root / REPORT_NAME
+    if not path.is_file():
+        return [Check("sparsity", False, f"no {REPORT_NAME}; cannot compare sparsity")]
+    try:
+        report = json.loads(path.read_text())
+        per_linear = report["sparsity"]["per_linear"]
+        pattern = str(report.get("pattern", "unstructured"))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        return [Check("sparsity", False, f"{path}: unreadable report ({exc})")]
+    nm = _NM.match(pattern)
+    problems, nm_problems, zeros, numel = [], [], 0, 0
+    matrices = {k for k, s in weight_map.items()
+                if _BLOCK_MATRIX.search(k) and s in headers and len(headers[s][k]["shape"]) == 2}
+    problems += [f"{k} is a block matrix missing from the report" for k in sorted(matrices - set(per_linear))]
+    by_shard: dict[str, list[str]] = {}
+    for name in sorted(per_linear):
+        if name not in weight_map:
+            problems.append(f"report lists {name!r}, the index does not")
+        elif weight_map[name] in headers:
+            by_shard.setdefault(weight_map[name], []).append(name)
+    for shard, names in sorted(by_shard.items()):
+        try:
+            tensors = read_tensors(root / shard, names)
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        for name, w in tensors.items():
+            want = per_linear[name]
+            got = int((w == 0).sum())
+            zeros, numel = zeros + got, numel + w.numel()
+            if list(w.shape) != list(want.get("shape", [])):
+                problems.append(f"{name}: shape {list(w.shape)}, report says {want.get('shape')}")
+            elif got != want.get("zeros"):
+                problems.append(f"{name}: {got} zeros, report says {want.get('zeros')}")
+            if nm:
+                bad = _nm_violations(w, int(nm.group(1)), int(nm.group(2)))
+                if bad:
+                    nm_problems.append(f"{name}: {bad} groups break {pattern}" if bad > 0
+                                       else f"{name}: columns not a multiple of {nm.group(2)}")
+        del tensors
+    overall = zeros / max(numel, 1)
+    checks = [Check("sparsity", not problems, _fail(problems) if problems else
+                    f"{len(per_linear)} linears match the report, overall {overall:.4f}")]
+    if nm:
+        checks.append(Check("pattern", not nm_problems, _fail(nm_problems) if nm_problems else
+                            f"every group of {nm.group(2)} keeps at most {nm.group(1)} in {len(per_linear)} linears"))
+    return checks
+
+
+def _tied_keys(model, config) -> set[str]:
+    tied = getattr(model, "all_tied_weights_keys", None)  # transformers >= 5: {target: source}, only when tied
+    if tied is not None:
+        return set(tied)
+    keys = getattr(model, "_tied_weights_keys", None) or []  # transformers 4.x: tied when the config says so
+    return set(keys) if getattr(config, "tie_word_embeddings", False) else set()
+
+
+def check_keys(root: Path, weight_map: dict, headers: dict) -> Check:
+    """Build the model on the meta device from config.json; every key it loads must be in the index."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(root), trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as exc:
+        return Check("keys", False, f"cannot build the model from {root / 'config.json'} ({exc})")
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    needed = set(state) - _tied_keys(model, config)
+    problems = [f"from_pretrained needs {k!r}, the index lacks it" for k in sorted(needed - set(weight_map))]
+    problems += [f"index holds {k!r}, which the model does not load" for k in sorted(set(weight_map) - set(state))]
+    for k in sorted(needed & set(weight_map)):
+        shard = weight_map[k]
+        if shard in headers and tuple(headers[shard][k]["shape"]) != state[k]:
+            problems.append(f"{k}: shape {headers[shard][k]['shape']}, the model expects {list(state[k])}")
+    tied = sorted(set(state) - needed)
+    detail = f"{type(model).__name__}: all {len(needed)} keys found" + (f" ({', '.join(tied)} tied)" if tied else "")
+    return Check("keys", not problems, _fail(problems) if problems else detail)
+
+
+def verify(out_dir: str | Path) -> list[Check]:
+    root = Path(out_dir)
+    if not root.is_dir():
+        raise InputError(f"OUT_DIR {root} is not a folder")
+    index_path = root / INDEX_NAME
+    if not index_path.is_file():
+        raise InputError(f"{root} has no {INDEX_NAME}: not a finished run (rerun the prune command to finish it)")
+    if not (root / "config.json").is_file():
+        raise InputError(f"{root} has no config.json: not a Hugging Face checkpoint")
+    index = _load_json(index_path, "index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"{index_path}: no weight_map")
+    total_size = (index.get("metadata") or {}).get("total_size")
+    index_check, headers = check_index(root, weight_map, total_size)
+    checks = [index_check, check_checksums(root, weight_map)]
+    checks += check_sparsity(root, weight_map, headers)
+    checks.append(check_keys(root, weight_map, headers))
+    return checks
