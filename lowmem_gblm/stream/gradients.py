@@ -326,7 +326,7 @@ def _sweep(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad
             for n in range(nsamples):
                 bounds[i + 1].put(n, run_block(block, ctx, bounds[i].get(n).to(device=device, dtype=dtype)))
             del block
-            fwd.step("forward")
+            fwd.step(f"block {i}")
 
     # 2. head: per-sample loss and dL/d(last hidden state)
     if start == nblocks:
@@ -378,7 +378,7 @@ def _sweep(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad
         crash_point(f"gradients:block:{i}")
         bounds[i].release()
         g_in, g_out = g_out, g_in
-        bwd.step("gradients written")
+        bwd.step(f"block {i} written")
     g_in.release()
     g_out.release()
 
