@@ -162,6 +162,39 @@ def verify(
     raise typer.Exit(code=0 if ok else 1)
 
 
+@app.command()
+def gradients(
+    model_dir: Annotated[str, typer.Argument(help="local Hugging Face checkpoint folder (safetensors)")],
+    grad_dir: Annotated[str, typer.Argument(help="gradient folder to write (reuse with prune --gradients)")],
+    grad_norm: Annotated[str, typer.Option("--grad-norm", help="l1 | l2 across samples")] = "l1",
+    calib: Calib = None,
+    calib_ids: CalibIds = None,
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 2048,
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    offload: Annotated[str, typer.Option("--offload", help="activation store: cpu | disk")] = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """GBLM gradient sweep alone: per-sample gradient norms of every decoder linear; rerun to resume."""
+    _setup_logging(quiet)
+    from lowmem_gblm.config import CalibConfig, GradientConfig
+    from lowmem_gblm.stream.gradients import compute_gradients
+
+    try:
+        config = GradientConfig(
+            model_dir=model_dir, out_dir=grad_dir,
+            calib=CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, ids_file=calib_ids),
+            grad_norm=grad_norm, device=device, dtype=dtype, offload=offload, progress=not quiet,
+        )
+        report = compute_gradients(config)
+    except UsageError as exc:
+        _fail(exc)
+    typer.echo(f"gradients of {model_dir} -> {grad_dir}: {report['blocks']} blocks, {config.grad_norm} norm, "
+               f"{report['phase']['seconds']:.1f} s")
+
+
 def main() -> None:
     try:
         app()

@@ -112,6 +112,33 @@ class PruneConfig:
         return hashlib.sha256(blob).hexdigest()
 
 
+@dataclass(frozen=True)
+class GradientConfig:
+    """The gradient sweep alone (``lowmem-gblm gradients``): per-sample gradient norms of the dense model."""
+
+    model_dir: str
+    out_dir: str
+    calib: CalibConfig
+    grad_norm: str = "l1"
+    device: str = "auto"
+    dtype: str = "auto"
+    offload: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.grad_norm not in GRAD_NORMS:
+            raise UsageError(f"--grad-norm must be one of {GRAD_NORMS}, got {self.grad_norm!r}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.offload not in OFFLOADS:
+            raise UsageError(f"--offload must be one of {OFFLOADS}, got {self.offload!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def diff_dicts(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Human-readable differences between two fingerprint dicts ("alpha: 100 -> 10")."""
     out = []

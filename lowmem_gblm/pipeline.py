@@ -345,6 +345,7 @@ def _clear_out_dir(out: Path) -> None:
 
 def _cleanup_state(out: Path) -> None:
     shutil.rmtree(out / STATE_DIR / "store", ignore_errors=True)
+    shutil.rmtree(out / STATE_DIR / "gradients", ignore_errors=True)  # fp32, model-sized: keep with `gradients`
 
 
 def _ids_sha(ids: torch.Tensor) -> str:

@@ -9,6 +9,8 @@ Points used by the library (a gradient sweep adds its own names the same way):
   ``write``           inside any other atomic write (config copies, report, index, calibration ids)
   ``manifest``        after a block's shard is renamed into place, before the manifest lists it
   ``finalize``        after prune_report.json is written, before the index
+  ``gradient_block``  after a block's gradient file, the persisted incoming gradient and its
+                      gradients.json entry are durable (blocks go last to first)
 The pseudo-point ``any`` counts every point.
 """
 
