@@ -17,6 +17,7 @@ Phases (the names in the report): ``gradient_sweep`` (GBLM only), ``prune_sweep`
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
@@ -312,12 +313,14 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
             g_in, *g_w = torch.autograd.grad(y, [x, *weights], g_out)
             for a, g in zip(accum, g_w, strict=True):
                 a.add_(g.abs().to(torch.float32))
-            del g_w
+            del g_w, a, g
         del x, y, g_out, g_in
         for h in hooks:
             h.remove()
         grad_step = mem.peak
-        del block, ctx, weights, accum, modules, hooks
+        del block, ctx, weights, accum, modules, hooks, linear
+        gc.collect()
+        leftover = mem.now  # nothing of the block steps should stay; do not charge it to the head
 
         # -- head: final norm + lm_head, one window's loss (and gradient)
         norm_cls = shape.family.cls("norm_class")
@@ -333,7 +336,7 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
             h = torch.empty(1, seqlen, d, dtype=dtype, device=device)
             loss, grad = head_loss_and_grad(norm, head_w, h, ids, head_chunk, need_grad)
             del h, loss, grad
-            heads[need_grad] = mem.peak
+            heads[need_grad] = mem.peak - leftover
     return Probe(prune_step, grad_step, forward_step, heads[True], heads[False], tuple(notes))
 
 
@@ -495,7 +498,6 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
     n, t, d, L = nsamples, seqlen, shape.hidden, shape.num_blocks
     boundary = n * t * d * _dsize(store_dtype)
     block_store = shape.block_numel * _dsize(shape.storage_dtype)
-    block_compute = shape.block_numel * _dsize(compute_dtype)
     acc_block = shape.linear_numel * ACC_BYTES
     head_store = (shape.vocab * d + d) * _dsize(shape.storage_dtype)
     ids = n * t * 8
@@ -568,7 +570,8 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
 
     gpu_memory: device budget (None/0: no GPU, compute on the CPU). cpu_memory: host RAM budget
     (None: unlimited). disk_dir: where the disk store and accumulators would go (its free space is
-    the disk budget, unless ``disk_space`` states one). offload / head_chunk / grad_accumulate: fixed, or chosen (None / "auto").
+    the disk budget, unless ``disk_space`` states one).
+    offload / head_chunk / grad_accumulate: fixed, or chosen (None / "auto").
     """
     from lowmem_gblm.methods import get_method
 
