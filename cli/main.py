@@ -195,6 +195,39 @@ def gradients(
                f"{report['phase']['seconds']:.1f} s")
 
 
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help="model folder or config.json (no weights needed)")],
+    method: Annotated[str, typer.Option("--method", help="magnitude | wanda | sparsegpt | gblm")] = "gblm",
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 2048,
+    gpu_memory: Annotated[str | None, typer.Option(
+        "--gpu-memory", help="device budget, e.g. 24GiB (omit or 0: compute on the CPU)")] = None,
+    cpu_memory: Annotated[str | None, typer.Option("--cpu-memory", help="host RAM budget, e.g. 32GiB")] = None,
+    disk: Annotated[str | None, typer.Option("--disk", help="folder for the disk store (free space counts)")] = None,
+    disk_space: Annotated[str | None, typer.Option("--disk-space", help="disk budget instead of --disk's free space")]
+    = None,
+    dtype: Dtype = "auto",
+    store_dtype: Annotated[str | None, typer.Option("--store-dtype", help="boundary store dtype (default: compute)")]
+    = None,
+    offload: Annotated[str | None, typer.Option("--offload", help="cpu | disk (default: chosen)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Predict device / host / disk peaks per phase and choose settings that fit the budgets."""
+    import json
+
+    from lowmem_gblm.memory.planner import plan as make_plan
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    try:
+        result = make_plan(model, method, nsamples, seqlen, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
+                           disk_dir=disk, compute_dtype=dtype, store_dtype=store_dtype, offload=offload,
+                           disk_space=disk_space)
+    except UsageError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else result.table())
+
+
 def main() -> None:
     try:
         app()

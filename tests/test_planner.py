@@ -1,0 +1,122 @@
+"""The planner: sizes, schema, knobs, and its host-peak prediction against a measured prune run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmem_gblm.calib.data import save_ids
+from lowmem_gblm.memory.planner import baseline_rss, parse_size, plan
+from tests.tiny import make_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "configs"
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("6GB") == 6 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5g") == int(1.5 * 2**30)
+    assert parse_size(1234) == 1234 and parse_size(None) is None
+    with pytest.raises(Exception, match="24GiB"):
+        parse_size("lots")
+
+
+def test_head_chunks_are_exact():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lowmem_gblm.stream.head import head_loss_and_grad
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(16)
+    w = torch.randn(40, 16, dtype=torch.float64)
+    norm = norm.double()
+    h = torch.randn(1, 11, 16, dtype=torch.float64)
+    ids = torch.randint(40, (1, 11))
+    loss, grad = head_loss_and_grad(norm, w, h, ids, None)
+    ref_h = h.clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(norm(ref_h), w)[0, :-1].float(), ids[0, 1:])
+    (ref_g,) = torch.autograd.grad(ref, ref_h)
+    assert torch.allclose(loss, ref.detach(), atol=1e-6)
+    assert torch.allclose(grad, ref_g, atol=1e-6)
+    for chunk in (1, 3, 10):
+        loss_c, grad_c = head_loss_and_grad(norm, w, h, ids, chunk)
+        assert torch.allclose(loss_c, loss, atol=1e-6) and torch.allclose(grad_c, grad, atol=1e-9)
+
+
+def test_knobs_and_advice(tmp_path):
+    cfg = BENCH / "llama-7b.json"
+    roomy = plan(cfg, "wanda", 2, 512, gpu_memory="24GiB", cpu_memory="64GiB", baseline=1)
+    assert roomy.fits and roomy.settings["offload"] == "cpu" and roomy.settings["head_chunk"] is None
+    assert [p.name for p in roomy.phases] == ["prune_sweep", "eval"]  # no gradient sweep for Wanda
+    # host too small for the boundaries in RAM, no disk given: says which knob fixes it
+    tight = plan(cfg, "wanda", 512, 512, gpu_memory="24GiB", cpu_memory="4GiB", baseline=1)
+    assert not tight.fits
+    assert any("--disk" in a for a in tight.advice)
+    with_disk = plan(cfg, "wanda", 512, 512, gpu_memory="24GiB", cpu_memory="4GiB", disk_space="1TB", baseline=1)
+    assert with_disk.fits and with_disk.settings["offload"] == "disk"
+    # with a large vocabulary (LLaMA-3-1B-like shape) the whole-window head (fp32 logits, log-softmax) is the
+    # largest device step; a budget under it and over every block step makes the planner chunk the head
+    big_vocab = json.loads(cfg.read_text()) | {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                                                "num_attention_heads": 32, "num_key_value_heads": 8}
+    cfg2 = tmp_path / "config.json"
+    cfg2.write_text(json.dumps(big_vocab))
+    long = plan(cfg2, "wanda", 2, 2048, gpu_memory="24GiB", cpu_memory="64GiB", baseline=1)
+    steps = long.phase("eval").terms["device_steps"]
+    floor = max(steps["block"], long.phase("prune_sweep").device_peak_bytes)
+    assert steps["head"] > floor
+    squeezed = plan(cfg2, "wanda", 2, 2048, gpu_memory=(steps["head"] + floor) // 2, cpu_memory="64GiB", baseline=1)
+    assert squeezed.fits and squeezed.settings["head_chunk"] is not None
+    assert squeezed.device_peak_bytes < steps["head"]
+
+
+def test_plan_json_schema(tmp_path):
+    res = _cli("plan", str(BENCH / "llama-13b.json"), "--method", "wanda", "--nsamples", "4", "--seqlen", "256",
+               "--gpu-memory", "6GiB", "--cpu-memory", "32GiB", "--disk", str(tmp_path), "--json")
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    data = json.loads(lines[0])
+    for key in ("device_peak_bytes", "host_peak_bytes", "disk_bytes"):
+        assert isinstance(data[key], int) and data[key] > 0
+    assert isinstance(data["fits"], bool)
+    assert {p["name"] for p in data["phases"]} == {"prune_sweep", "eval"}
+    for p in data["phases"]:
+        assert {"name", "device_peak_bytes", "host_peak_bytes", "disk_bytes"} <= set(p)
+    assert data["device_peak_bytes"] == max(p["device_peak_bytes"] for p in data["phases"])
+    assert {"device", "offload", "compute_dtype", "store_dtype", "head_chunk"} <= set(data["settings"])
+    human = _cli("plan", str(BENCH / "llama-13b.json"), "--method", "wanda", "--nsamples", "4", "--seqlen", "256")
+    assert human.returncode == 0 and "prune_sweep" in human.stdout and "fits" in human.stdout
+    bad = _cli("plan", str(BENCH / "llama-13b.json"), "--gpu-memory", "lots")
+    assert bad.returncode == 2 and "lots" in bad.stderr
+
+
+def test_host_peak_prediction_matches_a_prune_run(tmp_path):
+    """Predicted host peak within 15% of the RSS the prune sweep measured (CPU, RAM store)."""
+    n, t = 64, 256
+    model = make_tiny_llama(tmp_path / "model", layers=2, hidden=512, heads=8, kv_heads=4, inter=1376, vocab=320,
+                            max_pos=t, shard_size="4MB", tokenizer=False)
+    ids_file = tmp_path / "ids.safetensors"
+    save_ids(ids_file, torch.randint(320, (n, t), generator=torch.Generator().manual_seed(0)))
+    res = _cli("prune", str(model), str(tmp_path / "out"), "--method", "wanda", "--calib-ids", str(ids_file),
+               "--nsamples", str(n), "--seqlen", str(t), "--device", "cpu", "--offload", "cpu", "-q")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    measured = next(p for p in report["phases"] if p["phase"] == "prune_sweep")["peak_rss_bytes"]
+    predicted = plan(model, "wanda", n, t, cpu_memory="64GiB", offload="cpu", baseline=baseline_rss())
+    got = predicted.phase("prune_sweep").host_peak_bytes
+    terms = predicted.phase("prune_sweep").terms["host"]
+    assert abs(got - measured) <= 0.15 * measured, (got, measured, terms)
