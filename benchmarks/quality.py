@@ -47,15 +47,14 @@ def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int, work: Pa
     return path
 
 
-def run_gradients(model: Path, out: Path, calib, norm: str, device: str) -> float:
+def run_gradients(model: Path, out: Path, calib, norm: str, device: str) -> tuple[float, dict]:
     from lowmem_gblm.config import GradientConfig
     from lowmem_gblm.stream.gradients import compute_gradients
 
     t0 = time.perf_counter()
-    if not (out / "gradients.json").is_file() or '"complete": true' not in (out / "gradients.json").read_text():
-        compute_gradients(GradientConfig(model_dir=str(model), out_dir=str(out), calib=calib, grad_norm=norm,
-                                         device=device, progress=False))
-    return time.perf_counter() - t0
+    result = compute_gradients(GradientConfig(model_dir=str(model), out_dir=str(out), calib=calib, grad_norm=norm,
+                                              device=device, progress=False))
+    return time.perf_counter() - t0, result["phase"]
 
 
 def run_prune(model: Path, out: Path, calib, device: str, **options) -> tuple[dict, float]:
@@ -84,6 +83,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-windows", type=int, default=0, help="0: every full window of the eval split")
     p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1, help="prune-sweep forward micro-batch")
     p.add_argument("--device", default="auto")
     p.add_argument("--methods", nargs="+", default=[m for m, _ in METHODS])
     p.add_argument("--patterns", nargs="+", default=[s for _, s in PATTERNS])
@@ -114,17 +114,18 @@ def main() -> None:
                 continue
             if method.startswith("gblm"):
                 gdir = work / f"grad-{extra['grad_norm']}-s{seed}"
-                grads[method] = (gdir, run_gradients(model, gdir, calib, extra["grad_norm"], a.device))
+                grads[method] = (gdir, *run_gradients(model, gdir, calib, extra["grad_norm"], a.device))
             for options, short in PATTERNS:
                 if short not in a.patterns or (not primary and short != "50%"):
                     continue
                 out = work / f"{method}-{short.replace(':', 'of').replace('%', 'pct')}-s{seed}"
                 margs = {"method": "gblm", "gradients": str(grads[method][0]), **extra} if method.startswith(
                     "gblm") else {"method": method}
-                report, prune_s = run_prune(model, out, calib, a.device, **margs, **options)
+                report, prune_s = run_prune(model, out, calib, a.device, batch_size=a.batch, **margs, **options)
                 res = evaluate(out, a)
                 rows.append({"method": method, "pattern": short, "seed": seed, **res, "prune_seconds": prune_s,
                              "gradient_seconds": grads[method][1] if method in grads else None,
+                             "gradient_phase": grads[method][2] if method in grads else None,
                              "report_sparsity": report["sparsity"]["overall"],
                              "peak_rss_bytes": max(ph["peak_rss_bytes"] for ph in report["phases"]),
                              "device_peak_bytes": max(ph["device_peak_allocated_bytes"] for ph in report["phases"])})

@@ -61,6 +61,7 @@ def prune(
     offload: Annotated[str, typer.Option("--offload", help="activation store: cpu | disk")] = "cpu",
     percdamp: Annotated[float, typer.Option("--percdamp", help="SparseGPT Hessian dampening")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="windows per block call (forward only)")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard a previous run in OUT_DIR")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
@@ -77,7 +78,8 @@ def prune(
             calib=CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, ids_file=calib_ids),
             method=method, sparsity=sparsity, pattern=pattern, magnitude_scope=magnitude_scope,
             device=device, dtype=dtype, alpha=alpha, grad_norm=grad_norm, gradients=gradients,
-            offload=offload, percdamp=percdamp, blocksize=blocksize, overwrite=overwrite, progress=not quiet,
+            offload=offload, percdamp=percdamp, blocksize=blocksize, batch_size=batch_size,
+            overwrite=overwrite, progress=not quiet,
         )
         report = run(config)
     except UsageError as exc:

@@ -57,6 +57,7 @@ class PruneConfig:
     offload: str = "cpu"
     percdamp: float = 0.01
     blocksize: int = 128
+    batch_size: int = 1  # windows per block call in the prune sweep's forwards (statistics are per token)
     overwrite: bool = False
     progress: bool = True
 
@@ -79,6 +80,8 @@ class PruneConfig:
             raise UsageError(f"--alpha must be >= 0, got {self.alpha}")
         if not 0.0 <= self.percdamp <= 10.0:
             raise UsageError(f"--percdamp must be in [0, 10], got {self.percdamp}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.blocksize < 1:
             raise UsageError(f"--blocksize must be >= 1, got {self.blocksize}")
 

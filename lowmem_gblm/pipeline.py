@@ -106,9 +106,12 @@ def embed_windows(session: Session, dst: ActivationBuffer) -> None:
 
 @torch.no_grad()
 def forward_all(session: Session, block, src: ActivationBuffer, dst: ActivationBuffer | None) -> None:
-    """Run every sample through ``block``, one per call; write outputs to ``dst`` (None: statistics only)."""
-    for n in range(len(src)):
-        x = src.get(n).to(device=session.device, dtype=session.dtype)  # [1, T, D]
+    """Run every sample through ``block``, ``batch_size`` per call (default 1); write outputs to ``dst``
+    (None: statistics only)."""
+    step = session.config.batch_size
+    for n in range(0, len(src), step):
+        count = min(step, len(src) - n)
+        x = src.get(n, count).to(device=session.device, dtype=session.dtype)  # [B, T, D]
         y = run_block(block, session.ctx, x)
         if dst is not None:
             dst.put(n, y)

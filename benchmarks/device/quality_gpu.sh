@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The quality benchmark on a lent GPU machine (no network there). Its working tree cannot carry the
+# 93 MB GGUF in one call, so two earlier calls staged it in /tmp/stage as two parts, with the gguf
+# wheel and summaries_en-us.json (see README, "GPU runs"). Writes results under $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/stage/gguf-*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+cat /tmp/stage/gguf.part00 /tmp/stage/gguf.part01 > /tmp/stage/smol.gguf
+echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /tmp/stage/smol.gguf" | sha256sum -c || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  >> "$OUT/gpu.txt"
+python3 -m cli.main import-gguf /tmp/stage/smol.gguf /tmp/smol --dtype float32 --overwrite -q || exit 1
+export LOWMEM_WIKI_JSON=/tmp/stage/summaries_en-us.json
+python3 -m cli.main plan /tmp/smol --method gblm --nsamples 128 --seqlen 512 --gpu-memory 139GiB \
+  --cpu-memory 120GiB --json > "$OUT/plan_smollm2_gblm_128x512.json" 2> "$OUT/plan.err"
+python3 benchmarks/quality.py --model /tmp/smol --work /tmp/qwork --nsamples 128 --seqlen 512 --seeds 0 1 2 \
+  --device cuda --skip-fetch --tag h200 --eval-batch 16 --batch 8 2>&1 | tee "$OUT/quality.log"
+cp benchmarks/results/quality-h200.json "$OUT/" 2>/dev/null
