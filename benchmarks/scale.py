@@ -130,7 +130,9 @@ def run_prune(model: Path, out: Path, ids: Path, method: str, n: int, t: int, de
     phase = next(p for p in report["phases"] if p["phase"] == "prune_sweep")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
     return {"method": method, "wall_s": round(wall, 2), "prune_sweep_s": round(phase["seconds"], 2),
-            "peak_rss_bytes": phase["peak_rss_bytes"], "max_rss_time_v_bytes": int(m.group(1)) * 1024 if m else None,
+            "peak_rss_bytes": max(p["peak_rss_bytes"] for p in report["phases"]),
+            "device_peak_bytes": max(p["device_peak_allocated_bytes"] for p in report["phases"]),
+            "phases": report["phases"], "max_rss_time_v_bytes": int(m.group(1)) * 1024 if m else None,
             "bytes_read": phase["bytes_read"], "bytes_written": phase["bytes_written"],
             "compute_dtype": report.get("compute_dtype")}
 
@@ -178,8 +180,9 @@ def main() -> None:
         row = run_prune(model, out, ids, method, args.nsamples, args.seqlen, args.device, args.dtype)
         pred = plan(model, method, args.nsamples, args.seqlen, gpu_memory=None if args.device == "cpu" else "1TB",
                     offload="cpu", compute_dtype=row["compute_dtype"] or "auto", baseline=base)
-        row["predicted_host_peak_bytes"] = pred.phase("prune_sweep").host_peak_bytes
-        row["predicted_device_peak_bytes"] = pred.phase("prune_sweep").device_peak_bytes
+        ran = [p["phase"] for p in row["phases"]]  # the phases this run had (no eval here)
+        row["predicted_host_peak_bytes"] = max(pred.phase(p).host_peak_bytes for p in ran)
+        row["predicted_device_peak_bytes"] = max(pred.phase(p).device_peak_bytes for p in ran)
         row["host_error"] = round(row["predicted_host_peak_bytes"] / row["peak_rss_bytes"] - 1, 4)
         rows.append(row)
         if not args.keep:
