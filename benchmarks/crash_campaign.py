@@ -3,7 +3,7 @@ compare the final output byte for byte with an uninterrupted run (every file but
 
 Kills are deterministic (LOWMEM_TEST_CRASH_AT points: mid shard write, between a shard's rename and
 its manifest entry, mid manifest write, between report and index) and random (SIGKILL after a
-random sleep). A gradient sweep adds its point names to --points; nothing else changes.
+random sleep). With --method gblm the kills cover both sweeps (gradient and prune).
 
     python benchmarks/crash_campaign.py --method wanda --offload cpu --kills 8
 
@@ -29,6 +29,11 @@ from tests.tiny import make_tiny_llama, sample_text  # noqa: E402
 
 POINTS = ["shard_write:2", "shard_write:3", "shard_write:4", "manifest:1", "manifest:2", "manifest:3",
           "manifest_write:3", "finalize:1", "write:2"]
+# GBLM runs the gradient sweep first (its block files are shard writes too, blocks last to first), then
+# the prune sweep: with 4 blocks, shard_write 1-4 fall in the gradient sweep and 5-9 in the prune sweep.
+GBLM_POINTS = ["gradient_block:1", "gradient_block:2", "gradient_block:3", "shard_write:1", "shard_write:3",
+               "shard_write:5", "shard_write:7", "shard_write:9", "manifest:1", "manifest:3", "manifest_write:2",
+               "finalize:1", "write:3"]
 
 
 def blocks_done(out: Path) -> str:
@@ -57,18 +62,19 @@ def attempt(args: list[str], point: str | None, sleep_s: float | None) -> tuple[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    ap.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt", "gblm"])
     ap.add_argument("--offload", default="cpu", choices=["cpu", "disk"])
     ap.add_argument("--kills", type=int, default=8,
                     help="kill attempts in all; each OUT_DIR is killed until a run completes, then compared")
     ap.add_argument("--random-share", type=float, default=0.5, help="fraction of kills that are random sleeps")
-    ap.add_argument("--points", default=",".join(POINTS), help="deterministic kill points to draw from")
+    ap.add_argument("--points", default=None, help="deterministic kill points to draw from (default: per method)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="keep files here (default: a temporary folder)")
     opts = ap.parse_args()
     rng = random.Random(opts.seed)
-    points = [p for p in opts.points.split(",") if p]
+    default = GBLM_POINTS if opts.method == "gblm" else POINTS
+    points = [p for p in (opts.points.split(",") if opts.points else default) if p]
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(opts.workdir or tmp)
