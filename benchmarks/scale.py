@@ -152,17 +152,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
+    ap.add_argument("--methods", nargs="+", default=None, help="default: wanda and gblm")
     args = ap.parse_args()
 
     cfg = shape_config(args)
     model_bytes = sum(numel(s) for _, s in tensor_shapes(cfg)) * 2
-    methods = ["wanda"] + (["gblm"] if importlib.util.find_spec("lowmem_gblm.stream.gradients") else [])
+    methods = args.methods or ["wanda"] + (["gblm"] if importlib.util.find_spec("lowmem_gblm.stream.gradients") else [])
     args.out.mkdir(parents=True, exist_ok=True)
-    need = model_bytes * (1 + len(methods)) + 2 * args.nsamples * args.seqlen * cfg["hidden_size"] * 4 + 2**30
+    # the checkpoint, one pruned copy at a time, GBLM's fp32 gradient files (2x the bf16 model), slack
+    grads = 2 * model_bytes if "gblm" in methods else 0
+    need = 2 * model_bytes + grads + 2 * args.nsamples * args.seqlen * cfg["hidden_size"] * 4 + 2**30
     free = shutil.disk_usage(args.out).free
     if free < need:
         raise SystemExit(f"--out {args.out}: {fmt_size(free)} free, this run needs about {fmt_size(need)} "
-                         f"(the {fmt_size(model_bytes)} checkpoint, one pruned copy per method, 1 GiB slack); "
+                         f"(the {fmt_size(model_bytes)} checkpoint, a pruned copy, fp32 gradients for gblm, "
+                         "1 GiB slack); "
                          "choose a folder on a larger disk")
     model = args.out / f"{args.shape}-random"
     t0 = time.perf_counter()
