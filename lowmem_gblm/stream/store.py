@@ -89,9 +89,11 @@ def int8_code() -> torch.Tensor:
 
 
 def int8_error_bound(absmax: torch.Tensor) -> torch.Tensor:
-    """Per-block bound on |x - dequant(quant(x))|: half the widest gap of the map, times absmax."""
+    """Per-block bound on |x - dequant(quant(x))|: absmax times the largest distance from a point of
+    [-1, 1] to the map (half its widest gap, or an end: the map's lowest value is -0.993, not -1)."""
     code = int8_code().sort().values
-    return absmax.to(torch.float32) * float((code[1:] - code[:-1]).max()) / 2
+    worst = max(float((code[1:] - code[:-1]).max()) / 2, float(code[0]) + 1, 1 - float(code[-1]))
+    return absmax.to(torch.float32) * worst
 
 
 def quantize_int8(x: torch.Tensor, blocksize: int = INT8_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
