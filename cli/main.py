@@ -23,6 +23,11 @@ SeqLen = Annotated[int, typer.Option("--seqlen", help="tokens per window")]
 Seed = Annotated[int, typer.Option("--seed", help="window sampling seed")]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 Dtype = Annotated[str, typer.Option("--dtype", help="compute dtype: auto | float32 | bfloat16 | float16")]
+StoreDtype = Annotated[str, typer.Option(
+    "--store-dtype", help="activation store: auto (= compute dtype, exact) | float32 | bfloat16 | float16 | "
+    "int8 (bitsandbytes blockwise 8-bit, lossy, ~1 byte/value)")]
+Prefetch = Annotated[bool, typer.Option(
+    "--prefetch/--no-prefetch", help="read the next block on a background thread (same output)")]
 
 
 @app.callback()
@@ -62,6 +67,8 @@ def prune(
     percdamp: Annotated[float, typer.Option("--percdamp", help="SparseGPT Hessian dampening")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", help="windows per block call (forward only)")] = 1,
+    store_dtype: StoreDtype = "auto",
+    prefetch: Prefetch = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard a previous run in OUT_DIR")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
@@ -79,7 +86,7 @@ def prune(
             method=method, sparsity=sparsity, pattern=pattern, magnitude_scope=magnitude_scope,
             device=device, dtype=dtype, alpha=alpha, grad_norm=grad_norm, gradients=gradients,
             offload=offload, percdamp=percdamp, blocksize=blocksize, batch_size=batch_size,
-            overwrite=overwrite, progress=not quiet,
+            store_dtype=store_dtype, prefetch=prefetch, overwrite=overwrite, progress=not quiet,
         )
         report = run(config)
     except UsageError as exc:
@@ -98,6 +105,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="windows per block call")] = 1,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    prefetch: Prefetch = True,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
@@ -108,7 +116,7 @@ def eval_cmd(
     from lowmem_gblm.evaluate.perplexity import evaluate_checkpoint
 
     try:
-        result = evaluate_checkpoint(model_dir, data, seqlen, max_windows, device, dtype, batch_size)
+        result = evaluate_checkpoint(model_dir, data, seqlen, max_windows, device, dtype, batch_size, prefetch)
     except UsageError as exc:
         _fail(exc)
     if as_json:
@@ -177,6 +185,8 @@ def gradients(
     device: Device = "auto",
     dtype: Dtype = "auto",
     offload: Annotated[str, typer.Option("--offload", help="activation store: cpu | disk")] = "cpu",
+    store_dtype: StoreDtype = "auto",
+    prefetch: Prefetch = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """GBLM gradient sweep alone: per-sample gradient norms of every decoder linear; rerun to resume."""
@@ -188,7 +198,8 @@ def gradients(
         config = GradientConfig(
             model_dir=model_dir, out_dir=grad_dir,
             calib=CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, ids_file=calib_ids),
-            grad_norm=grad_norm, device=device, dtype=dtype, offload=offload, progress=not quiet,
+            grad_norm=grad_norm, device=device, dtype=dtype, offload=offload, store_dtype=store_dtype,
+            prefetch=prefetch, progress=not quiet,
         )
         report = compute_gradients(config)
     except UsageError as exc:
@@ -210,7 +221,8 @@ def plan(
     disk_space: Annotated[str | None, typer.Option("--disk-space", help="disk budget instead of --disk's free space")]
     = None,
     dtype: Dtype = "auto",
-    store_dtype: Annotated[str | None, typer.Option("--store-dtype", help="boundary store dtype (default: compute)")]
+    store_dtype: Annotated[str | None, typer.Option(
+        "--store-dtype", help="boundary store: float32 | bfloat16 | float16 | int8 (default: compute dtype)")]
     = None,
     offload: Annotated[str | None, typer.Option("--offload", help="cpu | disk (default: chosen)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,

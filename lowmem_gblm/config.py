@@ -17,8 +17,18 @@ OFFLOADS = ("cpu", "disk")
 GRAD_NORMS = ("l1", "l2")
 MAGNITUDE_SCOPES = ("row", "matrix")
 
+STORE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # as stream.store.STORE_DTYPES
+
 # Options that do not change the output bytes; left out of the resume fingerprint.
-_NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress"})
+_NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "prefetch"})
+# Fingerprinted only when not at this default, so runs started before the option existed still resume.
+_FINGERPRINT_IF_NOT = {"store_dtype": "auto"}
+
+
+def _check_store_dtype(value: str) -> None:
+    if value not in STORE_DTYPES:
+        raise UsageError(f"--store-dtype must be one of {STORE_DTYPES} (auto: the compute dtype, exact), "
+                         f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,8 @@ class PruneConfig:
     percdamp: float = 0.01
     blocksize: int = 128
     batch_size: int = 1  # windows per block call in the prune sweep's forwards (statistics are per token)
+    store_dtype: str = "auto"  # activation store: auto (= compute dtype, exact) | float dtype | int8 (lossy)
+    prefetch: bool = True  # read the next block on a background thread (same bytes either way)
     overwrite: bool = False
     progress: bool = True
 
@@ -84,6 +96,7 @@ class PruneConfig:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.blocksize < 1:
             raise UsageError(f"--blocksize must be >= 1, got {self.blocksize}")
+        _check_store_dtype(self.store_dtype)
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -104,7 +117,8 @@ class PruneConfig:
     def fingerprint_dict(self) -> dict:
         """The options that decide the output bytes. model_dir is a path: the model itself is
         fingerprinted separately (io.checkpoint.model_fingerprint)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        data = {k: v for k, v in self.to_dict().items()
+                if k not in _NOT_FINGERPRINTED and _FINGERPRINT_IF_NOT.get(k, object()) != v}
         data["model_dir"] = str(Path(self.model_dir).resolve())
         data["pattern"] = str(self.parsed_pattern)
         data["sparsity"] = self.parsed_pattern.sparsity
@@ -126,9 +140,12 @@ class GradientConfig:
     device: str = "auto"
     dtype: str = "auto"
     offload: str = "cpu"
+    store_dtype: str = "auto"
+    prefetch: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
+        _check_store_dtype(self.store_dtype)
         if self.grad_norm not in GRAD_NORMS:
             raise UsageError(f"--grad-norm must be one of {GRAD_NORMS}, got {self.grad_norm!r}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from lowmem_gblm.calib.data import resolve_windows
 from lowmem_gblm.config import PruneConfig, diff_dicts
 from lowmem_gblm.errors import InputError, ResumeMismatch
-from lowmem_gblm.io.checkpoint import ShardFile
 from lowmem_gblm.io.model import StreamedModel, linear_names
+from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.writer import (
     INDEX_NAME,
     STATE_DIR,
@@ -168,17 +168,27 @@ def run_prune_sweep(session: Session, manifest: Manifest, grads_for) -> dict:
     embed_windows(session, src)
     progress = Progress("prune", model.num_blocks, session.config.progress)
     linears: dict[str, dict] = {}
+    # finished blocks replay from their own shards; the rest read from the input checkpoint
+    schedule = [(i, out / shard_name(i, total_shards) if manifest.is_done(f"block.{i}") else None)
+                for i in range(model.num_blocks)]
+    with BlockReader(model, schedule, session.device, session.dtype, session.config.prefetch) as reader:
+        return _prune_blocks(session, manifest, grads_for, reader, src, dst, progress, linears)
+
+
+def _prune_blocks(session: Session, manifest: Manifest, grads_for, reader: BlockReader, src: ActivationBuffer,
+                  dst: ActivationBuffer, progress: Progress, linears: dict) -> dict:
+    model, out = session.model, session.out
+    total_shards = model.num_blocks + 1
     for i in range(model.num_blocks):
         key, file = f"block.{i}", shard_name(i, total_shards)
+        block = reader.next(i)
         if manifest.is_done(key):
-            block = model.load_block(i, session.device, session.dtype, source=ShardFile(out / file))
             forward_all(session, block, src, dst)
             linears.update(manifest.entry(key)["linears"])
             del block
             src, dst = dst, src
             progress.step("replayed from its shard", replayed=True)
             continue
-        block = model.load_block(i, session.device, session.dtype)
         tensors, report = prune_block(session, block, i, src, grads_for(i) if grads_for else None)
         forward_all(session, block, src, dst)
         del block
@@ -283,7 +293,7 @@ def prune(config: PruneConfig) -> dict:
         calib_path = out / CALIB_IDS_NAME
         if not calib_path.is_file():
             save_tensors_atomic(calib_path, {"input_ids": ids.contiguous()})
-        store = ActivationStore(config.offload, out / STATE_DIR / "store")
+        store = ActivationStore(config.offload, out / STATE_DIR / "store", config.store_dtype)
         session = Session(config, model, device, dtype, ids, out, store)
         log.info("%s: %d blocks, %s, %d windows x %d tokens, method %s, pattern %s, store %s",
                  model_dir, model.num_blocks, model.family.name, ids.shape[0], ids.shape[1],

@@ -83,16 +83,20 @@ def embed_windows(model, ids: torch.Tensor, device: torch.device, dtype: torch.d
 
 @torch.no_grad()
 def run_blocks(model, hidden: torch.Tensor, device: torch.device, dtype: torch.dtype,
-               batch_size: int) -> None:
-    """Push every window through every block, one block on the device at a time; ``hidden`` in place."""
+               batch_size: int, prefetch: bool = True) -> None:
+    """Push every window through every block, one block on the device at a time; ``hidden`` in place.
+    ``prefetch``: read the next block on a background thread (same result)."""
+    from lowmem_gblm.io.prefetch import BlockReader
+
     ctx = BlockContext.build(model, hidden.shape[1], device, dtype)
-    for i in range(model.num_blocks):
-        t0 = time.perf_counter()
-        block = model.load_block(i, device, dtype)
-        for s, e in _batches(hidden.shape[0], batch_size):
-            hidden[s:e] = run_block(block, ctx, hidden[s:e].to(device)).cpu()  # [b, T, D]
-        del block
-        log.debug("eval block %d/%d: %.2fs", i + 1, model.num_blocks, time.perf_counter() - t0)
+    with BlockReader(model, [(i, None) for i in range(model.num_blocks)], device, dtype, prefetch) as reader:
+        for i in range(model.num_blocks):
+            t0 = time.perf_counter()
+            block = reader.next(i)
+            for s, e in _batches(hidden.shape[0], batch_size):
+                hidden[s:e] = run_block(block, ctx, hidden[s:e].to(device)).cpu()  # [b, T, D]
+            del block
+            log.debug("eval block %d/%d: %.2fs", i + 1, model.num_blocks, time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -110,7 +114,7 @@ def head_nll(model, hidden: torch.Tensor, ids: torch.Tensor, device: torch.devic
 
 
 def streamed_perplexity(model, ids: torch.Tensor, device: torch.device | str, dtype: torch.dtype,
-                        batch_size: int = 1) -> dict:
+                        batch_size: int = 1, prefetch: bool = True) -> dict:
     """Perplexity of a StreamedModel on windows ids [W, T]: dict(ppl, nll, tokens, windows, seqlen)."""
     _check_ids(model, ids)
     if batch_size < 1:
@@ -118,7 +122,7 @@ def streamed_perplexity(model, ids: torch.Tensor, device: torch.device | str, dt
     device = torch.device(device)
     t0 = time.perf_counter()
     hidden = embed_windows(model, ids, device, dtype, batch_size)
-    run_blocks(model, hidden, device, dtype, batch_size)
+    run_blocks(model, hidden, device, dtype, batch_size, prefetch)
     total, count = head_nll(model, hidden, ids, device)
     nll = total / count
     result = {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": int(ids.shape[0]),
@@ -150,7 +154,8 @@ def checkpoint_sparsity(model) -> dict:
 
 
 def evaluate_checkpoint(model_dir: str, data: str, seqlen: int, max_windows: int | None = None,
-                        device: str = "auto", dtype: str = "auto", batch_size: int = 1) -> dict:
+                        device: str = "auto", dtype: str = "auto", batch_size: int = 1,
+                        prefetch: bool = True) -> dict:
     """Streamed perplexity of a checkpoint folder on a text source, plus its decoder-linear sparsity
     and the measured peaks of the phase. The windows use the checkpoint's own tokenizer."""
     from transformers import AutoTokenizer
@@ -175,7 +180,7 @@ def evaluate_checkpoint(model_dir: str, data: str, seqlen: int, max_windows: int
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, storage_dtype(model.index.tensors[model.block_names(0)[0]].dtype))
     with PhaseTracker("eval", dev) as tracker:
-        result = streamed_perplexity(model, ids, dev, dt, batch_size)
+        result = streamed_perplexity(model, ids, dev, dt, batch_size, prefetch)
     sparsity = checkpoint_sparsity(model)
     result["sparsity"] = sparsity["overall"]
     result["data"] = data

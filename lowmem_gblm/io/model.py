@@ -108,10 +108,27 @@ class StreamedModel:
     def load_block(self, i: int, device: torch.device, dtype: torch.dtype,
                    source: CheckpointIndex | None = None) -> nn.Module:
         """Block i with weights from ``source`` (default: this checkpoint) in ``dtype`` on ``device``."""
+        return self.assemble_block(i, self.read_block(i, device, dtype, source), device, dtype)
+
+    def read_block(self, i: int, device: torch.device, dtype: torch.dtype,
+                   source: CheckpointIndex | None = None) -> dict[str, torch.Tensor]:
+        """Block i's tensors in host memory, keyed relative to the block: the host half of ``load_block``
+        (safe on a background thread). For a CPU device they are already in ``dtype``; for another device
+        they stay in the stored dtype (converted on the device) and are pinned when CUDA is available."""
         src = source or self.index
         prefix = self.family.block_prefix(i)
         raw = src.read(self.block_names(i))
-        state = {name[len(prefix):]: t.to(device=device, dtype=dtype) for name, t in raw.items()}
+        device = torch.device(device)
+        if device.type == "cpu":
+            return {name[len(prefix):]: t.to(dtype=dtype) for name, t in raw.items()}
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        return {name[len(prefix):]: t.pin_memory() if pin else t for name, t in raw.items()}
+
+    def assemble_block(self, i: int, host: dict[str, torch.Tensor], device: torch.device,
+                       dtype: torch.dtype) -> nn.Module:
+        """Block i from ``read_block``'s tensors, moved to ``device`` in ``dtype`` (the device half)."""
+        state = {name: t.to(device=device, dtype=dtype) for name, t in host.items()}
+        del host
         block = self.build_block(i)
         block.load_state_dict(state, strict=True, assign=True)
         block.requires_grad_(False)

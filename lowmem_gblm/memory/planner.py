@@ -463,6 +463,13 @@ def _dsize(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
+def _boundary_bytes(n: int, t: int, d: int, store_dtype) -> int:
+    """One [N, T, D] boundary in the activation store (int8: codes + one fp32 absmax per block)."""
+    from lowmem_gblm.stream.store import store_nbytes
+
+    return store_nbytes((n, t, d), store_dtype)
+
+
 def _prod(shape) -> int:
     n = 1
     for s in shape:
@@ -480,10 +487,13 @@ def _phase(name: str, device: dict[str, int], host: dict[str, int], disk: dict[s
 
 
 def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, device: str,
-            compute_dtype: torch.dtype, store_dtype: torch.dtype, offload: str, head_chunk: int | None,
+            compute_dtype: torch.dtype, store_dtype: torch.dtype | str, offload: str, head_chunk: int | None,
             grad_accumulate: str, baseline: int, grad_dtype: torch.dtype = torch.float32,
-            eval_nsamples: int | None = None, probe_cache: dict | None = None) -> tuple[list[PhasePlan], Probe]:
-    """Per-phase peaks for one choice of settings."""
+            eval_nsamples: int | None = None, probe_cache: dict | None = None,
+            prefetch: bool = True) -> tuple[list[PhasePlan], Probe]:
+    """Per-phase peaks for one choice of settings. ``store_dtype``: a float dtype or ``"int8"``
+    (boundaries only; incoming-gradient buffers stay exact). ``prefetch``: one more block read
+    ahead in host memory (compute dtype on the CPU, storage dtype pinned for a GPU)."""
     from lowmem_gblm.methods import get_method
 
     meth = get_method(method)
@@ -496,8 +506,9 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
             probe_cache[key] = pr
     on_cpu = device == "cpu"
     n, t, d, L = nsamples, seqlen, shape.hidden, shape.num_blocks
-    boundary = n * t * d * _dsize(store_dtype)
+    boundary = _boundary_bytes(n, t, d, store_dtype)
     block_store = shape.block_numel * _dsize(shape.storage_dtype)
+    ahead = shape.block_numel * _dsize(compute_dtype if on_cpu else shape.storage_dtype) if prefetch else 0
     acc_block = shape.linear_numel * ACC_BYTES
     head_store = (shape.vocab * d + d) * _dsize(shape.storage_dtype)
     ids = n * t * 8
@@ -512,7 +523,7 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
         store = (L + 1) * boundary
         gbuf = n * t * d * _dsize(grad_dtype)
         host = {"baseline": baseline, "calibration ids": ids, "block read (storage dtype)": read_host,
-                "accumulators to write (fp32, + serialized copy)": 2 * acc_block}
+                "accumulators to write (fp32, + serialized copy)": 2 * acc_block, "next block prefetched": ahead}
         if ram:
             host |= {f"boundaries {L + 1} x [N,T,D]": store, "incoming-gradient buffer": gbuf}
         dev = {"block step (weights + fp32 accumulators + 1-sample fwd/bwd)": pr.grad_step}
@@ -525,7 +536,8 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
         phases.append(p)
 
     # prune sweep (pipeline.run_prune_sweep): two buffers, block loaded, raw block re-read, shard written
-    host = {"baseline": baseline, "calibration ids": ids, "block re-read for writing (storage dtype)": block_store}
+    host = {"baseline": baseline, "calibration ids": ids, "block re-read for writing (storage dtype)": block_store,
+            "next block prefetched": ahead}
     if on_cpu and pr.prune_step < serialized:
         host["shard being serialized (2 copies)"] = serialized - pr.prune_step  # after the block is freed
     elif not on_cpu:
@@ -544,8 +556,9 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
 
     # eval (streamed perplexity of the pruned model): same buffers, plain forwards, then the head
     ne = eval_nsamples or n
-    eb = ne * t * d * _dsize(store_dtype)
-    host = {"baseline": baseline, "block read (storage dtype)": block_store, "head read (storage dtype)": 0}
+    eb = ne * t * d * _dsize(compute_dtype if store_dtype == "int8" else store_dtype)  # eval keeps no int8 store
+    host = {"baseline": baseline, "block read (storage dtype)": block_store, "head read (storage dtype)": 0,
+            "next block prefetched": ahead}
     if ram:
         host["two boundaries [N,T,D]"] = 2 * eb
     dev_block = {"block step (weights + 1-sample forward)": pr.forward_step}
@@ -565,7 +578,7 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
          compute_dtype: str | torch.dtype = "auto", store_dtype: str | torch.dtype | None = None,
          offload: str | None = None, head_chunk: int | None | str = "auto", grad_accumulate: str = "auto",
          eval_nsamples: int | None = None, baseline: int | None = None,
-         disk_space: int | str | None = None) -> Plan:
+         disk_space: int | str | None = None, prefetch: bool = True) -> Plan:
     """Predict per-phase peaks and choose settings that fit.
 
     gpu_memory: device budget (None/0: no GPU, compute on the CPU). cpu_memory: host RAM budget
@@ -582,7 +595,7 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
     gpu, cpu = parse_size(gpu_memory), parse_size(cpu_memory)
     device = "cuda" if gpu else "cpu"
     cdt = _resolve(compute_dtype, device, shape.storage_dtype)
-    sdt = _NAMED[store_dtype] if isinstance(store_dtype, str) else (store_dtype or cdt)
+    sdt = _store_dtype(store_dtype, cdt)
     disk_free = parse_size(disk_space)
     if disk_free is None and disk_dir is not None:
         if not Path(disk_dir).is_dir():
@@ -602,7 +615,7 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
     for off, chunk, acc in itertools.product(offloads, chunks, accs):
         phases, pr = predict(shape, method, nsamples, seqlen, device=device, compute_dtype=cdt, store_dtype=sdt,
                              offload=off, head_chunk=chunk, grad_accumulate=acc, baseline=base,
-                             eval_nsamples=eval_nsamples, probe_cache=cache)
+                             eval_nsamples=eval_nsamples, probe_cache=cache, prefetch=prefetch)
         short = _shortfalls(phases, gpu, cpu, disk_free, off, disk_dir)
         tried.append((sum(short.values()), off, chunk, acc, phases, pr, short))
         if not short:
@@ -636,7 +649,20 @@ def _resolve(name, device: str, storage: torch.dtype) -> torch.dtype:
     return _NAMED[name]
 
 
-def _name(dtype: torch.dtype) -> str:
+def _store_dtype(name, compute: torch.dtype) -> torch.dtype | str:
+    """--store-dtype: None/auto -> the compute dtype; a float name -> its dtype; "int8" stays a name."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return compute
+    if name == "int8":
+        return name
+    if name not in _NAMED:
+        raise UsageError(f"--store-dtype must be auto, float32, bfloat16, float16 or int8, got {name!r}")
+    return _NAMED[name]
+
+
+def _name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
 

@@ -45,6 +45,7 @@ from safetensors.torch import load_file
 from lowmem_gblm.config import diff_dicts
 from lowmem_gblm.errors import InputError, ResumeMismatch
 from lowmem_gblm.io.model import StreamedModel, linear_names
+from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.writer import STATE_DIR, OutputLock, atomic_write_text, fsync_dir, save_tensors_atomic
 from lowmem_gblm.memory.tracker import PhaseStats, PhaseTracker, fmt_bytes
 from lowmem_gblm.pipeline import Progress
@@ -59,8 +60,9 @@ GRADIENTS_JSON = "gradients.json"
 CALIB_IDS_NAME = "calibration_ids.safetensors"
 INCOMING_NAME = "incoming.safetensors"  # in the state dir: dL/d(input of the next block to do)
 ACC_DTYPE = torch.float32  # gradient accumulators, logits and loss: fp32 whatever the compute dtype
-# identity fields a reused folder must match (compute dtype / device type may differ)
-REUSE_KEYS = ("format_version", "model", "calibration_sha256", "nsamples", "seqlen", "grad_norm")
+# identity fields a reused folder must match (compute dtype / device type may differ); store_dtype
+# is in an identity only when not "auto", so folders made before it existed still match
+REUSE_KEYS = ("format_version", "model", "calibration_sha256", "nsamples", "seqlen", "grad_norm", "store_dtype")
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -74,8 +76,9 @@ def ids_sha256(ids: torch.Tensor) -> str:
 
 
 def gradient_identity(model: StreamedModel, ids: torch.Tensor, grad_norm: str, dtype: torch.dtype,
-                      device: torch.device) -> dict:
-    return {
+                      device: torch.device, store_dtype: str = "auto") -> dict:
+    lossy = {} if store_dtype == "auto" else {"store_dtype": store_dtype}  # it changes the gradients
+    return lossy | {
         "format_version": FORMAT_VERSION,
         "model": model.index.fingerprint(),
         "calibration_sha256": ids_sha256(ids),
@@ -162,12 +165,12 @@ class GradientFolder:
                 "create one with: lowmem-gblm gradients MODEL_DIR GRAD_DIR"
             )
         old = {k: folder.identity.get(k) for k in REUSE_KEYS}
-        new = {k: expected[k] for k in REUSE_KEYS}
+        new = {k: expected.get(k) for k in REUSE_KEYS}
         if old != new:
             diffs = diff_dicts(old, new)
             raise ResumeMismatch(
                 f"--gradients {path} was computed with other settings ({'; '.join(diffs[:4])}); "
-                "pass matching --grad-norm/--calib/--nsamples/--seqlen/--seed (or --calib-ids "
+                "pass matching --grad-norm/--calib/--nsamples/--seqlen/--seed/--store-dtype (or --calib-ids "
                 f"{path / CALIB_IDS_NAME}), or drop --gradients to compute them"
             )
         if not folder.complete:
@@ -270,16 +273,21 @@ def _as_input(buf: ActivationBuffer, n: int, device: torch.device, dtype: torch.
 
 
 def gradient_sweep(model: StreamedModel, ids: torch.Tensor, path: Path, *, grad_norm: str, device: torch.device,
-                   dtype: torch.dtype, offload: str = "cpu", progress: bool = True) -> GradientFolder:
-    """Compute (or resume, or find finished) the gradient folder at ``path``. ids: [N, T]."""
+                   dtype: torch.dtype, offload: str = "cpu", progress: bool = True, store_dtype: str = "auto",
+                   prefetch: bool = True) -> GradientFolder:
+    """Compute (or resume, or find finished) the gradient folder at ``path``. ids: [N, T].
+
+    ``store_dtype`` applies to the stored block-input boundaries (int8: lossy); the incoming-gradient
+    buffers stay exact in the compute dtype. ``prefetch`` reads the next block on a background thread.
+    """
     path.mkdir(parents=True, exist_ok=True)
-    identity = gradient_identity(model, ids, grad_norm, dtype, device)
+    identity = gradient_identity(model, ids, grad_norm, dtype, device, store_dtype)
     with OutputLock(path):
         folder = GradientFolder.open_for_sweep(path, identity)
         if folder.complete:
             log.info("gradient folder %s is complete; reusing it", path)
             return folder
-        _sweep(folder, model, ids, grad_norm, device, dtype, offload, progress)
+        _sweep(folder, model, ids, grad_norm, device, dtype, offload, progress, store_dtype, prefetch)
         shutil.rmtree(folder.state / "store", ignore_errors=True)
         (folder.state / INCOMING_NAME).unlink(missing_ok=True)
         folder.data["complete"] = True
@@ -288,12 +296,12 @@ def gradient_sweep(model: StreamedModel, ids: torch.Tensor, path: Path, *, grad_
 
 
 def _sweep(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad_norm: str, device: torch.device,
-           dtype: torch.dtype, offload: str, progress: bool) -> None:
+           dtype: torch.dtype, offload: str, progress: bool, store_dtype: str = "auto", prefetch: bool = True) -> None:
     nblocks, (nsamples, seqlen) = model.num_blocks, ids.shape
     shape = (nsamples, seqlen, model.hidden_size)
-    store = ActivationStore(offload, folder.state / "store")
+    store = ActivationStore(offload, folder.state / "store", store_dtype)
     incoming = folder.state / INCOMING_NAME
-    g_in, g_out = store.new(shape, dtype, "grad_a"), store.new(shape, dtype, "grad_b")
+    g_in, g_out = store.new(shape, dtype, "grad_a", exact=True), store.new(shape, dtype, "grad_b", exact=True)
 
     # where to start: blocks start..L-1 are done and the gradient into block start-1 is persisted
     start = nblocks
@@ -306,14 +314,26 @@ def _sweep(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad
     if start == 0:
         return
     log.info("gradient sweep: %d/%d blocks to do, %d windows x %d tokens, %s norm, compute %s on %s "
-             "(logits, loss and accumulators fp32), store %s", start, nblocks, nsamples, seqlen, grad_norm,
-             str(dtype).removeprefix("torch."), device, offload)
+             "(logits, loss and accumulators fp32), store %s (%s)", start, nblocks, nsamples, seqlen, grad_norm,
+             str(dtype).removeprefix("torch."), device, offload, store_dtype)
     if start < nblocks:
         log.info("resuming the gradient sweep at block %d in %s", start - 1, folder.path)
     ctx = BlockContext.build(model, seqlen, device, dtype)
 
     # 1. forward: bounds[i] = input of block i, for every block still to do (and the head's input)
     last = nblocks if start == nblocks else start - 1  # highest boundary needed
+    # blocks 0..last-1 forward, then start-1..0 in reverse; the next one is read while one computes
+    schedule = [(i, None) for i in range(last)] + [(i, None) for i in range(start - 1, -1, -1)]
+    with BlockReader(model, schedule, device, dtype, prefetch) as reader:
+        _walk(folder, model, ids, grad_norm, device, dtype, progress, reader, ctx, store, shape, start, last,
+              g_in, g_out)
+
+
+def _walk(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad_norm: str, device: torch.device,
+          dtype: torch.dtype, progress: bool, reader: BlockReader, ctx: BlockContext, store: ActivationStore,
+          shape: tuple[int, int, int], start: int, last: int, g_in: ActivationBuffer, g_out: ActivationBuffer) -> None:
+    nblocks, nsamples = model.num_blocks, ids.shape[0]
+    incoming = folder.state / INCOMING_NAME
     bounds = [store.new(shape, dtype, f"h{i:05d}") for i in range(last + 1)]
     table = model.load_embedding(torch.device("cpu"), dtype)  # [V, D]
     for n in range(nsamples):
@@ -322,7 +342,7 @@ def _sweep(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad
     fwd = Progress("gradient forward", last, progress)
     with torch.no_grad():
         for i in range(last):
-            block = model.load_block(i, device, dtype)
+            block = reader.next(i)
             for n in range(nsamples):
                 bounds[i + 1].put(n, run_block(block, ctx, bounds[i].get(n).to(device=device, dtype=dtype)))
             del block
@@ -349,7 +369,7 @@ def _sweep(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad
     # 3. reverse walk
     bwd = Progress("gradients", start, progress)
     for i in range(start - 1, -1, -1):
-        block = model.load_block(i, device, dtype)
+        block = reader.next(i)
         modules = dict(block.named_modules())
         names = linear_names(block)
         for name in names:
@@ -402,7 +422,8 @@ def compute_gradients(config) -> dict:
     prepare_out_dir(out, model_dir, overwrite=False)
     with PhaseTracker("gradient_sweep", device) as tracker:
         folder = gradient_sweep(model, ids, out, grad_norm=config.grad_norm, device=device, dtype=dtype,
-                                offload=config.offload, progress=config.progress)
+                                offload=config.offload, progress=config.progress, store_dtype=config.store_dtype,
+                                prefetch=config.prefetch)
     calib_path = out / CALIB_IDS_NAME
     if not calib_path.is_file():
         save_tensors_atomic(calib_path, {"input_ids": ids.contiguous()})
@@ -419,7 +440,8 @@ def gradient_source(session, manifest) -> Callable[[int], dict[str, torch.Tensor
     recorded in the prune manifest, so a resumed prune refuses gradients that changed under it.
     """
     config, model = session.config, session.model
-    identity = gradient_identity(model, session.ids, config.grad_norm, session.dtype, session.device)
+    identity = gradient_identity(model, session.ids, config.grad_norm, session.dtype, session.device,
+                                 config.store_dtype)
     if config.gradients:
         folder = GradientFolder.open_for_reuse(Path(config.gradients), identity)
         log.info("using gradients from %s (%s norm, computed in %s on %s)", folder.path,
@@ -428,10 +450,11 @@ def gradient_source(session, manifest) -> Callable[[int], dict[str, torch.Tensor
         with PhaseTracker("gradient_sweep", session.device) as tracker:
             folder = gradient_sweep(model, session.ids, session.out / STATE_DIR / "gradients",
                                     grad_norm=config.grad_norm, device=session.device, dtype=session.dtype,
-                                    offload=config.offload, progress=config.progress)
+                                    offload=config.offload, progress=config.progress,
+                                    store_dtype=config.store_dtype, prefetch=config.prefetch)
         session.phases.append(tracker.stats)
         _log_phase(tracker.stats, folder.path)
-    record = {"identity": {k: folder.identity[k] for k in REUSE_KEYS},
+    record = {"identity": {k: folder.identity[k] for k in REUSE_KEYS if k in folder.identity},
               "sha256": {k: v["sha256"] for k, v in sorted(folder.data["done"].items())}}
     old = manifest.data.get("gradients")
     if old is not None and old != record:

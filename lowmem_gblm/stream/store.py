@@ -3,6 +3,11 @@
 ``cpu`` keeps them in host RAM; ``disk`` keeps them in raw files under a folder (memory-mapped
 reads, one sample at a time), for boundaries that do not fit in RAM. Nothing else large lives on
 the host.
+
+The store dtype (``--store-dtype``) is the compute dtype by default (exact). ``int8`` keeps each
+sample as bitsandbytes blockwise 8-bit codes (dynamic map, one fp32 absmax per
+``INT8_BLOCKSIZE`` values of the flattened [T, D] sample): about 1 byte per value instead of 2 or
+4, lossy (see ``int8_error_bound``). ``get`` always returns the dtype the buffer was made for.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import numpy as np
 import torch
 
 _NP_VIEW = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+STORE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+_FLOAT_STORE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INT8_BLOCKSIZE = 256  # values per absmax: 1 + 4/256 bytes per value; rel. error ~1% (4096: ~2%)
 
 
 class ActivationBuffer:
@@ -65,19 +73,143 @@ class ActivationBuffer:
         return n * t * d * torch.finfo(self.dtype).bits // 8
 
 
-class ActivationStore:
-    """Factory for boundaries in one place: ``cpu`` (RAM) or ``disk`` (files under ``folder``)."""
+# ---------------------------------------------------------------------------------------------
+# int8: bitsandbytes blockwise 8-bit
 
-    def __init__(self, kind: str, folder: Path | None = None):
+
+def _bnb():
+    import bitsandbytes.functional as bnbf  # lazy: only an int8 store needs it
+
+    return bnbf
+
+
+def int8_code() -> torch.Tensor:
+    """The 256-value dynamic quantization map bitsandbytes uses by default (fp32, in [-1, 1])."""
+    return _bnb().create_dynamic_map().to(torch.float32)
+
+
+def int8_error_bound(absmax: torch.Tensor) -> torch.Tensor:
+    """Per-block bound on |x - dequant(quant(x))|: absmax times the largest distance from a point of
+    [-1, 1] to the map (half its widest gap, or an end: the map's lowest value is -0.993, not -1)."""
+    code = int8_code().sort().values
+    worst = max(float((code[1:] - code[:-1]).max()) / 2, float(code[0]) + 1, 1 - float(code[-1]))
+    return absmax.to(torch.float32) * worst
+
+
+def quantize_int8(x: torch.Tensor, blocksize: int = INT8_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (any float dtype, CPU) -> (uint8 codes [x.numel()], fp32 absmax [ceil(numel / blocksize)])."""
+    codes, state = _bnb().quantize_blockwise(x.contiguous().reshape(-1), blocksize=blocksize)
+    return codes, state.absmax.to(torch.float32)
+
+
+def dequantize_int8(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = INT8_BLOCKSIZE) -> torch.Tensor:
+    """Inverse of ``quantize_int8`` as fp32 [numel]."""
+    bnbf = _bnb()
+    state = bnbf.QuantState(absmax=absmax, code=int8_code(), blocksize=blocksize, dtype=torch.float32)
+    return bnbf.dequantize_blockwise(codes, quant_state=state)
+
+
+class Int8Buffer:
+    """One boundary as blockwise int8 codes + fp32 absmax per sample (RAM, or two .npy files).
+
+    Same interface as ``ActivationBuffer``; ``get`` dequantizes to ``dtype``.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, path: Path | None = None,
+                 blocksize: int = INT8_BLOCKSIZE):
+        self.shape, self.dtype, self.path, self.blocksize = shape, dtype, path, blocksize
+        n, t, d = shape
+        self._numel = t * d
+        self._nblocks = -(-self._numel // blocksize)
+        if path is None:
+            self._codes = torch.empty((n, self._numel), dtype=torch.uint8)
+            self._absmax = torch.empty((n, self._nblocks), dtype=torch.float32)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._codes = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.uint8, shape=(n, self._numel))
+            self._absmax = np.lib.format.open_memmap(str(self._absmax_path), mode="w+", dtype=np.float32,
+                                                     shape=(n, self._nblocks))
+
+    @property
+    def _absmax_path(self) -> Path:
+        return self.path.with_name(self.path.stem + ".absmax.npy")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def get(self, n: int, count: int = 1) -> torch.Tensor:
+        """Samples n..n+count dequantized to a new [count, T, D] tensor in ``dtype``."""
+        _, t, d = self.shape
+        out = torch.empty((count, t, d), dtype=self.dtype)
+        for k in range(count):
+            codes, absmax = self._codes[n + k], self._absmax[n + k]
+            if isinstance(codes, np.ndarray):
+                codes, absmax = torch.from_numpy(np.array(codes)), torch.from_numpy(np.array(absmax))
+            out[k].copy_(dequantize_int8(codes, absmax, self.blocksize).view(t, d))
+        return out
+
+    def put(self, n: int, value: torch.Tensor) -> None:
+        value = value.detach().to(device="cpu", dtype=self.dtype)  # quantize what an exact store would hold
+        for k in range(value.shape[0]):
+            codes, absmax = quantize_int8(value[k], self.blocksize)
+            if isinstance(self._codes, np.ndarray):
+                self._codes[n + k] = codes.numpy()
+                self._absmax[n + k] = absmax.numpy()
+            else:
+                self._codes[n + k].copy_(codes)
+                self._absmax[n + k].copy_(absmax)
+
+    def flush(self) -> None:
+        if isinstance(self._codes, np.memmap):
+            self._codes.flush()
+            self._absmax.flush()
+
+    def release(self) -> None:
+        self._codes = self._absmax = None
+        if self.path is not None:
+            for p in (self.path, self._absmax_path):
+                if p.exists():
+                    os.unlink(p)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * (self._numel + 4 * self._nblocks)
+
+
+def store_nbytes(shape: tuple[int, int, int], store_dtype: str | torch.dtype) -> int:
+    """Bytes one boundary of ``shape`` takes in a store of ``store_dtype`` (a name or a float dtype)."""
+    n, t, d = shape
+    if store_dtype == "int8":
+        return n * (t * d + 4 * -(-(t * d) // INT8_BLOCKSIZE))
+    dtype = _FLOAT_STORE[store_dtype] if isinstance(store_dtype, str) else store_dtype
+    return n * t * d * torch.finfo(dtype).bits // 8
+
+
+class ActivationStore:
+    """Factory for boundaries in one place: ``cpu`` (RAM) or ``disk`` (files under ``folder``).
+
+    ``store_dtype``: ``auto`` (the dtype each buffer is made for: exact), a float dtype name, or
+    ``int8`` (blockwise 8-bit). Buffers made with ``exact=True`` ignore it.
+    """
+
+    def __init__(self, kind: str, folder: Path | None = None, store_dtype: str = "auto"):
         if kind not in ("cpu", "disk"):
             raise ValueError(kind)
         if kind == "disk" and folder is None:
             raise ValueError("disk store needs a folder")
-        self.kind, self.folder = kind, folder
+        if store_dtype not in STORE_DTYPES:
+            raise ValueError(store_dtype)
+        self.kind, self.folder, self.store_dtype = kind, folder, store_dtype
         self._count = 0
 
-    def new(self, shape: tuple[int, int, int], dtype: torch.dtype, name: str | None = None) -> ActivationBuffer:
-        if self.kind == "cpu":
-            return ActivationBuffer(shape, dtype)
-        self._count += 1
-        return ActivationBuffer(shape, dtype, self.folder / f"{name or f'buf{self._count}'}.npy")
+    def new(self, shape: tuple[int, int, int], dtype: torch.dtype, name: str | None = None,
+            exact: bool = False) -> ActivationBuffer | Int8Buffer:
+        """A boundary read back as ``dtype`` (stored as ``store_dtype`` unless ``exact``)."""
+        path = None
+        if self.kind == "disk":
+            self._count += 1
+            path = self.folder / f"{name or f'buf{self._count}'}.npy"
+        sdt = "auto" if exact else self.store_dtype
+        if sdt == "int8":
+            return Int8Buffer(shape, dtype, path)
+        return ActivationBuffer(shape, dtype if sdt == "auto" else _FLOAT_STORE[sdt], path)
