@@ -83,7 +83,7 @@ def numel(shape) -> int:
     return n
 
 
-def write_checkpoint(folder: Path, cfg: dict, seed: int = 0) -> int:
+def write_checkpoint(folder: Path, cfg: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> int:
     """One shard per block (plus one for embedding / head); tensors made one at a time. Returns bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
@@ -99,14 +99,14 @@ def write_checkpoint(folder: Path, cfg: dict, seed: int = 0) -> int:
         tensors = {}
         for name, shape in groups[key]:
             if name.endswith("norm.weight"):
-                t = torch.ones(shape, dtype=torch.bfloat16)
+                t = torch.ones(shape, dtype=dtype)
             else:
-                t = torch.empty(shape, dtype=torch.bfloat16)
+                t = torch.empty(shape, dtype=dtype)
                 for row in range(0, shape[0], 4096):  # fp32 scratch stays small
                     t[row:row + 4096] = torch.randn((min(4096, shape[0] - row), *shape[1:]), generator=gen) * 0.02
             tensors[name] = t
             weight_map[name] = shard
-            total += t.numel() * 2
+            total += t.numel() * t.element_size()
         save_file(tensors, str(folder / shard), metadata={"format": "pt"})
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
