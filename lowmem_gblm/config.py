@@ -13,12 +13,13 @@ from lowmem_gblm.mask import Pattern
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OFFLOADS = ("cpu", "disk")
+OFFLOADS = ("auto", "cpu", "disk")  # auto: the plan check chooses (never changes output bytes)
 GRAD_NORMS = ("l1", "l2")
 MAGNITUDE_SCOPES = ("row", "matrix")
 
 # Options that do not change the output bytes; left out of the resume fingerprint.
-_NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress"})
+_NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "plan_check", "cpu_memory",
+                                "gpu_memory"})
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,15 @@ class PruneConfig:
     alpha: float = 100.0
     grad_norm: str = "l1"
     gradients: str | None = None
-    offload: str = "cpu"
+    offload: str = "auto"
     percdamp: float = 0.01
     blocksize: int = 128
     batch_size: int = 1  # windows per block call in the prune sweep's forwards (statistics are per token)
     overwrite: bool = False
     progress: bool = True
+    plan_check: bool = True  # refuse before heavy work when the planner says the run cannot fit
+    cpu_memory: str | None = None  # host budget for the plan check (default: RSS + MemAvailable)
+    gpu_memory: str | None = None  # device budget for the plan check (default: free CUDA memory)
 
     def __post_init__(self) -> None:
         from lowmem_gblm.methods import get_method  # registry imports config-free modules only
@@ -84,6 +88,7 @@ class PruneConfig:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.blocksize < 1:
             raise UsageError(f"--blocksize must be >= 1, got {self.blocksize}")
+        _check_sizes(self.cpu_memory, self.gpu_memory)
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -125,8 +130,11 @@ class GradientConfig:
     grad_norm: str = "l1"
     device: str = "auto"
     dtype: str = "auto"
-    offload: str = "cpu"
+    offload: str = "auto"
     progress: bool = True
+    plan_check: bool = True
+    cpu_memory: str | None = None
+    gpu_memory: str | None = None
 
     def __post_init__(self) -> None:
         if self.grad_norm not in GRAD_NORMS:
@@ -137,9 +145,17 @@ class GradientConfig:
             raise UsageError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.offload not in OFFLOADS:
             raise UsageError(f"--offload must be one of {OFFLOADS}, got {self.offload!r}")
+        _check_sizes(self.cpu_memory, self.gpu_memory)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_sizes(*sizes: str | None) -> None:
+    from lowmem_gblm.memory.planner import parse_size  # raises UsageError naming the bad size
+
+    for size in sizes:
+        parse_size(size)
 
 
 def diff_dicts(old: dict, new: dict, prefix: str = "") -> list[str]:
