@@ -55,6 +55,44 @@ def case(name: str, model: Path, ids: Path, method: str, n: int, t: int, work: P
     return rows
 
 
+def old_head_peak(model: Path, t: int) -> int:
+    """Device bytes of the gradient sweep's head as the code was before head_sample (the loop kept the
+    previous window's fp32 logits alive while the next ran), on fake tensors, two windows."""
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowmem_gblm.memory.planner import LiveBytes, load_shape
+
+    shape = load_shape(model)
+    d, v = shape.hidden, shape.vocab
+    with FakeTensorMode(), LiveBytes() as mem:
+        norm_cls = shape.family.cls("norm_class")
+        with torch.device("meta"):
+            norm = norm_cls(d)
+        norm.load_state_dict({"weight": torch.empty(d)}, assign=True)
+        norm.requires_grad_(False)
+        head = torch.empty(v, d)
+        labels = torch.zeros(t - 1, dtype=torch.long)
+        base = mem.now
+        for _ in range(2):  # the old loop body, verbatim
+            h = torch.empty(1, t, d).requires_grad_(True)
+            with torch.enable_grad():
+                logits = F.linear(norm(h), head).to(torch.float32)
+                loss = F.cross_entropy(logits[0, :-1], labels)
+                loss.backward()
+        return mem.peak - base + head.nbytes + norm.weight.nbytes - h.nbytes
+
+
+def h200_case(model: Path) -> dict:
+    from lowmem_gblm.memory.planner import cublas_workspace_bytes, plan
+
+    p = plan(model, "gblm", 128, 512, gpu_memory="139GiB", cpu_memory="120GiB", offload="cpu").phase("gradient_sweep")
+    old = old_head_peak(model, 512) + 2 * cublas_workspace_bytes()
+    return {"device_new_code_mib": round(p.device_peak_bytes / MiB, 1), "device_old_code_mib": round(old / MiB, 1),
+            "host_gib": round(p.host_peak_bytes / 2**30, 2), "host_stages": p.terms["host_stages"],
+            "device_terms": p.terms["device"], "host_terms": p.terms["host"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm2", type=Path, default=None)
@@ -62,7 +100,11 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--methods", nargs="+", default=["gblm", "wanda"])
     ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--h200-case", action="store_true", help="only the 128x512 CUDA prediction (no runs)")
     a = ap.parse_args()
+    if a.h200_case:
+        print(json.dumps(h200_case(a.smollm2), indent=1))
+        return
     from lowmem_gblm.calib.data import save_ids
 
     rows = []

@@ -460,6 +460,12 @@ def _opt(n: int | None) -> str:
     return "unlimited" if n is None else fmt_size(n)
 
 
+def _read_transient(numel: int, dtype: torch.dtype) -> int:
+    """Host bytes while io.checkpoint.read_tensors copies one tensor out: the safetensors file pages it
+    maps, the clone, and the bool mask of its finiteness check."""
+    return 2 * numel * _dsize(dtype) + numel
+
+
 def _dsize(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
@@ -532,7 +538,18 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
         disk["accumulators (fp32, all blocks)"] = L * acc_block
     if not ram:
         disk["two boundaries [N,T,D]"] = 2 * boundary
-    phases.append(_phase("prune_sweep", dev, host, disk, on_cpu))
+    p = _phase("prune_sweep", dev, host, disk, on_cpu)
+    # its first step (pipeline.embed_windows) reads the embedding table: while that read is in flight
+    # the host holds the file's pages, the tensor cloned out of them and the finiteness mask
+    embed = shape.vocab * d
+    first = {"baseline": baseline, **cuda_host, "calibration ids": ids,
+             "embedding read (file pages + clone + finite mask)": _read_transient(embed, shape.storage_dtype)}
+    if compute_dtype != shape.storage_dtype:
+        first["embedding in the compute dtype"] = embed * _dsize(compute_dtype)
+    p.terms["host_stages"] = {"embedding read": sum(first.values()), "blocks": p.host_peak_bytes}
+    if sum(first.values()) > p.host_peak_bytes:
+        p.terms["host"], p.host_peak_bytes = first, sum(first.values())
+    phases.append(p)
 
     # eval (streamed perplexity of the pruned model): same buffers, plain forwards, then the head
     ne = eval_nsamples or n
