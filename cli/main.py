@@ -28,6 +28,14 @@ StoreDtype = Annotated[str, typer.Option(
     "int8 (bitsandbytes blockwise 8-bit, lossy, ~1 byte/value)")]
 Prefetch = Annotated[bool, typer.Option(
     "--prefetch/--no-prefetch", help="read the next block on a background thread (same output)")]
+Offload = Annotated[str, typer.Option(
+    "--offload", help="activation store: auto (RAM when it fits with a margin, else disk) | cpu | disk")]
+PlanCheck = Annotated[bool, typer.Option(
+    "--plan-check/--no-plan-check", help="refuse before heavy work when the planner says the run cannot fit")]
+CpuMemory = Annotated[str | None, typer.Option(
+    "--cpu-memory", help="host RAM budget for the plan check, e.g. 32GiB (default: RSS + MemAvailable)")]
+GpuMemory = Annotated[str | None, typer.Option(
+    "--gpu-memory", help="device budget for the plan check (default: free CUDA memory)")]
 
 
 @app.callback()
@@ -63,13 +71,16 @@ def prune(
     alpha: Annotated[float, typer.Option("--alpha", help="GBLM gradient-term weight")] = 100.0,
     grad_norm: Annotated[str, typer.Option("--grad-norm", help="GBLM: l1 | l2")] = "l1",
     gradients: Annotated[str | None, typer.Option("--gradients", help="GBLM: reuse a gradient folder")] = None,
-    offload: Annotated[str, typer.Option("--offload", help="activation store: cpu | disk")] = "cpu",
+    offload: Offload = "auto",
     percdamp: Annotated[float, typer.Option("--percdamp", help="SparseGPT Hessian dampening")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", help="windows per block call (forward only)")] = 1,
     store_dtype: StoreDtype = "auto",
     prefetch: Prefetch = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard a previous run in OUT_DIR")] = False,
+    plan_check: PlanCheck = True,
+    cpu_memory: CpuMemory = None,
+    gpu_memory: GpuMemory = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Prune MODEL_DIR into OUT_DIR, one decoder block at a time; rerun the same command to resume."""
@@ -87,6 +98,7 @@ def prune(
             device=device, dtype=dtype, alpha=alpha, grad_norm=grad_norm, gradients=gradients,
             offload=offload, percdamp=percdamp, blocksize=blocksize, batch_size=batch_size,
             store_dtype=store_dtype, prefetch=prefetch, overwrite=overwrite, progress=not quiet,
+            plan_check=plan_check, cpu_memory=cpu_memory, gpu_memory=gpu_memory,
         )
         report = run(config)
     except UsageError as exc:
@@ -184,9 +196,12 @@ def gradients(
     seed: Seed = 0,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    offload: Annotated[str, typer.Option("--offload", help="activation store: cpu | disk")] = "cpu",
+    offload: Offload = "auto",
     store_dtype: StoreDtype = "auto",
     prefetch: Prefetch = True,
+    plan_check: PlanCheck = True,
+    cpu_memory: CpuMemory = None,
+    gpu_memory: GpuMemory = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """GBLM gradient sweep alone: per-sample gradient norms of every decoder linear; rerun to resume."""
@@ -199,7 +214,8 @@ def gradients(
             model_dir=model_dir, out_dir=grad_dir,
             calib=CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, ids_file=calib_ids),
             grad_norm=grad_norm, device=device, dtype=dtype, offload=offload, store_dtype=store_dtype,
-            prefetch=prefetch, progress=not quiet,
+            prefetch=prefetch, progress=not quiet, plan_check=plan_check, cpu_memory=cpu_memory,
+            gpu_memory=gpu_memory,
         )
         report = compute_gradients(config)
     except UsageError as exc:

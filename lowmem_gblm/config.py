@@ -13,14 +13,15 @@ from lowmem_gblm.mask import Pattern
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OFFLOADS = ("cpu", "disk")
+OFFLOADS = ("auto", "cpu", "disk")  # auto: the plan check chooses (never changes output bytes)
 GRAD_NORMS = ("l1", "l2")
 MAGNITUDE_SCOPES = ("row", "matrix")
 
 STORE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # as stream.store.STORE_DTYPES
 
 # Options that do not change the output bytes; left out of the resume fingerprint.
-_NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "prefetch"})
+_NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "prefetch", "plan_check",
+                                "cpu_memory", "gpu_memory"})
 # Fingerprinted only when not at this default, so runs started before the option existed still resume.
 _FINGERPRINT_IF_NOT = {"store_dtype": "auto"}
 
@@ -64,7 +65,7 @@ class PruneConfig:
     alpha: float = 100.0
     grad_norm: str = "l1"
     gradients: str | None = None
-    offload: str = "cpu"
+    offload: str = "auto"
     percdamp: float = 0.01
     blocksize: int = 128
     batch_size: int = 1  # windows per block call in the prune sweep's forwards (statistics are per token)
@@ -72,6 +73,9 @@ class PruneConfig:
     prefetch: bool = True  # read the next block on a background thread (same bytes either way)
     overwrite: bool = False
     progress: bool = True
+    plan_check: bool = True  # refuse before heavy work when the planner says the run cannot fit
+    cpu_memory: str | None = None  # host budget for the plan check (default: RSS + MemAvailable)
+    gpu_memory: str | None = None  # device budget for the plan check (default: free CUDA memory)
 
     def __post_init__(self) -> None:
         from lowmem_gblm.methods import get_method  # registry imports config-free modules only
@@ -97,6 +101,7 @@ class PruneConfig:
         if self.blocksize < 1:
             raise UsageError(f"--blocksize must be >= 1, got {self.blocksize}")
         _check_store_dtype(self.store_dtype)
+        _check_sizes(self.cpu_memory, self.gpu_memory)
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -139,10 +144,13 @@ class GradientConfig:
     grad_norm: str = "l1"
     device: str = "auto"
     dtype: str = "auto"
-    offload: str = "cpu"
+    offload: str = "auto"
     store_dtype: str = "auto"
     prefetch: bool = True
     progress: bool = True
+    plan_check: bool = True
+    cpu_memory: str | None = None
+    gpu_memory: str | None = None
 
     def __post_init__(self) -> None:
         _check_store_dtype(self.store_dtype)
@@ -154,9 +162,17 @@ class GradientConfig:
             raise UsageError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.offload not in OFFLOADS:
             raise UsageError(f"--offload must be one of {OFFLOADS}, got {self.offload!r}")
+        _check_sizes(self.cpu_memory, self.gpu_memory)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_sizes(*sizes: str | None) -> None:
+    from lowmem_gblm.memory.planner import parse_size  # raises UsageError naming the bad size
+
+    for size in sizes:
+        parse_size(size)
 
 
 def diff_dicts(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -272,6 +272,7 @@ def prune(config: PruneConfig) -> dict:
     device = resolve_device(config.device)
     ckpt_dtype = storage_dtype(model.index.tensors[model.block_names(0)[0]].dtype)
     dtype = resolve_dtype(config.dtype, device, ckpt_dtype)
+    offload, predicted = _plan_check(config, model_dir, method, ids, device, dtype, out)
     prepare_out_dir(out, model_dir, overwrite=False)
     with OutputLock(out):
         stale = remove_stale_temps(out)
@@ -293,11 +294,11 @@ def prune(config: PruneConfig) -> dict:
         calib_path = out / CALIB_IDS_NAME
         if not calib_path.is_file():
             save_tensors_atomic(calib_path, {"input_ids": ids.contiguous()})
-        store = ActivationStore(config.offload, out / STATE_DIR / "store", config.store_dtype)
+        store = ActivationStore(offload, out / STATE_DIR / "store", config.store_dtype)
         session = Session(config, model, device, dtype, ids, out, store)
         log.info("%s: %d blocks, %s, %d windows x %d tokens, method %s, pattern %s, store %s",
                  model_dir, model.num_blocks, model.family.name, ids.shape[0], ids.shape[1],
-                 method.name, pattern, config.offload)
+                 method.name, pattern, offload)
         grads_for = None
         if "gradient" in method.needs:
             from lowmem_gblm.stream.gradients import gradient_source
@@ -307,12 +308,25 @@ def prune(config: PruneConfig) -> dict:
         with PhaseTracker("prune_sweep", device) as tracker:
             linears = run_prune_sweep(session, manifest, grads_for)
         session.phases.append(tracker.stats)
-        report = finalize(session, manifest, linears, {"seconds_total": time.perf_counter() - t_start})
+        report = finalize(session, manifest, linears, {"seconds_total": time.perf_counter() - t_start,
+                                                         "offload": offload, "predicted": predicted})
         _cleanup_state(out)
     s = report["sparsity"]
     log.info("done: %s, sparsity %.4f over %d linears, prune sweep %.1f s, peak RSS %s", out, s["overall"],
              len(linears), tracker.stats.seconds, fmt_bytes(tracker.stats.peak_rss_bytes))
     return report
+
+
+def _plan_check(config: PruneConfig, model_dir: Path, method, ids, device, dtype, out: Path) -> tuple[str, dict]:
+    """The planner on this run's settings and this machine's free memory: (store to use, prediction)."""
+    from lowmem_gblm.memory.check import plan_run, predicted_block
+
+    needs_sweep = "gradient" in method.needs and not config.gradients
+    phases = ("gradient_sweep", "prune_sweep") if needs_sweep else ("prune_sweep",)
+    offload, plan = plan_run(model_dir, config.method, tuple(ids.shape), device, dtype, config.offload, out, phases,
+                             batch_size=config.batch_size, cpu_memory=config.cpu_memory,
+                             gpu_memory=config.gpu_memory, check=config.plan_check)
+    return offload, predicted_block(plan)
 
 
 def _open_manifest(out: Path, identity: dict) -> Manifest:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 PHASES = ("gradient_sweep", "prune_sweep", "eval")
 HEAD_CHUNKS = (None, 512, 128)  # tokens per head call, tried in this order (None: the whole window)
-GRAD_ACCUMULATE = ("after_backward", "in_backward")  # when per-sample weight gradients are folded in
+GRAD_ACCUMULATE = ("after_backward",)  # the sweep folds each sample's .grad in after its backward
 ACC_BYTES = 4  # fp32 statistics, accumulators and scores
 _NAMED = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -225,7 +225,8 @@ def _fake_ctx(shape: ModelShape, seqlen: int, dtype: torch.dtype, device: torch.
 
 
 def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamples: int,
-          head_chunk: int | None, grad_accumulate: str, sparsity: float = 0.5) -> Probe:
+          head_chunk: int | None, grad_accumulate: str = "after_backward", sparsity: float = 0.5,
+          batch: int = 1) -> Probe:
     """Run one block's steps on fake tensors and return their device peaks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -253,7 +254,7 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
         wanted = frozenset(s for s in meth.needs if s in STATISTICS)
         mem.reset_peak()
         with torch.no_grad(), collect_inputs(block, names, wanted) as accs:
-            x = torch.empty(1, seqlen, d, dtype=dtype, device=device)
+            x = torch.empty(batch, seqlen, d, dtype=dtype, device=device)  # pipeline.forward_all micro-batch
             y = run_block(block, ctx, x)
             del x, y
             for name in names:
@@ -276,7 +277,7 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
                 linear.weight.data.copy_(written)
                 del stats, job, keep, written
                 accs[name].clear()
-        x = torch.empty(1, seqlen, d, dtype=dtype, device=device)
+        x = torch.empty(batch, seqlen, d, dtype=dtype, device=device)
         with torch.no_grad():
             y = run_block(block, ctx, x)  # the pruned block's forward, stats hooks gone
         del x, y
@@ -290,35 +291,25 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
         del x, y
         forward_step = mem.peak
 
-        # -- gradient sweep: recompute forward and one-sample backward, fold into fp32 accumulators
-        mem.reset_peak()
-        weights = [modules[n].weight for n in names]
-        accum = [torch.zeros(w.shape, dtype=torch.float32, device=device) for w in weights]
-        for w in weights:
+        # -- gradient sweep: the sweep's own per-sample step (stream.gradients.block_sample): recompute
+        # forward, backward of the incoming gradient, fold into fp32 accumulators. Two samples, as the loop
+        # runs them. The stored sample and incoming gradient live in the store (host): not counted here.
+        from lowmem_gblm.stream import gradients as sweep
+
+        weights = {n: modules[n].weight for n in names}
+        for w in weights.values():
             w.requires_grad_(True)
-        hooks = []
-        if grad_accumulate == "in_backward":
-            for w, a in zip(weights, accum, strict=True):
-                def fold(p, _a=a):
-                    _a.add_(p.grad.abs().to(torch.float32))
-                    p.grad = None
-                hooks.append(w.register_post_accumulate_grad_hook(fold))
-        x = torch.empty(1, seqlen, d, dtype=dtype, device=device).requires_grad_(True)
-        g_out = torch.empty(1, seqlen, d, dtype=dtype, device=device)
-        y = run_block(block, ctx, x)
-        if grad_accumulate == "in_backward":
-            y.backward(g_out)
-            g_in = x.grad
-        else:
-            g_in, *g_w = torch.autograd.grad(y, [x, *weights], g_out)
-            for a, g in zip(accum, g_w, strict=True):
-                a.add_(g.abs().to(torch.float32))
-            del g_w, a, g
-        del x, y, g_out, g_in
-        for h in hooks:
-            h.remove()
-        grad_step = mem.peak
-        del block, ctx, weights, accum, modules, hooks, linear
+        accum = {n: torch.zeros(w.shape, dtype=sweep.ACC_DTYPE, device=device) for n, w in weights.items()}
+        sample = torch.empty(1, seqlen, d, dtype=dtype, device=device)
+        incoming = torch.empty(1, seqlen, d, dtype=dtype, device=device)
+        stored = 2 * seqlen * d * _dsize(dtype)
+        mem.reset_peak()
+        for _ in range(2):
+            g = sweep.block_sample(block, ctx, weights, accum, sample, incoming, "l1", device, dtype)
+            del g  # g_out.put copies it to the store
+        grad_step = mem.peak - stored
+        del sample, incoming
+        del block, ctx, weights, accum, modules, linear
         gc.collect()
         leftover = mem.now  # nothing of the block steps should stay; do not charge it to the head
 
@@ -331,12 +322,21 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
         head_w = torch.empty(shape.vocab, d, dtype=dtype, device=device)
         ids = torch.zeros(1, seqlen, dtype=torch.long, device=device)
         heads = {}
-        for need_grad in (True, False):
-            mem.reset_peak()
-            h = torch.empty(1, seqlen, d, dtype=dtype, device=device)
-            loss, grad = head_loss_and_grad(norm, head_w, h, ids, head_chunk, need_grad)
-            del h, loss, grad
-            heads[need_grad] = mem.peak - leftover
+        # the gradient sweep's head: stream.gradients.head_sample, two samples as its loop runs them
+        sample = torch.empty(1, seqlen, d, dtype=dtype, device=device)  # in the store: not counted
+        labels = torch.zeros(seqlen - 1, dtype=torch.long, device=device)
+        mem.reset_peak()
+        for _ in range(2):
+            loss, grad = sweep.head_sample(norm, head_w, sample, labels, device, dtype)
+            del loss, grad  # g_in.put copies the gradient to the store
+        heads[True] = mem.peak - leftover - _prod(sample.shape) * _dsize(dtype)
+        del sample, labels
+        # eval's head (not the sweep's): one window's loss, optionally in token chunks
+        mem.reset_peak()
+        h = torch.empty(1, seqlen, d, dtype=dtype, device=device)
+        loss, grad = head_loss_and_grad(norm, head_w, h, ids, head_chunk, False)
+        del h, loss, grad
+        heads[False] = mem.peak - leftover
     return Probe(prune_step, grad_step, forward_step, heads[True], heads[False], tuple(notes))
 
 
@@ -344,13 +344,14 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
 # host baseline
 
 
-def baseline_rss(refresh: bool = False) -> int:
+def baseline_rss(refresh: bool = False, device: str = "cpu") -> int:
     """RSS of a python process that imported torch, transformers and this package and ran one tiny
-    block forward (kernels and thread pools loaded). Measured once in a subprocess and cached."""
+    block forward and backward on ``device`` (kernels, thread pools, on CUDA the context and cuBLAS
+    loaded). Measured once in a subprocess and cached."""
     import transformers
 
-    key = f"{sys.executable}|{torch.__version__}|{transformers.__version__}"
-    cache = _CACHE / "baseline_rss.json"
+    key = f"{sys.executable}|{torch.__version__}|{transformers.__version__}|{device}"
+    cache = _CACHE / f"baseline_rss{'' if device == 'cpu' else '_' + device}.json"
     if not refresh and cache.is_file():
         try:
             data = json.loads(cache.read_text())
@@ -365,9 +366,9 @@ def baseline_rss(refresh: bool = False) -> int:
         "from lowmem_gblm.memory.tracker import current_rss\n"
         "c = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)\n"
         "c._attn_implementation = 'sdpa'\n"
-        "x = torch.zeros(1, 16, 64); p = torch.arange(16)[None]\n"
-        "with torch.no_grad(): LlamaDecoderLayer(c, 0)(x, position_ids=p, "
-        "position_embeddings=LlamaRotaryEmbedding(c)(x, p))\n"
+        f"dev = torch.device({device!r}); x = torch.zeros(1, 16, 64, device=dev, requires_grad=True)\n"
+        "p = torch.arange(16, device=dev)[None]; layer = LlamaDecoderLayer(c, 0).to(dev)\n"
+        "layer(x, position_ids=p, position_embeddings=LlamaRotaryEmbedding(c).to(dev)(x, p)).sum().backward()\n"
         "print(current_rss())\n"
     )
     root = Path(__file__).resolve().parents[2]
@@ -459,6 +460,12 @@ def _opt(n: int | None) -> str:
     return "unlimited" if n is None else fmt_size(n)
 
 
+def _read_transient(numel: int, dtype: torch.dtype) -> int:
+    """Host bytes while io.checkpoint.read_tensors copies one tensor out: the safetensors file pages it
+    maps, the clone, and the bool mask of its finiteness check."""
+    return 2 * numel * _dsize(dtype) + numel
+
+
 def _dsize(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
@@ -488,7 +495,7 @@ def _phase(name: str, device: dict[str, int], host: dict[str, int], disk: dict[s
 
 def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, device: str,
             compute_dtype: torch.dtype, store_dtype: torch.dtype | str, offload: str, head_chunk: int | None,
-            grad_accumulate: str, baseline: int, grad_dtype: torch.dtype = torch.float32,
+            grad_accumulate: str, baseline: int, batch: int = 1, grad_dtype: torch.dtype = torch.float32,
             eval_nsamples: int | None = None, probe_cache: dict | None = None,
             prefetch: bool = True) -> tuple[list[PhasePlan], Probe]:
     """Per-phase peaks for one choice of settings. ``store_dtype``: a float dtype or ``"int8"``
@@ -497,11 +504,11 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
     from lowmem_gblm.methods import get_method
 
     meth = get_method(method)
-    key = (method, seqlen, compute_dtype, nsamples, head_chunk, grad_accumulate)
+    key = (method, seqlen, compute_dtype, nsamples, head_chunk, grad_accumulate, batch)
     if probe_cache is not None and key in probe_cache:
         pr = probe_cache[key]
     else:
-        pr = probe(shape, method, seqlen, compute_dtype, nsamples, head_chunk, grad_accumulate)
+        pr = probe(shape, method, seqlen, compute_dtype, nsamples, head_chunk, grad_accumulate, batch=batch)
         if probe_cache is not None:
             probe_cache[key] = pr
     on_cpu = device == "cpu"
@@ -520,24 +527,14 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
     phases = []
 
     if "gradient" in meth.needs:
-        store = (L + 1) * boundary
-        gbuf = n * t * d * _dsize(grad_dtype)
-        host = {"baseline": baseline, "calibration ids": ids, "block read (storage dtype)": read_host,
-                "accumulators to write (fp32, + serialized copy)": 2 * acc_block, "next block prefetched": ahead}
-        if ram:
-            host |= {f"boundaries {L + 1} x [N,T,D]": store, "incoming-gradient buffer": gbuf}
-        dev = {"block step (weights + fp32 accumulators + 1-sample fwd/bwd)": pr.grad_step}
-        head_dev = {"head step (norm + lm_head + 1-sample loss/grad)": pr.head_grad}
-        disk = {"accumulators (fp32, all blocks)": L * acc_block}
-        if not ram:
-            disk |= {f"boundaries {L + 1} x [N,T,D]": store, "incoming-gradient buffer": gbuf}
-        p = _phase("gradient_sweep", dev if pr.grad_step >= pr.head_grad else head_dev, host, disk, on_cpu)
-        p.terms["device_steps"] = {"block": pr.grad_step, "head": pr.head_grad}
-        phases.append(p)
+        phases.append(_gradient_phase(shape, pr, n, t, device=device, compute_dtype=compute_dtype, ram=ram,
+                                      baseline=baseline, read_host=read_host, store_dtype=store_dtype, ahead=ahead))
+    cuda_host = {} if on_cpu else {"CUDA runtime (context, kernels, cuBLAS; estimate)": cuda_host_bytes()}
+    ws = {} if on_cpu else {"cuBLAS workspace (1 thread)": cublas_workspace_bytes()}
 
     # prune sweep (pipeline.run_prune_sweep): two buffers, block loaded, raw block re-read, shard written
-    host = {"baseline": baseline, "calibration ids": ids, "block re-read for writing (storage dtype)": block_store,
-            "next block prefetched": ahead}
+    host = {"baseline": baseline, **cuda_host, "calibration ids": ids,
+            "block re-read for writing (storage dtype)": block_store, "next block prefetched": ahead}
     if on_cpu and pr.prune_step < serialized:
         host["shard being serialized (2 copies)"] = serialized - pr.prune_step  # after the block is freed
     elif not on_cpu:
@@ -546,23 +543,34 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
         host["block gradients read (fp32)"] = acc_block
     if ram:
         host["two boundaries [N,T,D]"] = 2 * boundary
-    dev = {"block step (weights + statistics + 1-sample forward + prune)": pr.prune_step}
+    dev = {"block step (weights + statistics + forward micro-batch + prune)": pr.prune_step, **ws}
     disk = {"output checkpoint": shape.model_bytes()}
     if "gradient" in meth.needs:
         disk["accumulators (fp32, all blocks)"] = L * acc_block
     if not ram:
         disk["two boundaries [N,T,D]"] = 2 * boundary
-    phases.append(_phase("prune_sweep", dev, host, disk, on_cpu))
+    p = _phase("prune_sweep", dev, host, disk, on_cpu)
+    # its first step (pipeline.embed_windows) reads the embedding table: while that read is in flight
+    # the host holds the file's pages, the tensor cloned out of them and the finiteness mask
+    embed = shape.vocab * d
+    first = {"baseline": baseline, **cuda_host, "calibration ids": ids,
+             "embedding read (file pages + clone + finite mask)": _read_transient(embed, shape.storage_dtype)}
+    if compute_dtype != shape.storage_dtype:
+        first["embedding in the compute dtype"] = embed * _dsize(compute_dtype)
+    p.terms["host_stages"] = {"embedding read": sum(first.values()), "blocks": p.host_peak_bytes}
+    if sum(first.values()) > p.host_peak_bytes:
+        p.terms["host"], p.host_peak_bytes = first, sum(first.values())
+    phases.append(p)
 
     # eval (streamed perplexity of the pruned model): same buffers, plain forwards, then the head
     ne = eval_nsamples or n
     eb = ne * t * d * _dsize(compute_dtype if store_dtype == "int8" else store_dtype)  # eval keeps no int8 store
-    host = {"baseline": baseline, "block read (storage dtype)": block_store, "head read (storage dtype)": 0,
-            "next block prefetched": ahead}
+    host = {"baseline": baseline, **cuda_host, "block read (storage dtype)": block_store,
+            "head read (storage dtype)": 0, "next block prefetched": ahead}
     if ram:
         host["two boundaries [N,T,D]"] = 2 * eb
-    dev_block = {"block step (weights + 1-sample forward)": pr.forward_step}
-    dev_head = {"head step (norm + lm_head + 1-sample loss)": pr.head_eval}
+    dev_block = {"block step (weights + 1-sample forward)": pr.forward_step, **ws}
+    dev_head = {"head step (norm + lm_head + 1-sample loss)": pr.head_eval, **ws}
     if pr.head_eval > pr.forward_step:
         host["block read (storage dtype)"] = 0
         host["head read (storage dtype)"] = head_store
@@ -573,27 +581,106 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
     return phases, pr
 
 
+def _gradient_phase(shape: ModelShape, pr: Probe, n: int, t: int, *, device: str, compute_dtype: torch.dtype,
+                    ram: bool, baseline: int, read_host: int, store_dtype=None, ahead: int = 0) -> PhasePlan:
+    """stream.gradients._sweep: boundaries and both gradient buffers are in the compute dtype.
+
+    Host peak is the larger of two stages: the head (all L+1 boundaries, the incoming-gradient buffer
+    being filled, on the CPU the head weight and one window's fp32 logits / log-softmax / gradients)
+    and the first reverse block (L boundaries, both gradient buffers, the block step, accumulators
+    being written). Store pages count once written (torch.empty pages are not resident before).
+    """
+    on_cpu = device == "cpu"
+    L, d = shape.num_blocks, shape.hidden
+    boundary = n * t * d * _dsize(compute_dtype)  # gradient buffers: always exact
+    stored = _boundary_bytes(n, t, d, compute_dtype if store_dtype is None else store_dtype)  # inputs (int8 ok)
+    acc_block = shape.linear_numel * ACC_BYTES
+    common = {"baseline": baseline, "calibration ids": n * t * 8}
+    if not on_cpu:
+        common["CUDA runtime (context, kernels, cuBLAS; estimate)"] = cuda_host_bytes()
+    head_stage = dict(common)
+    walk_stage = dict(common) | {"block read (storage dtype)": read_host,
+                                 "accumulators to write (fp32, + serialized copy)": 2 * acc_block,
+                                 "next block prefetched": ahead}
+    if ram:
+        head_stage |= {f"boundaries {L + 1} x [N,T,D]": (L + 1) * stored, "incoming-gradient buffer": boundary}
+        walk_stage |= {f"boundaries {L} x [N,T,D]": L * stored, "two gradient buffers": 2 * boundary}
+    head_dev = {"head step (norm + lm_head + 1-window fp32 loss/grad)": pr.head_grad}
+    block_dev = {"block step (weights + fp32 accumulators + 1-sample fwd/bwd)": pr.grad_step}
+    if on_cpu:
+        head_stage |= {f"compute: {k}": v for k, v in head_dev.items()}
+        walk_stage |= {f"compute: {k}": v for k, v in block_dev.items()}
+        dev = {}
+    else:  # the incoming gradient is copied to the device; backward runs on autograd's own thread
+        block_dev["incoming gradient on the device"] = t * d * _dsize(compute_dtype)
+        ws = {"cuBLAS workspaces (forward + autograd threads)": 2 * cublas_workspace_bytes()}
+        dev = (head_dev if pr.head_grad >= sum(block_dev.values()) else block_dev) | ws
+    stages = {"head": sum(head_stage.values()), "reverse walk": sum(walk_stage.values())}
+    host = head_stage if stages["head"] >= stages["reverse walk"] else walk_stage
+    disk = {"accumulators (fp32, all blocks)": L * acc_block}
+    if not ram:
+        disk |= {f"boundaries {L + 1} x [N,T,D]": (L + 1) * boundary, "two gradient buffers": 2 * boundary}
+    p = PhasePlan("gradient_sweep", sum(dev.values()), max(stages.values()), sum(disk.values()),
+                  {"device": dev, "host": host, "disk": disk})
+    p.terms["device_steps"] = {"block": sum(block_dev.values()), "head": pr.head_grad}
+    p.terms["host_stages"] = stages
+    return p
+
+
+CUDA_HOST_ESTIMATE = 2**30  # host RSS a CUDA process adds over a CPU one (see cuda_host_bytes)
+
+
+def cuda_host_bytes() -> int:
+    """Host RSS the CUDA runtime adds (context, loaded kernels, cuBLAS/cuDNN handles).
+
+    Measured in a subprocess when this machine has CUDA (cached); otherwise CUDA_HOST_ESTIMATE, read
+    off the H200 run of benchmarks/results/planner_validation.md (prune-sweep RSS minus the predicted
+    CPU-side terms minus the calibration-loading residue).
+    """
+    if not torch.cuda.is_available():
+        return CUDA_HOST_ESTIMATE
+    return max(baseline_rss(device="cuda") - baseline_rss(), 0)
+
+
+def cublas_workspace_bytes() -> int:
+    """One cuBLAS workspace, which torch takes from its caching allocator (counted in max_memory_allocated):
+    CUBLAS_WORKSPACE_CONFIG, else torch's default: 4096 KiB x 8 on sm90+ (assumed when no GPU is here),
+    4096 KiB x 2 + 16 KiB x 8 before."""
+    cfg = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if cfg:
+        parts = [int(x) for x in cfg.split(":") if x]
+        return sum(parts[k] * 1024 * parts[k + 1] for k in range(0, len(parts) - 1, 2))
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9:
+        return 4096 * 1024 * 2 + 16 * 1024 * 8
+    return 4096 * 1024 * 8
+
+
 def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: int = 128, seqlen: int = 2048,
          gpu_memory: int | str | None = None, cpu_memory: int | str | None = None, disk_dir: str | Path | None = None,
          compute_dtype: str | torch.dtype = "auto", store_dtype: str | torch.dtype | None = None,
          offload: str | None = None, head_chunk: int | None | str = "auto", grad_accumulate: str = "auto",
          eval_nsamples: int | None = None, baseline: int | None = None,
-         disk_space: int | str | None = None, prefetch: bool = True) -> Plan:
+         disk_space: int | str | None = None, device: str | None = None, batch_size: int = 1,
+         phases: tuple[str, ...] | None = None, probe_cache: dict | None = None, prefetch: bool = True) -> Plan:
     """Predict per-phase peaks and choose settings that fit.
 
     gpu_memory: device budget (None/0: no GPU, compute on the CPU). cpu_memory: host RAM budget
     (None: unlimited). disk_dir: where the disk store and accumulators would go (its free space is
     the disk budget, unless ``disk_space`` states one).
     offload / head_chunk / grad_accumulate: fixed, or chosen (None / "auto").
+    device: "cpu" / "cuda" (default: cuda when gpu_memory is given); batch_size: the prune sweep's
+    forward micro-batch; phases: only these phases count (the engine plans the phases it will run);
+    config_json_or_model_dir may also be a ModelShape already loaded.
     """
     from lowmem_gblm.methods import get_method
 
     get_method(method)
     if nsamples < 1 or seqlen < 2:
         raise UsageError("--nsamples must be >= 1 and --seqlen >= 2")
-    shape = load_shape(config_json_or_model_dir)
+    shape = (config_json_or_model_dir if isinstance(config_json_or_model_dir, ModelShape)
+             else load_shape(config_json_or_model_dir))
     gpu, cpu = parse_size(gpu_memory), parse_size(cpu_memory)
-    device = "cuda" if gpu else "cpu"
+    device = device or ("cuda" if gpu else "cpu")
     cdt = _resolve(compute_dtype, device, shape.storage_dtype)
     sdt = _store_dtype(store_dtype, cdt)
     disk_free = parse_size(disk_space)
@@ -610,12 +697,14 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
         raise UsageError(f"--offload must be cpu or disk, got {offload!r}")
     chunks = list(HEAD_CHUNKS) if head_chunk == "auto" else [None if head_chunk in (None, 0) else int(head_chunk)]
     accs = list(GRAD_ACCUMULATE) if grad_accumulate == "auto" else [grad_accumulate]
-    cache: dict = {}
+    cache: dict = {} if probe_cache is None else probe_cache
     tried = []
+    wanted = phases
     for off, chunk, acc in itertools.product(offloads, chunks, accs):
         phases, pr = predict(shape, method, nsamples, seqlen, device=device, compute_dtype=cdt, store_dtype=sdt,
-                             offload=off, head_chunk=chunk, grad_accumulate=acc, baseline=base,
+                             offload=off, head_chunk=chunk, grad_accumulate=acc, baseline=base, batch=batch_size,
                              eval_nsamples=eval_nsamples, probe_cache=cache, prefetch=prefetch)
+        phases = [p for p in phases if wanted is None or p.name in wanted]
         short = _shortfalls(phases, gpu, cpu, disk_free, off, disk_dir)
         tried.append((sum(short.values()), off, chunk, acc, phases, pr, short))
         if not short:
@@ -624,7 +713,7 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
                                                   else min(tried, key=lambda r: r[0]))
     settings = {"device": device, "compute_dtype": _name(cdt), "store_dtype": _name(sdt),
                 "storage_dtype": _name(shape.storage_dtype), "offload": off, "head_chunk": chunk,
-                "grad_accumulate": acc, "forward_microbatch": 1}
+                "grad_accumulate": acc, "forward_microbatch": batch_size}
     if off == "disk":
         settings["disk_dir"] = str(disk_dir) if disk_dir is not None else None
     notes = list(pr.notes)

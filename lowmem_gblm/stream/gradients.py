@@ -267,9 +267,48 @@ def _finish(acc: torch.Tensor, grad_norm: str) -> torch.Tensor:
     return acc if grad_norm == "l1" else acc.sqrt_()
 
 
-def _as_input(buf: ActivationBuffer, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Sample n as a fresh leaf [1, T, D] on ``device`` that requires grad."""
-    return buf.get(n).to(device=device, dtype=dtype, copy=True).requires_grad_(True)
+def as_leaf(sample: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A stored sample [1, T, D] as a fresh leaf on ``device`` that requires grad (always a copy)."""
+    return sample.to(device=device, dtype=dtype, copy=True).requires_grad_(True)
+
+
+# The two per-sample steps below are the whole device-side work of the sweep; the planner
+# (memory.planner.probe) runs these same functions on fake tensors to predict their peaks.
+
+
+def head_sample(norm, head: torch.Tensor, sample: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One window through the final norm and the head. sample: [1, T, D] (stored), labels: [T-1] (on device).
+
+    Returns (mean next-token loss, fp32 scalar; dL/dh [1, T, D] in ``dtype``). Every other tensor
+    (fp32 logits [1, T, V], log-softmax, their gradients) is freed when this returns.
+    """
+    h = as_leaf(sample, device, dtype)  # [1, T, D]
+    with torch.enable_grad():
+        logits = F.linear(norm(h), head).to(ACC_DTYPE)  # [1, T, V] fp32
+        loss = F.cross_entropy(logits[0, :-1], labels)  # mean over the T-1 predicted positions
+        del logits
+        loss.backward()
+    return loss.detach(), h.grad
+
+
+def block_sample(block, ctx: BlockContext, weights: dict[str, torch.Tensor], accs: dict[str, torch.Tensor],
+                 sample: torch.Tensor, incoming: torch.Tensor, grad_norm: str, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Recompute one sample's block forward (gradient checkpointing), backpropagate ``incoming``
+    (dL/d output [1, T, D]), fold each weight's gradient into its fp32 accumulator.
+
+    weights / accs: linear name -> weight (requires grad) / accumulator. Returns dL/d input [1, T, D].
+    """
+    x = as_leaf(sample, device, dtype)  # [1, T, D]
+    with torch.enable_grad():
+        y = run_block(block, ctx, x)  # recompute
+        y.backward(incoming.to(device=device, dtype=y.dtype))
+    del y
+    for name, w in weights.items():
+        _accumulate(accs[name], w.grad, grad_norm)
+        w.grad = None
+    return x.grad
 
 
 def gradient_sweep(model: StreamedModel, ids: torch.Tensor, path: Path, *, grad_norm: str, device: torch.device,
@@ -353,14 +392,10 @@ def _walk(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad_
         norm, head = model.load_head(device, dtype)  # head: [V, D]
         losses = []
         for n in range(nsamples):
-            h = _as_input(bounds[nblocks], n, device, dtype)  # [1, T, D]
-            with torch.enable_grad():
-                logits = F.linear(norm(h), head).to(ACC_DTYPE)  # [1, T, V] fp32
-                labels = ids[n, 1:].to(device)
-                loss = F.cross_entropy(logits[0, :-1], labels)  # mean over the T-1 predicted positions
-                loss.backward()
-            g_in.put(n, h.grad)
-            losses.append(float(loss.detach()))
+            loss, grad = head_sample(norm, head, bounds[nblocks].get(n), ids[n, 1:].to(device), device, dtype)
+            g_in.put(n, grad)
+            losses.append(float(loss))
+            del loss, grad
         del norm, head
         bounds[nblocks].release()
         folder.data["mean_loss"] = sum(losses) / len(losses)
@@ -375,17 +410,11 @@ def _walk(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad_
         for name in names:
             modules[name].weight.requires_grad_(True)
         accs = {name: torch.zeros(modules[name].weight.shape, dtype=ACC_DTYPE, device=device) for name in names}
+        weights = {name: modules[name].weight for name in names}
         for n in range(nsamples):
-            x = _as_input(bounds[i], n, device, dtype)  # [1, T, D]
-            with torch.enable_grad():
-                y = run_block(block, ctx, x)  # recompute (gradient checkpointing)
-                y.backward(g_in.get(n).to(device=device, dtype=y.dtype))
-            for name in names:
-                w = modules[name].weight
-                _accumulate(accs[name], w.grad, grad_norm)
-                w.grad = None
-            g_out.put(n, x.grad)
-            del x, y
+            g_out.put(n, block_sample(block, ctx, weights, accs, bounds[i].get(n), g_in.get(n), grad_norm,
+                                      device, dtype))
+        del weights
         prefix = model.family.block_prefix(i)
         tensors = {f"{prefix}{name}.weight": _finish(acc, grad_norm).cpu() for name, acc in accs.items()}
         del block, accs
@@ -419,17 +448,23 @@ def compute_gradients(config) -> dict:
     ids = resolve_windows(config.calib, model_dir, int(model.config.vocab_size), max_pos)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device, storage_dtype(model.index.tensors[model.block_names(0)[0]].dtype))
+    from lowmem_gblm.memory.check import plan_run, predicted_block
+
+    offload, plan = plan_run(model_dir, "gblm", tuple(ids.shape), device, dtype, config.offload, out,
+                             ("gradient_sweep",), cpu_memory=config.cpu_memory, gpu_memory=config.gpu_memory,
+                             check=config.plan_check)
     prepare_out_dir(out, model_dir, overwrite=False)
     with PhaseTracker("gradient_sweep", device) as tracker:
         folder = gradient_sweep(model, ids, out, grad_norm=config.grad_norm, device=device, dtype=dtype,
-                                offload=config.offload, progress=config.progress, store_dtype=config.store_dtype,
+                                offload=offload, progress=config.progress, store_dtype=config.store_dtype,
                                 prefetch=config.prefetch)
     calib_path = out / CALIB_IDS_NAME
     if not calib_path.is_file():
         save_tensors_atomic(calib_path, {"input_ids": ids.contiguous()})
     _log_phase(tracker.stats, out)
     return {"folder": str(out), "identity": folder.identity, "blocks": len(folder.data["done"]),
-            "mean_loss": folder.data.get("mean_loss"), "phase": tracker.stats.to_dict()}
+            "mean_loss": folder.data.get("mean_loss"), "phase": tracker.stats.to_dict(),
+            "offload": offload, "predicted": predicted_block(plan)}
 
 
 def gradient_source(session, manifest) -> Callable[[int], dict[str, torch.Tensor]]:
@@ -450,7 +485,7 @@ def gradient_source(session, manifest) -> Callable[[int], dict[str, torch.Tensor
         with PhaseTracker("gradient_sweep", session.device) as tracker:
             folder = gradient_sweep(model, session.ids, session.out / STATE_DIR / "gradients",
                                     grad_norm=config.grad_norm, device=session.device, dtype=session.dtype,
-                                    offload=config.offload, progress=config.progress,
+                                    offload=session.store.kind, progress=config.progress,
                                     store_dtype=config.store_dtype, prefetch=config.prefetch)
         session.phases.append(tracker.stats)
         _log_phase(tracker.stats, folder.path)
