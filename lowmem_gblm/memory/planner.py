@@ -619,7 +619,7 @@ def _gradient_phase(shape: ModelShape, pr: Probe, n: int, t: int, *, device: str
     host = head_stage if stages["head"] >= stages["reverse walk"] else walk_stage
     disk = {"accumulators (fp32, all blocks)": L * acc_block}
     if not ram:
-        disk |= {f"boundaries {L + 1} x [N,T,D]": (L + 1) * boundary, "two gradient buffers": 2 * boundary}
+        disk |= {f"boundaries {L + 1} x [N,T,D]": (L + 1) * stored, "two gradient buffers": 2 * boundary}
     p = PhasePlan("gradient_sweep", sum(dev.values()), max(stages.values()), sum(disk.values()),
                   {"device": dev, "host": host, "disk": disk})
     p.terms["device_steps"] = {"block": sum(block_dev.values()), "head": pr.head_grad}
