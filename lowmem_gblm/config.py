@@ -84,14 +84,7 @@ class PruneConfig:
         Pattern.parse(self.pattern, self.sparsity)
         if self.magnitude_scope not in MAGNITUDE_SCOPES:
             raise UsageError(f"--magnitude-scope must be one of {MAGNITUDE_SCOPES}, got {self.magnitude_scope!r}")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.offload not in OFFLOADS:
-            raise UsageError(f"--offload must be one of {OFFLOADS}, got {self.offload!r}")
-        if self.grad_norm not in GRAD_NORMS:
-            raise UsageError(f"--grad-norm must be one of {GRAD_NORMS}, got {self.grad_norm!r}")
+        _check_runtime(self)
         if not self.alpha >= 0.0:
             raise UsageError(f"--alpha must be >= 0, got {self.alpha}")
         if not 0.0 <= self.percdamp <= 10.0:
@@ -100,8 +93,6 @@ class PruneConfig:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.blocksize < 1:
             raise UsageError(f"--blocksize must be >= 1, got {self.blocksize}")
-        _check_store_dtype(self.store_dtype)
-        _check_sizes(self.cpu_memory, self.gpu_memory)
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -153,19 +144,24 @@ class GradientConfig:
     gpu_memory: str | None = None
 
     def __post_init__(self) -> None:
-        _check_store_dtype(self.store_dtype)
-        if self.grad_norm not in GRAD_NORMS:
-            raise UsageError(f"--grad-norm must be one of {GRAD_NORMS}, got {self.grad_norm!r}")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.offload not in OFFLOADS:
-            raise UsageError(f"--offload must be one of {OFFLOADS}, got {self.offload!r}")
-        _check_sizes(self.cpu_memory, self.gpu_memory)
+        _check_runtime(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_runtime(cfg) -> None:
+    """Options PruneConfig and GradientConfig share: device, dtype, store, offload, norm, budgets."""
+    if cfg.device not in DEVICES and not cfg.device.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {DTYPES}, got {cfg.dtype!r}")
+    if cfg.offload not in OFFLOADS:
+        raise UsageError(f"--offload must be one of {OFFLOADS}, got {cfg.offload!r}")
+    if cfg.grad_norm not in GRAD_NORMS:
+        raise UsageError(f"--grad-norm must be one of {GRAD_NORMS}, got {cfg.grad_norm!r}")
+    _check_store_dtype(cfg.store_dtype)
+    _check_sizes(cfg.cpu_memory, cfg.gpu_memory)
 
 
 def _check_sizes(*sizes: str | None) -> None:

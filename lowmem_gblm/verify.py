@@ -7,7 +7,6 @@ not a finished lowmem-gblm checkpoint at all (no folder, no index, no config.jso
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -47,11 +46,9 @@ def _load_json(path: Path, what: str) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from lowmem_gblm.io.writer import file_sha256
+
+    return file_sha256(path)
 
 
 def check_index(root: Path, weight_map: dict, total_size: int | None) -> tuple[Check, dict[str, dict]]:

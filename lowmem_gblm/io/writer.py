@@ -100,6 +100,15 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def shard_name(k: int, total: int) -> str:
     return f"model-{k + 1:05d}-of-{total:05d}.safetensors"
 

@@ -46,7 +46,7 @@ from lowmem_gblm.config import diff_dicts
 from lowmem_gblm.errors import InputError, ResumeMismatch
 from lowmem_gblm.io.model import StreamedModel, linear_names
 from lowmem_gblm.io.prefetch import BlockReader
-from lowmem_gblm.io.writer import STATE_DIR, OutputLock, atomic_write_text, fsync_dir, save_tensors_atomic
+from lowmem_gblm.io.writer import STATE_DIR, OutputLock, atomic_write_text, file_sha256, fsync_dir, save_tensors_atomic
 from lowmem_gblm.memory.tracker import PhaseStats, PhaseTracker, fmt_bytes
 from lowmem_gblm.pipeline import Progress
 from lowmem_gblm.stream.context import BlockContext, run_block
@@ -91,11 +91,7 @@ def gradient_identity(model: StreamedModel, ids: torch.Tensor, grad_norm: str, d
 
 
 def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 # ---------------------------------------------------------------------------------------------
