@@ -32,20 +32,21 @@ GRAD_TOL = 1e-5  # max |G_streamed - G_ref| / max |G_ref|, per tensor
 # fixtures and references
 
 
-@pytest.fixture(scope="module")
-def ids_file(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(7)
-    path = tmp_path_factory.mktemp("ids") / "ids.safetensors"
+def _random_ids(folder: Path, seed: int) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    path = folder / "ids.safetensors"
     save_file({"input_ids": torch.randint(0, VOCAB, (N, T), generator=g)}, str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def ids_file(tmp_path_factory) -> Path:
+    return _random_ids(tmp_path_factory.mktemp("ids"), 7)
 
 
 @pytest.fixture(scope="module")
 def other_ids_file(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(8)
-    path = tmp_path_factory.mktemp("ids2") / "ids.safetensors"
-    save_file({"input_ids": torch.randint(0, VOCAB, (N, T), generator=g)}, str(path))
-    return path
+    return _random_ids(tmp_path_factory.mktemp("ids2"), 8)
 
 
 def _ids(path: Path) -> torch.Tensor:
