@@ -114,9 +114,11 @@ def write_checkpoint(folder: Path, cfg: dict, seed: int = 0, dtype: torch.dtype 
     return total
 
 
-def run_prune(model: Path, out: Path, ids: Path, method: str, n: int, t: int, device: str, dtype: str) -> dict:
+def run_prune(model: Path, out: Path, ids: Path, method: str, n: int, t: int, device: str, dtype: str,
+              grad_dtype: str = "float32") -> dict:
     cmd = [sys.executable, "-m", "cli.main", "prune", str(model), str(out), "--method", method, "--calib-ids", str(ids),
-           "--nsamples", str(n), "--seqlen", str(t), "--device", device, "--dtype", dtype, "--offload", "cpu", "-q"]
+           "--nsamples", str(n), "--seqlen", str(t), "--device", device, "--dtype", dtype, "--offload", "cpu",
+           "--grad-dtype", grad_dtype, "-q"]
     timed = Path("/usr/bin/time").is_file()
     if timed:
         cmd = ["/usr/bin/time", "-v", *cmd]
@@ -134,7 +136,7 @@ def run_prune(model: Path, out: Path, ids: Path, method: str, n: int, t: int, de
             "device_peak_bytes": max(p["device_peak_allocated_bytes"] for p in report["phases"]),
             "phases": report["phases"], "max_rss_time_v_bytes": int(m.group(1)) * 1024 if m else None,
             "bytes_read": phase["bytes_read"], "bytes_written": phase["bytes_written"],
-            "compute_dtype": report.get("compute_dtype")}
+            "compute_dtype": report.get("compute_dtype"), "engine_predicted": report.get("predicted")}
 
 
 def main() -> None:
@@ -153,22 +155,30 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
     ap.add_argument("--methods", nargs="+", default=None, help="default: wanda and gblm")
+    ap.add_argument("--grad-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="GBLM gradient files (bfloat16: half the disk)")
     args = ap.parse_args()
 
     cfg = shape_config(args)
     model_bytes = sum(numel(s) for _, s in tensor_shapes(cfg)) * 2
     methods = args.methods or ["wanda"] + (["gblm"] if importlib.util.find_spec("lowmem_gblm.stream.gradients") else [])
     args.out.mkdir(parents=True, exist_ok=True)
-    # the checkpoint, one pruned copy at a time, GBLM's fp32 gradient files (2x the bf16 model), slack
-    grads = 2 * model_bytes if "gblm" in methods else 0
-    need = 2 * model_bytes + grads + 2 * args.nsamples * args.seqlen * cfg["hidden_size"] * 4 + 2**30
+    model = args.out / f"{args.shape}-random"
+    # the checkpoint plus the planner's disk peak of the worst method (one pruned copy at a time; GBLM's
+    # gradient files shrink as the output grows), 1 GiB slack
+    shape_json = args.out / f"{args.shape}.config.json"
+    shape_json.write_text(json.dumps(cfg))
+    run_disk = max(plan(shape_json, m, args.nsamples, args.seqlen, offload="cpu", grad_dtype=args.grad_dtype,
+                        baseline=0).disk_bytes for m in methods)
+    have = model_bytes if (model / "model.safetensors.index.json").is_file() else 0
+    need = model_bytes - have + run_disk + 2**30
     free = shutil.disk_usage(args.out).free
     if free < need:
+        hint = "" if args.grad_dtype == "bfloat16" or "gblm" not in methods else \
+            ", or --grad-dtype bfloat16 (half the gradient files)"
         raise SystemExit(f"--out {args.out}: {fmt_size(free)} free, this run needs about {fmt_size(need)} "
-                         f"(the {fmt_size(model_bytes)} checkpoint, a pruned copy, fp32 gradients for gblm, "
-                         "1 GiB slack); "
-                         "choose a folder on a larger disk")
-    model = args.out / f"{args.shape}-random"
+                         f"(the {fmt_size(model_bytes)} checkpoint, {fmt_size(run_disk)} for the run's own files, "
+                         f"1 GiB slack); choose a folder on a larger disk{hint}")
     t0 = time.perf_counter()
     if not (model / "model.safetensors.index.json").is_file():
         write_checkpoint(model, cfg)
@@ -181,13 +191,16 @@ def main() -> None:
     for method in methods:
         out = args.out / f"pruned-{method}"
         shutil.rmtree(out, ignore_errors=True)
-        row = run_prune(model, out, ids, method, args.nsamples, args.seqlen, args.device, args.dtype)
+        row = run_prune(model, out, ids, method, args.nsamples, args.seqlen, args.device, args.dtype,
+                        args.grad_dtype)
         pred = plan(model, method, args.nsamples, args.seqlen, gpu_memory=None if args.device == "cpu" else "1TB",
-                    offload="cpu", compute_dtype=row["compute_dtype"] or "auto", baseline=base)
+                    offload="cpu", compute_dtype=row["compute_dtype"] or "auto", baseline=base,
+                    grad_dtype=args.grad_dtype)
         ran = [p["phase"] for p in row["phases"]]  # the phases this run had (no eval here)
         row["predicted_host_peak_bytes"] = max(pred.phase(p).host_peak_bytes for p in ran)
         row["predicted_device_peak_bytes"] = max(pred.phase(p).device_peak_bytes for p in ran)
         row["host_error"] = round(row["predicted_host_peak_bytes"] / row["peak_rss_bytes"] - 1, 4)
+        row["predicted_disk_bytes"] = pred.disk_bytes
         rows.append(row)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
@@ -208,7 +221,8 @@ def main() -> None:
     print(json.dumps({"shape": args.shape, "config": {k: cfg[k] for k in ("num_hidden_layers", "hidden_size",
                       "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size")},
                       "model_bytes": model_bytes, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                      "device": args.device, "baseline_rss_bytes": base, "runs": rows}, sort_keys=True))
+                      "device": args.device, "grad_dtype": args.grad_dtype, "baseline_rss_bytes": base,
+                      "runs": rows}, sort_keys=True))
 
 
 if __name__ == "__main__":

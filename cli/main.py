@@ -26,6 +26,8 @@ Dtype = Annotated[str, typer.Option("--dtype", help="compute dtype: auto | float
 StoreDtype = Annotated[str, typer.Option(
     "--store-dtype", help="activation store: auto (= compute dtype, exact) | float32 | bfloat16 | float16 | "
     "int8 (bitsandbytes blockwise 8-bit, lossy, ~1 byte/value)")]
+GradDtype = Annotated[str, typer.Option(
+    "--grad-dtype", help="GBLM gradient files: float32 (exact) | bfloat16 (half the disk; accumulation stays fp32)")]
 Prefetch = Annotated[bool, typer.Option(
     "--prefetch/--no-prefetch", help="read the next block on a background thread (same output)")]
 Offload = Annotated[str, typer.Option(
@@ -76,6 +78,7 @@ def prune(
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", help="windows per block call (forward only)")] = 1,
     store_dtype: StoreDtype = "auto",
+    grad_dtype: GradDtype = "float32",
     prefetch: Prefetch = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard a previous run in OUT_DIR")] = False,
     plan_check: PlanCheck = True,
@@ -97,7 +100,7 @@ def prune(
             method=method, sparsity=sparsity, pattern=pattern, magnitude_scope=magnitude_scope,
             device=device, dtype=dtype, alpha=alpha, grad_norm=grad_norm, gradients=gradients,
             offload=offload, percdamp=percdamp, blocksize=blocksize, batch_size=batch_size,
-            store_dtype=store_dtype, prefetch=prefetch, overwrite=overwrite, progress=not quiet,
+            store_dtype=store_dtype, grad_dtype=grad_dtype, prefetch=prefetch, overwrite=overwrite, progress=not quiet,
             plan_check=plan_check, cpu_memory=cpu_memory, gpu_memory=gpu_memory,
         )
         report = run(config)
@@ -198,6 +201,7 @@ def gradients(
     dtype: Dtype = "auto",
     offload: Offload = "auto",
     store_dtype: StoreDtype = "auto",
+    grad_dtype: GradDtype = "float32",
     prefetch: Prefetch = True,
     plan_check: PlanCheck = True,
     cpu_memory: CpuMemory = None,
@@ -214,7 +218,7 @@ def gradients(
             model_dir=model_dir, out_dir=grad_dir,
             calib=CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, ids_file=calib_ids),
             grad_norm=grad_norm, device=device, dtype=dtype, offload=offload, store_dtype=store_dtype,
-            prefetch=prefetch, progress=not quiet, plan_check=plan_check, cpu_memory=cpu_memory,
+            grad_dtype=grad_dtype, prefetch=prefetch, progress=not quiet, plan_check=plan_check, cpu_memory=cpu_memory,
             gpu_memory=gpu_memory,
         )
         report = compute_gradients(config)

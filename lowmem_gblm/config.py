@@ -18,12 +18,13 @@ GRAD_NORMS = ("l1", "l2")
 MAGNITUDE_SCOPES = ("row", "matrix")
 
 STORE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # as stream.store.STORE_DTYPES
+GRAD_DTYPES = ("float32", "bfloat16")  # as stream.gradients.GRAD_DTYPES
 
 # Options that do not change the output bytes; left out of the resume fingerprint.
 _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "prefetch", "plan_check",
                                 "cpu_memory", "gpu_memory"})
 # Fingerprinted only when not at this default, so runs started before the option existed still resume.
-_FINGERPRINT_IF_NOT = {"store_dtype": "auto"}
+_FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32"}
 
 
 def _check_store_dtype(value: str) -> None:
@@ -70,6 +71,7 @@ class PruneConfig:
     blocksize: int = 128
     batch_size: int = 1  # windows per block call in the prune sweep's forwards (statistics are per token)
     store_dtype: str = "auto"  # activation store: auto (= compute dtype, exact) | float dtype | int8 (lossy)
+    grad_dtype: str = "float32"  # GBLM gradient files: float32 (exact) | bfloat16 (half the disk)
     prefetch: bool = True  # read the next block on a background thread (same bytes either way)
     overwrite: bool = False
     progress: bool = True
@@ -137,6 +139,7 @@ class GradientConfig:
     dtype: str = "auto"
     offload: str = "auto"
     store_dtype: str = "auto"
+    grad_dtype: str = "float32"
     prefetch: bool = True
     progress: bool = True
     plan_check: bool = True
@@ -161,6 +164,9 @@ def _check_runtime(cfg) -> None:
     if cfg.grad_norm not in GRAD_NORMS:
         raise UsageError(f"--grad-norm must be one of {GRAD_NORMS}, got {cfg.grad_norm!r}")
     _check_store_dtype(cfg.store_dtype)
+    if cfg.grad_dtype not in GRAD_DTYPES:
+        raise UsageError(f"--grad-dtype must be one of {GRAD_DTYPES} (the gradient files; accumulation is fp32), "
+                         f"got {cfg.grad_dtype!r}")
     _check_sizes(cfg.cpu_memory, cfg.gpu_memory)
 
 

@@ -160,7 +160,7 @@ def prune_block(session: Session, block, i: int, src: ActivationBuffer, grads: d
     return raw, report
 
 
-def run_prune_sweep(session: Session, manifest: Manifest, grads_for) -> dict:
+def run_prune_sweep(session: Session, manifest: Manifest, grads) -> dict:
     """Front to back: statistics, prune, forward the pruned block, write its shard, mark it done."""
     model, out = session.model, session.out
     total_shards = model.num_blocks + 1
@@ -172,10 +172,10 @@ def run_prune_sweep(session: Session, manifest: Manifest, grads_for) -> dict:
     schedule = [(i, out / shard_name(i, total_shards) if manifest.is_done(f"block.{i}") else None)
                 for i in range(model.num_blocks)]
     with BlockReader(model, schedule, session.device, session.dtype, session.config.prefetch) as reader:
-        return _prune_blocks(session, manifest, grads_for, reader, src, dst, progress, linears)
+        return _prune_blocks(session, manifest, grads, reader, src, dst, progress, linears)
 
 
-def _prune_blocks(session: Session, manifest: Manifest, grads_for, reader: BlockReader, src: ActivationBuffer,
+def _prune_blocks(session: Session, manifest: Manifest, grads, reader: BlockReader, src: ActivationBuffer,
                   dst: ActivationBuffer, progress: Progress, linears: dict) -> dict:
     model, out = session.model, session.out
     total_shards = model.num_blocks + 1
@@ -189,12 +189,14 @@ def _prune_blocks(session: Session, manifest: Manifest, grads_for, reader: Block
             src, dst = dst, src
             progress.step("replayed from its shard", replayed=True)
             continue
-        tensors, report = prune_block(session, block, i, src, grads_for(i) if grads_for else None)
+        tensors, report = prune_block(session, block, i, src, grads.read(i) if grads else None)
         forward_all(session, block, src, dst)
         del block
         sha = save_tensors_atomic(out / file, tensors)
         crash_point("manifest")
         manifest.mark_done(key, file, sha, {"linears": report, "names": sorted(tensors)})
+        if grads:
+            grads.consumed(i)
         crash_point("block_done")
         linears.update(report)
         del tensors
@@ -299,14 +301,14 @@ def prune(config: PruneConfig) -> dict:
         log.info("%s: %d blocks, %s, %d windows x %d tokens, method %s, pattern %s, store %s",
                  model_dir, model.num_blocks, model.family.name, ids.shape[0], ids.shape[1],
                  method.name, pattern, offload)
-        grads_for = None
+        grads = None
         if "gradient" in method.needs:
             from lowmem_gblm.stream.gradients import gradient_source
 
-            grads_for = gradient_source(session, manifest)
+            grads = gradient_source(session, manifest)
         write_non_block_shard(session, manifest)
         with PhaseTracker("prune_sweep", device) as tracker:
-            linears = run_prune_sweep(session, manifest, grads_for)
+            linears = run_prune_sweep(session, manifest, grads)
         session.phases.append(tracker.stats)
         report = finalize(session, manifest, linears, {"seconds_total": time.perf_counter() - t_start,
                                                          "offload": offload, "predicted": predicted})
@@ -325,7 +327,8 @@ def _plan_check(config: PruneConfig, model_dir: Path, method, ids, device, dtype
     phases = ("gradient_sweep", "prune_sweep") if needs_sweep else ("prune_sweep",)
     offload, plan = plan_run(model_dir, config.method, tuple(ids.shape), device, dtype, config.offload, out, phases,
                              batch_size=config.batch_size, cpu_memory=config.cpu_memory,
-                             gpu_memory=config.gpu_memory, check=config.plan_check)
+                             gpu_memory=config.gpu_memory, check=config.plan_check,
+                             store_dtype=config.store_dtype, grad_dtype=config.grad_dtype)
     return offload, predicted_block(plan)
 
 

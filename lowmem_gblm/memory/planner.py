@@ -517,6 +517,7 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
     block_store = shape.block_numel * _dsize(shape.storage_dtype)
     ahead = shape.block_numel * _dsize(compute_dtype if on_cpu else shape.storage_dtype) if prefetch else 0
     acc_block = shape.linear_numel * ACC_BYTES
+    grad_file = shape.linear_numel * _dsize(grad_dtype)  # one block's gradient file on disk
     head_store = (shape.vocab * d + d) * _dsize(shape.storage_dtype)
     ids = n * t * 8
     ram = offload == "cpu"
@@ -528,7 +529,8 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
 
     if "gradient" in meth.needs:
         phases.append(_gradient_phase(shape, pr, n, t, device=device, compute_dtype=compute_dtype, ram=ram,
-                                      baseline=baseline, read_host=read_host, store_dtype=store_dtype, ahead=ahead))
+                                      baseline=baseline, read_host=read_host, store_dtype=store_dtype, ahead=ahead,
+                                      grad_file=grad_file))
     cuda_host = {} if on_cpu else {"CUDA runtime (context, kernels, cuBLAS; estimate)": cuda_host_bytes()}
     ws = {} if on_cpu else {"cuBLAS workspace (1 thread)": cublas_workspace_bytes()}
 
@@ -540,13 +542,17 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
     elif not on_cpu:
         host["shard being serialized (2 copies)"] = max(serialized, read_host)
     if "gradient" in meth.needs:
-        host["block gradients read (fp32)"] = acc_block
+        # safetensors load, widened to fp32 (both alive for a moment when the file is bfloat16)
+        host["block gradients read (fp32)"] = acc_block + (grad_file if grad_file != acc_block else 0)
     if ram:
         host["two boundaries [N,T,D]"] = 2 * boundary
     dev = {"block step (weights + statistics + forward micro-batch + prune)": pr.prune_step, **ws}
     disk = {"output checkpoint": shape.model_bytes()}
     if "gradient" in meth.needs:
-        disk["accumulators (fp32, all blocks)"] = L * acc_block
+        # block i's gradient file goes once its shard is durable: peak at the first or the last block
+        rest, blk = shape.model_bytes() - L * block_store, block_store
+        disk = {"output shards + gradient files not yet consumed (peak)":
+                rest + max(L * grad_file + blk, grad_file + L * blk)}
     if not ram:
         disk["two boundaries [N,T,D]"] = 2 * boundary
     p = _phase("prune_sweep", dev, host, disk, on_cpu)
@@ -582,7 +588,8 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
 
 
 def _gradient_phase(shape: ModelShape, pr: Probe, n: int, t: int, *, device: str, compute_dtype: torch.dtype,
-                    ram: bool, baseline: int, read_host: int, store_dtype=None, ahead: int = 0) -> PhasePlan:
+                    ram: bool, baseline: int, read_host: int, store_dtype=None, ahead: int = 0,
+                    grad_file: int | None = None) -> PhasePlan:
     """stream.gradients._sweep: boundaries and both gradient buffers are in the compute dtype.
 
     Host peak is the larger of two stages: the head (all L+1 boundaries, the incoming-gradient buffer
@@ -617,7 +624,8 @@ def _gradient_phase(shape: ModelShape, pr: Probe, n: int, t: int, *, device: str
         dev = (head_dev if pr.head_grad >= sum(block_dev.values()) else block_dev) | ws
     stages = {"head": sum(head_stage.values()), "reverse walk": sum(walk_stage.values())}
     host = head_stage if stages["head"] >= stages["reverse walk"] else walk_stage
-    disk = {"accumulators (fp32, all blocks)": L * acc_block}
+    grad_file = acc_block if grad_file is None else grad_file
+    disk = {f"gradient files ({'fp32' if grad_file == acc_block else 'bf16'}, all blocks)": L * grad_file}
     if not ram:
         disk |= {f"boundaries {L + 1} x [N,T,D]": (L + 1) * stored, "two gradient buffers": 2 * boundary}
     p = PhasePlan("gradient_sweep", sum(dev.values()), max(stages.values()), sum(disk.values()),
@@ -661,7 +669,8 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
          offload: str | None = None, head_chunk: int | None | str = "auto", grad_accumulate: str = "auto",
          eval_nsamples: int | None = None, baseline: int | None = None,
          disk_space: int | str | None = None, device: str | None = None, batch_size: int = 1,
-         phases: tuple[str, ...] | None = None, probe_cache: dict | None = None, prefetch: bool = True) -> Plan:
+         phases: tuple[str, ...] | None = None, probe_cache: dict | None = None, prefetch: bool = True,
+         grad_dtype: str | torch.dtype = "float32") -> Plan:
     """Predict per-phase peaks and choose settings that fit.
 
     gpu_memory: device budget (None/0: no GPU, compute on the CPU). cpu_memory: host RAM budget
@@ -683,6 +692,9 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
     device = device or ("cuda" if gpu else "cpu")
     cdt = _resolve(compute_dtype, device, shape.storage_dtype)
     sdt = _store_dtype(store_dtype, cdt)
+    gdt = grad_dtype if isinstance(grad_dtype, torch.dtype) else _NAMED.get(grad_dtype)
+    if gdt not in (torch.float32, torch.bfloat16):
+        raise UsageError(f"--grad-dtype must be float32 or bfloat16, got {grad_dtype!r}")
     disk_free = parse_size(disk_space)
     if disk_free is None and disk_dir is not None:
         if not Path(disk_dir).is_dir():
@@ -703,7 +715,7 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
     for off, chunk, acc in itertools.product(offloads, chunks, accs):
         phases, pr = predict(shape, method, nsamples, seqlen, device=device, compute_dtype=cdt, store_dtype=sdt,
                              offload=off, head_chunk=chunk, grad_accumulate=acc, baseline=base, batch=batch_size,
-                             eval_nsamples=eval_nsamples, probe_cache=cache, prefetch=prefetch)
+                             eval_nsamples=eval_nsamples, probe_cache=cache, prefetch=prefetch, grad_dtype=gdt)
         phases = [p for p in phases if wanted is None or p.name in wanted]
         short = _shortfalls(phases, gpu, cpu, disk_free, off, disk_dir)
         tried.append((sum(short.values()), off, chunk, acc, phases, pr, short))
@@ -713,7 +725,7 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
                                                   else min(tried, key=lambda r: r[0]))
     settings = {"device": device, "compute_dtype": _name(cdt), "store_dtype": _name(sdt),
                 "storage_dtype": _name(shape.storage_dtype), "offload": off, "head_chunk": chunk,
-                "grad_accumulate": acc, "forward_microbatch": batch_size}
+                "grad_accumulate": acc, "forward_microbatch": batch_size, "grad_dtype": _name(gdt)}
     if off == "disk":
         settings["disk_dir"] = str(disk_dir) if disk_dir is not None else None
     notes = list(pr.notes)

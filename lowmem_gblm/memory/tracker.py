@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import threading
 import time
@@ -15,6 +18,27 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE
+
+
+def release_freed_heap() -> None:
+    """Hand memory freed by the previous phase back to the OS (glibc ``malloc_trim``).
+
+    glibc keeps freed heap pages resident; without this a phase's peak RSS would carry the high-water
+    mark of the phase before it (the gradient sweep's boundaries into the prune sweep). A no-op where
+    the C library has no ``malloc_trim``.
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
 
 
 def io_counters() -> tuple[int, int]:
@@ -56,6 +80,7 @@ class PhaseTracker:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PhaseTracker:
+        release_freed_heap()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +61,11 @@ INCOMING_NAME = "incoming.safetensors"  # in the state dir: dL/d(input of the ne
 ACC_DTYPE = torch.float32  # gradient accumulators, logits and loss: fp32 whatever the compute dtype
 # identity fields a reused folder must match (compute dtype / device type may differ); store_dtype
 # is in an identity only when not "auto", so folders made before it existed still match
-REUSE_KEYS = ("format_version", "model", "calibration_sha256", "nsamples", "seqlen", "grad_norm", "store_dtype")
+REUSE_KEYS = ("format_version", "model", "calibration_sha256", "nsamples", "seqlen", "grad_norm", "store_dtype",
+              "grad_dtype")
+# dtypes the finished gradient norms may be written in (accumulation is fp32 either way); bfloat16 halves
+# the files (the sweep's largest disk use: 4 bytes per linear weight) at ~3 significant digits
+GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -76,8 +79,10 @@ def ids_sha256(ids: torch.Tensor) -> str:
 
 
 def gradient_identity(model: StreamedModel, ids: torch.Tensor, grad_norm: str, dtype: torch.dtype,
-                      device: torch.device, store_dtype: str = "auto") -> dict:
+                      device: torch.device, store_dtype: str = "auto", grad_dtype: str = "float32") -> dict:
     lossy = {} if store_dtype == "auto" else {"store_dtype": store_dtype}  # it changes the gradients
+    if grad_dtype != "float32":
+        lossy["grad_dtype"] = grad_dtype
     return lossy | {
         "format_version": FORMAT_VERSION,
         "model": model.index.fingerprint(),
@@ -192,7 +197,8 @@ class GradientFolder:
         self.save()
 
     def read(self, i: int) -> dict[str, torch.Tensor]:
-        """Block i's G tensors {full weight name: [out, in] fp32 CPU}, checked against the recorded sha256."""
+        """Block i's G tensors {full weight name: [out, in] fp32 CPU}, checked against the recorded sha256
+        (files written in bfloat16 are widened)."""
         entry = self.data["done"].get(str(i))
         if entry is None:
             raise InputError(f"gradient folder {self.path}: block {i} is missing; compute the gradients again")
@@ -202,7 +208,14 @@ class GradientFolder:
                 f"gradient folder {self.path}: {entry['file']} is missing or changed since it was written; "
                 "compute the gradients again"
             )
-        return load_file(str(file), device="cpu")
+        return {k: v.float() for k, v in load_file(str(file), device="cpu").items()}
+
+    def discard(self, i: int) -> None:
+        """Delete block i's file (its entry stays, so hashes recorded elsewhere still match); the prune
+        sweep calls this once block i's output shard is durable, so the folder shrinks as the output grows."""
+        entry = self.data["done"].get(str(i))
+        if entry is not None:
+            (self.path / entry["file"]).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,20 +322,22 @@ def block_sample(block, ctx: BlockContext, weights: dict[str, torch.Tensor], acc
 
 def gradient_sweep(model: StreamedModel, ids: torch.Tensor, path: Path, *, grad_norm: str, device: torch.device,
                    dtype: torch.dtype, offload: str = "cpu", progress: bool = True, store_dtype: str = "auto",
-                   prefetch: bool = True) -> GradientFolder:
+                   prefetch: bool = True, grad_dtype: str = "float32") -> GradientFolder:
     """Compute (or resume, or find finished) the gradient folder at ``path``. ids: [N, T].
 
     ``store_dtype`` applies to the stored block-input boundaries (int8: lossy); the incoming-gradient
     buffers stay exact in the compute dtype. ``prefetch`` reads the next block on a background thread.
+    ``grad_dtype``: the dtype the finished norms are written in (float32 exact, bfloat16 half the disk).
     """
     path.mkdir(parents=True, exist_ok=True)
-    identity = gradient_identity(model, ids, grad_norm, dtype, device, store_dtype)
+    identity = gradient_identity(model, ids, grad_norm, dtype, device, store_dtype, grad_dtype)
     with OutputLock(path):
         folder = GradientFolder.open_for_sweep(path, identity)
         if folder.complete:
             log.info("gradient folder %s is complete; reusing it", path)
             return folder
-        _sweep(folder, model, ids, grad_norm, device, dtype, offload, progress, store_dtype, prefetch)
+        _sweep(folder, model, ids, grad_norm, device, dtype, offload, progress, store_dtype, prefetch,
+               GRAD_DTYPES[grad_dtype])
         shutil.rmtree(folder.state / "store", ignore_errors=True)
         (folder.state / INCOMING_NAME).unlink(missing_ok=True)
         folder.data["complete"] = True
@@ -331,7 +346,8 @@ def gradient_sweep(model: StreamedModel, ids: torch.Tensor, path: Path, *, grad_
 
 
 def _sweep(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad_norm: str, device: torch.device,
-           dtype: torch.dtype, offload: str, progress: bool, store_dtype: str = "auto", prefetch: bool = True) -> None:
+           dtype: torch.dtype, offload: str, progress: bool, store_dtype: str = "auto", prefetch: bool = True,
+           file_dtype: torch.dtype = ACC_DTYPE) -> None:
     nblocks, (nsamples, seqlen) = model.num_blocks, ids.shape
     shape = (nsamples, seqlen, model.hidden_size)
     store = ActivationStore(offload, folder.state / "store", store_dtype)
@@ -361,12 +377,13 @@ def _sweep(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad
     schedule = [(i, None) for i in range(last)] + [(i, None) for i in range(start - 1, -1, -1)]
     with BlockReader(model, schedule, device, dtype, prefetch) as reader:
         _walk(folder, model, ids, grad_norm, device, dtype, progress, reader, ctx, store, shape, start, last,
-              g_in, g_out)
+              g_in, g_out, file_dtype)
 
 
 def _walk(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad_norm: str, device: torch.device,
           dtype: torch.dtype, progress: bool, reader: BlockReader, ctx: BlockContext, store: ActivationStore,
-          shape: tuple[int, int, int], start: int, last: int, g_in: ActivationBuffer, g_out: ActivationBuffer) -> None:
+          shape: tuple[int, int, int], start: int, last: int, g_in: ActivationBuffer, g_out: ActivationBuffer,
+          file_dtype: torch.dtype = ACC_DTYPE) -> None:
     nblocks, nsamples = model.num_blocks, ids.shape[0]
     incoming = folder.state / INCOMING_NAME
     bounds = [store.new(shape, dtype, f"h{i:05d}") for i in range(last + 1)]
@@ -412,7 +429,7 @@ def _walk(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad_
                                       device, dtype))
         del weights
         prefix = model.family.block_prefix(i)
-        tensors = {f"{prefix}{name}.weight": _finish(acc, grad_norm).cpu() for name, acc in accs.items()}
+        tensors = {f"{prefix}{name}.weight": _finish(acc, grad_norm).to(file_dtype).cpu() for name, acc in accs.items()}
         del block, accs
         sha = save_tensors_atomic(folder.path / block_file(i), tensors)
         del tensors
@@ -448,12 +465,12 @@ def compute_gradients(config) -> dict:
 
     offload, plan = plan_run(model_dir, "gblm", tuple(ids.shape), device, dtype, config.offload, out,
                              ("gradient_sweep",), cpu_memory=config.cpu_memory, gpu_memory=config.gpu_memory,
-                             check=config.plan_check)
+                             check=config.plan_check, store_dtype=config.store_dtype, grad_dtype=config.grad_dtype)
     prepare_out_dir(out, model_dir, overwrite=False)
     with PhaseTracker("gradient_sweep", device) as tracker:
         folder = gradient_sweep(model, ids, out, grad_norm=config.grad_norm, device=device, dtype=dtype,
                                 offload=offload, progress=config.progress, store_dtype=config.store_dtype,
-                                prefetch=config.prefetch)
+                                prefetch=config.prefetch, grad_dtype=config.grad_dtype)
     calib_path = out / CALIB_IDS_NAME
     if not calib_path.is_file():
         save_tensors_atomic(calib_path, {"input_ids": ids.contiguous()})
@@ -463,8 +480,26 @@ def compute_gradients(config) -> dict:
             "offload": offload, "predicted": predicted_block(plan)}
 
 
-def gradient_source(session, manifest) -> Callable[[int], dict[str, torch.Tensor]]:
-    """For the prune pipeline: block i -> {full weight name: G [out, in] fp32 CPU}.
+@dataclass
+class GradientFeed:
+    """What the prune sweep sees of a gradient folder: ``read(i)`` block i's G tensors {full weight
+    name: [out, in] fp32 CPU}; ``consumed(i)`` once block i's output shard is durable. A run's own
+    folder (OUT_DIR/.lowmem/gradients) then drops block i's file, so gradients and output never take
+    their full sizes on disk at once; a ``--gradients`` folder is the user's and is never touched."""
+
+    folder: GradientFolder
+    private: bool
+
+    def read(self, i: int) -> dict[str, torch.Tensor]:
+        return self.folder.read(i)
+
+    def consumed(self, i: int) -> None:
+        if self.private:
+            self.folder.discard(i)
+
+
+def gradient_source(session, manifest) -> GradientFeed:
+    """For the prune pipeline: the gradient feed of this run.
 
     ``--gradients DIR`` reuses a finished folder with a matching identity; otherwise the sweep
     runs (or resumes) into OUT_DIR/.lowmem/gradients. The folder's identity and block hashes are
@@ -472,7 +507,7 @@ def gradient_source(session, manifest) -> Callable[[int], dict[str, torch.Tensor
     """
     config, model = session.config, session.model
     identity = gradient_identity(model, session.ids, config.grad_norm, session.dtype, session.device,
-                                 config.store_dtype)
+                                 config.store_dtype, config.grad_dtype)
     if config.gradients:
         folder = GradientFolder.open_for_reuse(Path(config.gradients), identity)
         log.info("using gradients from %s (%s norm, computed in %s on %s)", folder.path,
@@ -482,7 +517,8 @@ def gradient_source(session, manifest) -> Callable[[int], dict[str, torch.Tensor
             folder = gradient_sweep(model, session.ids, session.out / STATE_DIR / "gradients",
                                     grad_norm=config.grad_norm, device=session.device, dtype=session.dtype,
                                     offload=session.store.kind, progress=config.progress,
-                                    store_dtype=config.store_dtype, prefetch=config.prefetch)
+                                    store_dtype=config.store_dtype, prefetch=config.prefetch,
+                                    grad_dtype=config.grad_dtype)
         session.phases.append(tracker.stats)
         _log_phase(tracker.stats, folder.path)
     record = {"identity": {k: folder.identity[k] for k in REUSE_KEYS if k in folder.identity},
@@ -496,7 +532,7 @@ def gradient_source(session, manifest) -> Callable[[int], dict[str, torch.Tensor
     if old is None:
         manifest.data["gradients"] = record
         manifest.save()
-    return folder.read
+    return GradientFeed(folder, private=not config.gradients)
 
 
 def _log_phase(stats: PhaseStats, where: Path) -> None:
