@@ -8,6 +8,8 @@ Points used by the library (a gradient sweep adds its own names the same way):
   ``manifest_write``  inside an atomic manifest write, after half the bytes
   ``write``           inside any other atomic write (config copies, report, index, calibration ids)
   ``manifest``        after a block's shard is renamed into place, before the manifest lists it
+  ``block_done``      after a block's manifest entry is durable (and the run's own gradient file
+                      for that block is dropped)
   ``finalize``        after prune_report.json is written, before the index
   ``gradient_block``  after a block's gradient file, the persisted incoming gradient and its
                       gradients.json entry are durable (blocks go last to first)

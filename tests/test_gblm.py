@@ -280,3 +280,60 @@ def test_incoming_gradient_round_trip(tmp_path, dtype, kind):
     assert not _restore_incoming(path, dst, block=3)  # persisted for another block: not used
     assert _restore_incoming(path, dst, block=4)
     assert torch.equal(dst.get(0, 3), data)
+
+
+def test_bfloat16_gradient_files_are_the_rounded_fp32_norms(tmp_path, tiny_model, ids_file):
+    _gradients(tiny_model, tmp_path / "f32", ids_file, grad_norm="l2")
+    _gradients(tiny_model, tmp_path / "bf16", ids_file, grad_norm="l2", grad_dtype="bfloat16")
+    exact, half = {}, {}
+    for i in range(3):
+        exact.update(load_file(str(tmp_path / "f32" / block_file(i))))
+        half.update(load_file(str(tmp_path / "bf16" / block_file(i))))
+    assert sorted(half) == sorted(exact) and len(half) == 21
+    for name, g in half.items():
+        assert g.dtype == torch.bfloat16 and torch.equal(g, exact[name].to(torch.bfloat16)), name
+    assert sum(p.stat().st_size for p in (tmp_path / "bf16").glob("block_*")) < \
+        0.51 * sum(p.stat().st_size for p in (tmp_path / "f32").glob("block_*"))
+    # the masks are GBLM's on the rounded norms (widened back to fp32 for scoring)
+    _prune(tiny_model, tmp_path / "out", ids_file, grad_norm="l2", grad_dtype="bfloat16",
+           gradients=str(tmp_path / "bf16"))
+    rounded = {k: v.float() for k, v in half.items()}
+    masks = reference_gblm_masks(tiny_model, _ids(ids_file), rounded, alpha=100.0, sparsity=0.5)
+    weights = _weights(tmp_path / "out")
+    for name, keep in masks.items():
+        assert torch.equal(weights[name] != 0, keep), name
+    # a bf16 folder is not silently taken for an fp32 run
+    res = _cli("prune", str(tiny_model), str(tmp_path / "o2"), "--method", "gblm", "--device", "cpu",
+               "--nsamples", str(N), "--seqlen", str(T), "--calib-ids", str(ids_file), "--grad-norm", "l2",
+               "--gradients", str(tmp_path / "bf16"))
+    assert res.exit_code == 2 and "grad_dtype" in res.stderr, res.stderr
+    res = _cli("prune", str(tiny_model), str(tmp_path / "o3"), "--calib-ids", str(ids_file), "--grad-dtype", "fp8")
+    assert res.exit_code == 2 and "--grad-dtype" in res.stderr
+
+
+def test_prune_drops_its_own_gradient_files_as_it_goes_and_resumes(tmp_path, tiny_model, ids_file):
+    _prune(tiny_model, tmp_path / "clean", ids_file)
+    out = tmp_path / "crashed"
+    cmd = [sys.executable, "-m", "cli.main", "prune", str(tiny_model), str(out), "--method", "gblm",
+           "--calib-ids", str(ids_file), "--nsamples", str(N), "--seqlen", str(T), "--device", "cpu", "--quiet"]
+    env = {**os.environ, "LOWMEM_TEST_CRASH_AT": "block_done:2"}  # blocks 0 and 1 pruned, then SIGKILL
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    grads = out / STATE_DIR / "gradients"
+    meta = json.loads((grads / GRADIENTS_JSON).read_text())
+    assert meta["complete"] and sorted(meta["done"]) == ["0", "1", "2"]  # entries (and hashes) stay
+    assert [p.name for p in sorted(grads.glob("block_*"))] == [block_file(2)]  # files of pruned blocks are gone
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "prune_report.json").read_text())
+    sweep = next(p for p in report["phases"] if p["phase"] == "gradient_sweep")
+    assert sweep["bytes_written"] < 4096  # found complete, not recomputed (one block file is ~100 KB)
+    a, b = _shards(out), _shards(tmp_path / "clean")
+    assert len(a) == 4 and a == b
+
+
+def test_reused_gradient_folder_is_left_whole(tmp_path, tiny_model, ids_file):
+    _gradients(tiny_model, tmp_path / "grads", ids_file)
+    before = _grad_files(tmp_path / "grads")
+    _prune(tiny_model, tmp_path / "out", ids_file, gradients=str(tmp_path / "grads"))
+    assert len(before) == 3 and _grad_files(tmp_path / "grads") == before

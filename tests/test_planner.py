@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lowmem_gblm.calib.data import save_ids
+from lowmem_gblm.errors import UsageError
 from lowmem_gblm.memory.planner import baseline_rss, parse_size, plan
 from tests.tiny import make_tiny_llama
 
@@ -120,3 +121,28 @@ def test_host_peak_prediction_matches_a_prune_run(tmp_path):
     got = predicted.phase("prune_sweep").host_peak_bytes
     terms = predicted.phase("prune_sweep").terms["host"]
     assert abs(got - measured) <= 0.15 * measured, (got, measured, terms)
+
+
+def test_gblm_disk_peaks_follow_the_gradient_file_dtype():
+    """LLaMA-13B shapes by hand: 40 blocks; per block 4*5120^2 attention + 3*5120*13824 MLP linear weights and
+    two 5120 norms; embedding + head 2*32000*5120 and the final norm; bf16 checkpoint."""
+    lin = 4 * 5120 * 5120 + 3 * 5120 * 13824
+    blk = 2 * (lin + 2 * 5120)  # one block shard, bf16
+    rest = 2 * (2 * 32000 * 5120 + 5120)
+    model = rest + 40 * blk
+    f32 = plan(BENCH / "llama-13b.json", "gblm", 8, 128, offload="cpu", baseline=1)
+    bf16 = plan(BENCH / "llama-13b.json", "gblm", 8, 128, offload="cpu", baseline=1, grad_dtype="bfloat16")
+    assert f32.phase("gradient_sweep").disk_bytes == 40 * lin * 4
+    assert bf16.phase("gradient_sweep").disk_bytes == 40 * lin * 2
+    # prune sweep: each block's gradient file goes once its shard is written, so the peak is at an end:
+    # fp32 files outweigh a bf16 shard -> at the first block; bf16 files are a little smaller -> at the last
+    assert f32.phase("prune_sweep").disk_bytes == rest + 40 * lin * 4 + blk
+    assert bf16.phase("prune_sweep").disk_bytes == rest + 2 * lin + 40 * blk == model + 2 * lin
+    assert bf16.settings["grad_dtype"] == "bfloat16"
+    # a disk too small for fp32 files names the knob
+    tight = plan(BENCH / "llama-13b.json", "gblm", 8, 128, offload="cpu", baseline=1, disk_space="40GB")
+    assert not tight.fits and any("--grad-dtype bfloat16" in a for a in tight.advice), tight.advice
+    assert plan(BENCH / "llama-13b.json", "gblm", 8, 128, offload="cpu", baseline=1, disk_space="40GB",
+                grad_dtype="bfloat16").fits
+    with pytest.raises(UsageError, match="grad-dtype"):
+        plan(BENCH / "llama-13b.json", "gblm", 8, 128, grad_dtype="int4")

@@ -734,7 +734,7 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
     if off == "disk":
         notes.append("disk store: memory-mapped pages count in RSS while cached but the kernel can reclaim them")
     budgets = {"gpu_memory": gpu, "cpu_memory": cpu, "disk_free": disk_free}
-    advice = _advice(phases, short, gpu, cpu, off, disk_dir, method, nsamples, seqlen) if short else []
+    advice = _advice(phases, short, gpu, cpu, off, disk_dir, method, nsamples, seqlen, _name(gdt)) if short else []
     return Plan(shape.name, method, nsamples, seqlen, budgets, settings, phases, not short, advice, notes)
 
 
@@ -787,7 +787,8 @@ def _shortfalls(phases, gpu, cpu, disk_free, offload, disk_dir) -> dict[str, int
     return short
 
 
-def _advice(phases, short, gpu, cpu, offload, disk_dir, method, nsamples, seqlen) -> list[str]:
+def _advice(phases, short, gpu, cpu, offload, disk_dir, method, nsamples, seqlen,
+            grad_dtype: str = "float32") -> list[str]:
     out = []
     if "gpu_memory" in short:
         p = max(phases, key=lambda q: q.device_peak_bytes)
@@ -807,6 +808,8 @@ def _advice(phases, short, gpu, cpu, offload, disk_dir, method, nsamples, seqlen
     if "disk_free" in short:
         p = max(phases, key=lambda q: q.disk_bytes)
         name, val = p.dominant("disk")
+        grad_files = any("gradient files" in k for q in phases for k in q.terms.get("disk", {}))
+        hint = ", or --grad-dtype bfloat16 (half the gradient files)" if grad_files and grad_dtype == "float32" else ""
         out.append(f"disk short by {fmt_size(short['disk_free'])} in {p.name}: {name} = {fmt_size(val)}; "
-                   f"free space or choose another --disk, or lower --nsamples (now {nsamples})")
+                   f"free space or choose another --disk, or lower --nsamples (now {nsamples}){hint}")
     return out
