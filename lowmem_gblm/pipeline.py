@@ -136,7 +136,7 @@ def prune_block(session: Session, block, i: int, src: ActivationBuffer, grads: d
     with collect_inputs(block, names, wanted) as accs:
         if wanted:
             forward_all(session, block, src, None)
-    raw = model.index.read(model.block_names(i))  # original bytes, for exact unchanged tensors
+    raw = original_tensors(model, block, i, session.dtype)  # stored bytes, for exact unchanged tensors
     nsamples = session.ids.shape[0]
     report = {}
     for name in names:
@@ -158,6 +158,26 @@ def prune_block(session: Session, block, i: int, src: ActivationBuffer, grads: d
         report[full] = {"shape": list(written.shape), "zeros": zeros, "sparsity": zeros / written.numel()}
         del stats, job, keep
     return raw, report
+
+
+# dtypes that hold every value of a stored dtype exactly (a cast back gives the stored bytes)
+_EXACT_WIDENING = {torch.float32: {torch.float32, torch.bfloat16, torch.float16}}
+
+
+def original_tensors(model: StreamedModel, block, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Block i's tensors as the checkpoint stores them {full name: CPU tensor}, before any pruning.
+
+    When the compute dtype holds every stored value exactly (the same dtype, or fp32 over bf16/fp16)
+    they are cast back from the block already loaded, so the prune sweep reads each block once;
+    otherwise (e.g. an fp32 checkpoint computed in bf16) they are read from the checkpoint again.
+    """
+    names = model.block_names(i)
+    stored = {n: storage_dtype(model.index.tensors[n].dtype) for n in names}
+    if not all(s == dtype or s in _EXACT_WIDENING.get(dtype, ()) for s in stored.values()):
+        return model.index.read(names)
+    prefix = model.family.block_prefix(i)
+    state = block.state_dict()
+    return {n: state[n[len(prefix):]].detach().to(device="cpu", dtype=stored[n], copy=True) for n in names}
 
 
 def run_prune_sweep(session: Session, manifest: Manifest, grads) -> dict:

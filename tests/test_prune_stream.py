@@ -136,3 +136,28 @@ def test_resume_refuses_other_options_and_overwrite_starts_over(tiny_model, cali
         run(tiny_model, out, calib_text, method="wanda", sparsity=0.6)
     run(tiny_model, out, calib_text, method="wanda", sparsity=0.6, overwrite=True)
     assert json.loads((out / "prune_report.json").read_text())["sparsity"]["overall"] == pytest.approx(0.6, abs=0.02)
+
+
+@pytest.mark.parametrize(("stored", "compute"), [
+    (torch.bfloat16, torch.float32),  # widened: cast back from the loaded block
+    (torch.float16, torch.float32),
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),  # narrowed: read again from the checkpoint
+])
+def test_original_tensors_are_the_stored_bytes(tmp_path, stored, compute):
+    from lowmem_gblm.io.model import StreamedModel
+    from lowmem_gblm.pipeline import original_tensors
+    from tests.tiny import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / "m", dtype=stored, tokenizer=False)
+    model = StreamedModel.open(model_dir)
+    for i in range(model.num_blocks):
+        block = model.load_block(i, torch.device("cpu"), compute)
+        got = original_tensors(model, block, i, compute)
+        want = model.index.read(model.block_names(i))
+        assert sorted(got) == sorted(want) and len(got) == 9
+        for name, t in want.items():
+            assert got[name].dtype == stored and torch.equal(got[name].view(torch.uint8), t.view(torch.uint8)), name
+        # copies, never views of the block's weights (the sweep writes into those)
+        weights = {p.data_ptr() for p in block.parameters()}
+        assert not weights & {t.data_ptr() for t in got.values()}

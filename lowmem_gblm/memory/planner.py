@@ -542,8 +542,8 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
     elif not on_cpu:
         host["shard being serialized (2 copies)"] = max(serialized, read_host)
     if "gradient" in meth.needs:
-        # safetensors load, widened to fp32 (both alive for a moment when the file is bfloat16)
-        host["block gradients read (fp32)"] = acc_block + (grad_file if grad_file != acc_block else 0)
+        # widened to fp32 when the file is bfloat16 (the file's copy is gone before the block step peaks)
+        host["block gradients read (fp32)"] = acc_block
     if ram:
         host["two boundaries [N,T,D]"] = 2 * boundary
     dev = {"block step (weights + statistics + forward micro-batch + prune)": pr.prune_step, **ws}
@@ -605,10 +605,10 @@ def _gradient_phase(shape: ModelShape, pr: Probe, n: int, t: int, *, device: str
     common = {"baseline": baseline, "calibration ids": n * t * 8}
     if not on_cpu:
         common["CUDA runtime (context, kernels, cuBLAS; estimate)"] = cuda_host_bytes()
+    grad_file = acc_block if grad_file is None else grad_file
     head_stage = dict(common)
-    walk_stage = dict(common) | {"block read (storage dtype)": read_host,
-                                 "accumulators to write (fp32, + serialized copy)": 2 * acc_block,
-                                 "next block prefetched": ahead}
+    # the next block is read (storage-dtype bytes, then converted) on the prefetch thread meanwhile
+    walk_stage = dict(common) | {"block read (storage dtype)": read_host, "next block prefetched": ahead}
     if ram:
         head_stage |= {f"boundaries {L + 1} x [N,T,D]": (L + 1) * stored, "incoming-gradient buffer": boundary}
         walk_stage |= {f"boundaries {L} x [N,T,D]": L * stored, "two gradient buffers": 2 * boundary}
@@ -616,15 +616,19 @@ def _gradient_phase(shape: ModelShape, pr: Probe, n: int, t: int, *, device: str
     block_dev = {"block step (weights + fp32 accumulators + 1-sample fwd/bwd)": pr.grad_step}
     if on_cpu:
         head_stage |= {f"compute: {k}": v for k, v in head_dev.items()}
-        walk_stage |= {f"compute: {k}": v for k, v in block_dev.items()}
+        # a block's step, then (its weights freed) its accumulators and their file copy being written
+        # (fp32: the serialized bytes; bf16: the cast, then the serialized bytes): one after the other
+        write = acc_block + grad_file
+        walk_stage |= ({f"compute: {k}": v for k, v in block_dev.items()} if pr.grad_step >= write
+                       else {"accumulators being written (+ file copy)": write})
         dev = {}
     else:  # the incoming gradient is copied to the device; backward runs on autograd's own thread
+        walk_stage["accumulators copied to the host (+ serialized copy)"] = 2 * grad_file
         block_dev["incoming gradient on the device"] = t * d * _dsize(compute_dtype)
         ws = {"cuBLAS workspaces (forward + autograd threads)": 2 * cublas_workspace_bytes()}
         dev = (head_dev if pr.head_grad >= sum(block_dev.values()) else block_dev) | ws
     stages = {"head": sum(head_stage.values()), "reverse walk": sum(walk_stage.values())}
     host = head_stage if stages["head"] >= stages["reverse walk"] else walk_stage
-    grad_file = acc_block if grad_file is None else grad_file
     disk = {f"gradient files ({'fp32' if grad_file == acc_block else 'bf16'}, all blocks)": L * grad_file}
     if not ram:
         disk |= {f"boundaries {L + 1} x [N,T,D]": (L + 1) * stored, "two gradient buffers": 2 * boundary}

@@ -427,7 +427,7 @@ def _walk(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad_
         for n in range(nsamples):
             g_out.put(n, block_sample(block, ctx, weights, accs, bounds[i].get(n), g_in.get(n), grad_norm,
                                       device, dtype))
-        del weights
+        del weights, modules  # the block's weights go with ``block`` below, before the file is written
         prefix = model.family.block_prefix(i)
         tensors = {f"{prefix}{name}.weight": _finish(acc, grad_norm).to(file_dtype).cpu() for name, acc in accs.items()}
         del block, accs
