@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 PHASES = ("gradient_sweep", "prune_sweep", "eval")
 HEAD_CHUNKS = (None, 512, 128)  # tokens per head call, tried in this order (None: the whole window)
-GRAD_ACCUMULATE = ("after_backward",)  # the sweep folds each sample's .grad in after its backward
+GRAD_ACCUMULATE = ("in_backward",)  # the sweep folds each weight's .grad in as backward produces it
 ACC_BYTES = 4  # fp32 statistics, accumulators and scores
 _NAMED = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -225,7 +225,7 @@ def _fake_ctx(shape: ModelShape, seqlen: int, dtype: torch.dtype, device: torch.
 
 
 def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamples: int,
-          head_chunk: int | None, grad_accumulate: str = "after_backward", sparsity: float = 0.5,
+          head_chunk: int | None, grad_accumulate: str = "in_backward", sparsity: float = 0.5,
           batch: int = 1) -> Probe:
     """Run one block's steps on fake tensors and return their device peaks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -516,7 +516,6 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
     boundary = _boundary_bytes(n, t, d, store_dtype)
     block_store = shape.block_numel * _dsize(shape.storage_dtype)
     ahead = shape.block_numel * _dsize(compute_dtype if on_cpu else shape.storage_dtype) if prefetch else 0
-    acc_block = shape.linear_numel * ACC_BYTES
     grad_file = shape.linear_numel * _dsize(grad_dtype)  # one block's gradient file on disk
     head_store = (shape.vocab * d + d) * _dsize(shape.storage_dtype)
     ids = n * t * 8
@@ -541,9 +540,9 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
         host["shard being serialized (2 copies)"] = serialized - pr.prune_step  # after the block is freed
     elif not on_cpu:
         host["shard being serialized (2 copies)"] = max(serialized, read_host)
-    if "gradient" in meth.needs:
-        # widened to fp32 when the file is bfloat16 (the file's copy is gone before the block step peaks)
-        host["block gradients read (fp32)"] = acc_block
+    if "gradient" in meth.needs and not on_cpu:
+        # read one linear at a time (stream.gradients.BlockGradients); on the CPU it is the block step's own
+        host["one linear's gradient read (fp32)"] = max(o * i for o, i in shape.linear_shapes.values()) * ACC_BYTES
     if ram:
         host["two boundaries [N,T,D]"] = 2 * boundary
     dev = {"block step (weights + statistics + forward micro-batch + prune)": pr.prune_step, **ws}

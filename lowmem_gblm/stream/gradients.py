@@ -33,16 +33,18 @@ import logging
 import os
 import shutil
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from lowmem_gblm.config import diff_dicts
 from lowmem_gblm.errors import InputError, ResumeMismatch
+from lowmem_gblm.io.checkpoint import read_tensors
 from lowmem_gblm.io.model import StreamedModel, linear_names
 from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.writer import STATE_DIR, OutputLock, atomic_write_text, file_sha256, fsync_dir, save_tensors_atomic
@@ -196,9 +198,9 @@ class GradientFolder:
         self.data["done"][str(i)] = {"file": file, "sha256": sha256, "size": (self.path / file).stat().st_size}
         self.save()
 
-    def read(self, i: int) -> dict[str, torch.Tensor]:
-        """Block i's G tensors {full weight name: [out, in] fp32 CPU}, checked against the recorded sha256
-        (files written in bfloat16 are widened)."""
+    def read(self, i: int) -> BlockGradients:
+        """Block i's G tensors {full weight name: [out, in] fp32 CPU}, checked against the recorded sha256;
+        each tensor is read when it is looked up (one linear's G in memory at a time)."""
         entry = self.data["done"].get(str(i))
         if entry is None:
             raise InputError(f"gradient folder {self.path}: block {i} is missing; compute the gradients again")
@@ -208,7 +210,7 @@ class GradientFolder:
                 f"gradient folder {self.path}: {entry['file']} is missing or changed since it was written; "
                 "compute the gradients again"
             )
-        return {k: v.float() for k, v in load_file(str(file), device="cpu").items()}
+        return BlockGradients(file)
 
     def discard(self, i: int) -> None:
         """Delete block i's file (its entry stays, so hashes recorded elsewhere still match); the prune
@@ -216,6 +218,27 @@ class GradientFolder:
         entry = self.data["done"].get(str(i))
         if entry is not None:
             (self.path / entry["file"]).unlink(missing_ok=True)
+
+
+class BlockGradients(Mapping):
+    """One block's gradient file as a read-on-lookup mapping: name -> fp32 CPU tensor (bfloat16 files are
+    widened). Lookups go through the checkpoint's read path (finite check included)."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            self._names = tuple(f.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return read_tensors(self.file, [name])[name].float()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,11 +288,11 @@ def _restore_incoming(path: Path, buf: ActivationBuffer, block: int) -> bool:
 
 
 def _accumulate(acc: torch.Tensor, grad: torch.Tensor, grad_norm: str) -> None:
-    g = grad.to(ACC_DTYPE)
+    """acc (fp32) += |g| or g*g. A 16-bit g is widened inside the op (exact), not copied to fp32 first."""
     if grad_norm == "l1":
-        acc.add_(g.abs())
+        acc.add_(grad.abs())
     else:
-        acc.addcmul_(g, g)
+        acc.addcmul_(grad, grad)
 
 
 def _finish(acc: torch.Tensor, grad_norm: str) -> torch.Tensor:
@@ -307,17 +330,27 @@ def block_sample(block, ctx: BlockContext, weights: dict[str, torch.Tensor], acc
     """Recompute one sample's block forward (gradient checkpointing), backpropagate ``incoming``
     (dL/d output [1, T, D]), fold each weight's gradient into its fp32 accumulator.
 
+    Each weight's gradient is folded and dropped as soon as backward has produced it (a post-accumulate
+    hook), so at most one linear's gradient is alive at a time, not the whole block's.
     weights / accs: linear name -> weight (requires grad) / accumulator. Returns dL/d input [1, T, D].
     """
     x = as_leaf(sample, device, dtype)  # [1, T, D]
-    with torch.enable_grad():
-        y = run_block(block, ctx, x)  # recompute
-        y.backward(incoming.to(device=device, dtype=y.dtype))
-    del y
-    for name, w in weights.items():
-        _accumulate(accs[name], w.grad, grad_norm)
-        w.grad = None
+    hooks = [w.register_post_accumulate_grad_hook(partial(_fold, accs[name], grad_norm))
+             for name, w in weights.items()]
+    try:
+        with torch.enable_grad():
+            y = run_block(block, ctx, x)  # recompute
+            y.backward(incoming.to(device=device, dtype=y.dtype))
+        del y
+    finally:
+        for hook in hooks:
+            hook.remove()
     return x.grad
+
+
+def _fold(acc: torch.Tensor, grad_norm: str, weight: torch.Tensor) -> None:
+    _accumulate(acc, weight.grad, grad_norm)
+    weight.grad = None
 
 
 def gradient_sweep(model: StreamedModel, ids: torch.Tensor, path: Path, *, grad_norm: str, device: torch.device,
