@@ -39,8 +39,8 @@ def main() -> None:
     folder = GradientFolder.load(Path(a.grads))
     dev, dt = torch.device("cpu"), torch.float32
     ctx = BlockContext.build(model, ids.shape[1], dev, dt)
-    table = model.load_embedding(dev, dt)
-    hidden = torch.nn.functional.embedding(ids, table)  # [N, T, D]
+    table, local = model.load_embedding_rows(ids, dev, dt)
+    hidden = torch.nn.functional.embedding(local, table)  # [N, T, D]
     del table
     pattern = Pattern.parse("unstructured", 0.5)
     rows = []

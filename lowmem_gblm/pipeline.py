@@ -98,9 +98,9 @@ class Progress:
 
 def embed_windows(session: Session, dst: ActivationBuffer) -> None:
     """ids [N, T] -> hidden [N, T, D] in the store; only the embedding is loaded."""
-    table = session.model.load_embedding(torch.device("cpu"), session.dtype)  # [V, D]
+    table, local = session.model.load_embedding_rows(session.ids, torch.device("cpu"), session.dtype)  # [U, D]
     for n in range(session.ids.shape[0]):
-        dst.put(n, F.embedding(session.ids[n:n + 1], table))
+        dst.put(n, F.embedding(local[n:n + 1], table))
     del table
 
 

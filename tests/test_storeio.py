@@ -216,3 +216,22 @@ def test_planner_int8_store_is_smaller(tiny_model):
     assert int8.settings["store_dtype"] == "int8"
     assert int8.phase("gradient_sweep").disk_bytes < exact.phase("gradient_sweep").disk_bytes
     assert Path(tiny_model).is_dir()
+
+
+def test_embedding_rows_equal_the_full_table_lookup(tmp_path, monkeypatch):
+    """Only the rows the ids use are read, a slice at a time, and the lookup is unchanged."""
+    from lowmem_gblm.io import checkpoint
+    from lowmem_gblm.io.model import StreamedModel
+    from tests.tiny import make_tiny_llama
+
+    monkeypatch.setattr(checkpoint, "ROW_CHUNK", 7)  # many slices, some with no wanted row
+    model_dir = make_tiny_llama(tmp_path / "m", vocab=320, tokenizer=False)
+    model = StreamedModel.open(model_dir)
+    full = model.index.read([model.family.embed])[model.family.embed]
+    ids = torch.tensor([[5, 300, 5, 0], [319, 42, 41, 300]])
+    table, local = model.load_embedding_rows(ids, torch.device("cpu"), torch.float32)
+    assert table.shape == (6, full.shape[1])  # 6 distinct ids
+    assert torch.equal(torch.nn.functional.embedding(local, table), torch.nn.functional.embedding(ids, full))
+    # a row past the table is an input error, not an index crash
+    with pytest.raises(InputError, match="rows"):
+        model.index.read_rows(model.family.embed, torch.tensor([0, 320]))

@@ -73,10 +73,10 @@ def _batches(count: int, batch_size: int):
 def embed_windows(model, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
                   batch_size: int) -> torch.Tensor:
     """ids [W, T] -> CPU hidden states [W, T, D] in ``dtype``."""
-    weight = model.load_embedding(device, dtype)  # [V, D]
+    weight, local = model.load_embedding_rows(ids, device, dtype)  # [U, D]: the rows ids use
     hidden = torch.empty(*ids.shape, weight.shape[1], dtype=dtype)
     for s, e in _batches(ids.shape[0], batch_size):
-        hidden[s:e] = F.embedding(ids[s:e].to(device), weight).cpu()
+        hidden[s:e] = F.embedding(local[s:e].to(device), weight).cpu()
     del weight
     return hidden
 

@@ -84,13 +84,48 @@ def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     except Exception as exc:  # safetensors raises its own error types
         raise InputError(f"{path}: cannot read tensor {names[min(len(out), len(names) - 1)]!r}: {exc}") from exc
     for name, t in out.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise InputError(
-                f"{path}: tensor {name!r} holds {bad} NaN/Inf value(s); the checkpoint is damaged or "
-                "was saved after a diverged run; re-download or re-export it"
-            )
+        _check_finite(path, name, t)
     return out
+
+
+ROW_CHUNK = 4096  # rows per slice when reading part of a matrix (read_rows)
+
+
+def read_rows(path: Path, name: str, rows: torch.Tensor) -> torch.Tensor:
+    """The rows ``rows`` (sorted, unique int64) of a 2-d tensor in one safetensors file, [len(rows), ...].
+
+    The file is sliced ROW_CHUNK rows at a time, so memory holds the result and one slice, never the
+    whole tensor (an embedding table is [vocab, D]); the rows read get read_tensors' finiteness check.
+    """
+    parts = []
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            sl = f.get_slice(name)
+            nrows = sl.get_shape()[0]
+            if len(rows) and (int(rows[0]) < 0 or int(rows[-1]) >= nrows):
+                raise InputError(f"{path}: tensor {name!r} has {nrows} rows; row {int(rows[-1])} was asked for")
+            for start in range(0, nrows, ROW_CHUNK):
+                lo, hi = torch.searchsorted(rows, torch.tensor([start, start + ROW_CHUNK])).tolist()
+                if lo < hi:
+                    chunk = sl[start:start + ROW_CHUNK]
+                    parts.append(chunk[rows[lo:hi] - start].clone())
+                    del chunk
+    except InputError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types
+        raise InputError(f"{path}: cannot read rows of tensor {name!r}: {exc}") from exc
+    out = torch.cat(parts) if parts else torch.empty(0)
+    _check_finite(path, name, out)
+    return out
+
+
+def _check_finite(path: Path, name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise InputError(
+            f"{path}: tensor {name!r} holds {bad} NaN/Inf value(s); the checkpoint is damaged or "
+            "was saved after a diverged run; re-download or re-export it"
+        )
 
 
 class CheckpointIndex:
@@ -160,6 +195,12 @@ class CheckpointIndex:
         for shard, shard_names in by_shard.items():
             out.update(read_tensors(self.root / shard, shard_names))
         return out
+
+    def read_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (sorted, unique) of the 2-d tensor ``name``; see :func:`read_rows`."""
+        if name not in self.tensors:
+            raise InputError(f"tensor {name!r} is missing from the checkpoint in {self.root}")
+        return read_rows(self.root / self.tensors[name].shard, name, rows)
 
     def nbytes(self, names: Iterable[str]) -> int:
         total = 0

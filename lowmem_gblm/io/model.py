@@ -134,8 +134,14 @@ class StreamedModel:
         block.requires_grad_(False)
         return block.eval()
 
-    def load_embedding(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return self.index.read([self.family.embed])[self.family.embed].to(device=device, dtype=dtype)
+    def load_embedding_rows(self, ids: torch.Tensor, device: torch.device,
+                            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table [U, D], ids remapped into it): only the U distinct rows ``ids`` use, read a slice at a
+        time, so ``F.embedding(local, table)`` equals ``F.embedding(ids, full_table)`` without the full
+        [vocab, D] table in memory."""
+        rows, local = torch.unique(ids.long(), sorted=True, return_inverse=True)
+        table = self.index.read_rows(self.family.embed, rows).to(device=device, dtype=dtype)
+        return table, local
 
     def load_head(self, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
         """(final norm module, lm_head weight [vocab, D]); the embedding when tied."""

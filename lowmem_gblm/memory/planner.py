@@ -460,12 +460,6 @@ def _opt(n: int | None) -> str:
     return "unlimited" if n is None else fmt_size(n)
 
 
-def _read_transient(numel: int, dtype: torch.dtype) -> int:
-    """Host bytes while io.checkpoint.read_tensors copies one tensor out: the safetensors file pages it
-    maps, the clone, and the bool mask of its finiteness check."""
-    return 2 * numel * _dsize(dtype) + numel
-
-
 def _dsize(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
@@ -555,13 +549,18 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
     if not ram:
         disk["two boundaries [N,T,D]"] = 2 * boundary
     p = _phase("prune_sweep", dev, host, disk, on_cpu)
-    # its first step (pipeline.embed_windows) reads the embedding table: while that read is in flight
-    # the host holds the file's pages, the tensor cloned out of them and the finiteness mask
-    embed = shape.vocab * d
+    # its first step (pipeline.embed_windows) reads the embedding rows the windows use (at most N*T of
+    # them), one slice of ROW_CHUNK rows at a time (io.checkpoint.read_rows): slice pages + clone, the
+    # gathered rows twice while they are joined, their finiteness mask, then the compute-dtype copy
+    from lowmem_gblm.io.checkpoint import ROW_CHUNK
+
+    rows = min(shape.vocab, n * t) * d
+    sd = _dsize(shape.storage_dtype)
     first = {"baseline": baseline, **cuda_host, "calibration ids": ids,
-             "embedding read (file pages + clone + finite mask)": _read_transient(embed, shape.storage_dtype)}
+             "embedding rows read (one slice + gathered rows x2 + finite mask)":
+             2 * min(ROW_CHUNK, shape.vocab) * d * sd + 2 * rows * sd + rows}
     if compute_dtype != shape.storage_dtype:
-        first["embedding in the compute dtype"] = embed * _dsize(compute_dtype)
+        first["embedding rows in the compute dtype"] = rows * _dsize(compute_dtype)
     p.terms["host_stages"] = {"embedding read": sum(first.values()), "blocks": p.host_peak_bytes}
     if sum(first.values()) > p.host_peak_bytes:
         p.terms["host"], p.host_peak_bytes = first, sum(first.values())

@@ -420,9 +420,9 @@ def _walk(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad_
     nblocks, nsamples = model.num_blocks, ids.shape[0]
     incoming = folder.state / INCOMING_NAME
     bounds = [store.new(shape, dtype, f"h{i:05d}") for i in range(last + 1)]
-    table = model.load_embedding(torch.device("cpu"), dtype)  # [V, D]
+    table, local = model.load_embedding_rows(ids, torch.device("cpu"), dtype)  # [U, D]: the rows ids use
     for n in range(nsamples):
-        bounds[0].put(n, F.embedding(ids[n:n + 1], table))
+        bounds[0].put(n, F.embedding(local[n:n + 1], table))
     del table
     fwd = Progress("gradient forward", last, progress)
     with torch.no_grad():
