@@ -85,3 +85,30 @@ def test_bad_patterns(pattern, sparsity, message):
 def test_nm_must_divide_columns():
     with pytest.raises(UsageError, match="not a multiple of M=3"):
         Pattern.parse("1:3", None).check_columns(64, "mlp.down_proj")
+
+
+@pytest.mark.parametrize("spec", ["unstructured", "2:4", "4:8"])
+def test_row_bands_give_the_whole_matrix_mask(monkeypatch, spec):
+    """select_keep sorts a band of rows at a time; any band size gives the one-sort mask (ties included)."""
+    from lowmem_gblm.mask import pattern as pattern_mod
+
+    g = torch.Generator().manual_seed(3)
+    score = torch.randint(0, 5, (37, 48), generator=g).float()  # many ties: stable order decides
+    pat = Pattern.parse(spec, 0.5 if spec == "unstructured" else None)
+    whole = select_keep(score, pat)
+    for band in (48, 5 * 48, 7):  # one row, five rows, less than a row
+        monkeypatch.setattr(pattern_mod, "SORT_BAND", band)
+        assert torch.equal(select_keep(score, pat), whole), band
+    # and the one-sort mask by hand for the first row: drop the lowest half, earliest first among ties
+    order = sorted(range(48), key=lambda j: (float(score[0, j]), j)) if spec == "unstructured" else None
+    if order is not None:
+        assert set(torch.nonzero(~whole[0]).flatten().tolist()) == set(order[:24])
+
+
+def test_gblm_score_is_the_formula_bit_for_bit():
+    g = torch.Generator().manual_seed(4)
+    w, s, grad = torch.randn(6, 8, generator=g), torch.rand(8, generator=g), torch.rand(6, 8, generator=g)
+    want = w.abs() * torch.sqrt(s).reshape(1, -1) + 100.0 * (w.abs() * grad)
+    assert torch.equal(gblm_score(w, s, grad, 100.0), want)
+    assert torch.equal(gblm_score(w.bfloat16(), s, grad, 3.0),
+                       w.bfloat16().float().abs() * torch.sqrt(s) + 3.0 * (w.bfloat16().float().abs() * grad))

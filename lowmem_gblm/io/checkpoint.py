@@ -1,7 +1,8 @@
 """A lazy view of a safetensors checkpoint: tensor name -> shard, read only what is asked for.
 
-Callers never see the shard layout. Each read opens the shard, copies the requested tensors out
-and closes it again, so no memory map stays resident between blocks.
+Callers never see the shard layout. Each read opens the shard, reads the requested tensors' bytes
+straight into fresh tensors (no memory map) and closes it again, so only the tensors asked for are
+resident.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import json
 import logging
 import os
 import struct
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from lowmem_gblm.errors import InputError
 
@@ -74,54 +75,106 @@ def read_header(path: Path) -> dict:
     return header
 
 
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+ROW_CHUNK = 4096  # rows per read when reading part of a matrix (read_rows)
+_FINITE_CHUNK = 1 << 24  # elements per finiteness check (its bool mask stays small)
+
+
 def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """The one read path: copy ``names`` out of one safetensors file and check they are finite."""
+    """The one read path: read ``names`` out of one safetensors file and check they are finite.
+
+    Plain reads straight into freshly allocated tensors: no memory map, so nothing but the tensors
+    themselves becomes resident (a mapped file's pages count in RSS while the copy is made).
+    """
+    header, data = _open_header(path)
     out = {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in names:
-                out[name] = f.get_tensor(name).clone()
-    except Exception as exc:  # safetensors raises its own error types
-        raise InputError(f"{path}: cannot read tensor {names[min(len(out), len(names) - 1)]!r}: {exc}") from exc
-    for name, t in out.items():
-        _check_finite(path, name, t)
+    with open(path, "rb") as f:
+        for name in names:
+            info = _info(path, header, name)
+            t = torch.empty(info["shape"], dtype=_dtype(path, name, info))
+            _read_into(f, path, name, t, data + info["data_offsets"][0])
+            _check_finite(path, name, t)
+            out[name] = t
     return out
-
-
-ROW_CHUNK = 4096  # rows per slice when reading part of a matrix (read_rows)
 
 
 def read_rows(path: Path, name: str, rows: torch.Tensor) -> torch.Tensor:
     """The rows ``rows`` (sorted, unique int64) of a 2-d tensor in one safetensors file, [len(rows), ...].
 
-    The file is sliced ROW_CHUNK rows at a time, so memory holds the result and one slice, never the
+    Read ROW_CHUNK consecutive rows at a time, so memory holds the result and one chunk, never the
     whole tensor (an embedding table is [vocab, D]); the rows read get read_tensors' finiteness check.
     """
-    parts = []
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            sl = f.get_slice(name)
-            nrows = sl.get_shape()[0]
-            if len(rows) and (int(rows[0]) < 0 or int(rows[-1]) >= nrows):
-                raise InputError(f"{path}: tensor {name!r} has {nrows} rows; row {int(rows[-1])} was asked for")
-            for start in range(0, nrows, ROW_CHUNK):
-                lo, hi = torch.searchsorted(rows, torch.tensor([start, start + ROW_CHUNK])).tolist()
-                if lo < hi:
-                    chunk = sl[start:start + ROW_CHUNK]
-                    parts.append(chunk[rows[lo:hi] - start].clone())
-                    del chunk
-    except InputError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types
-        raise InputError(f"{path}: cannot read rows of tensor {name!r}: {exc}") from exc
-    out = torch.cat(parts) if parts else torch.empty(0)
+    header, data = _open_header(path)
+    info = _info(path, header, name)
+    shape, dtype = info["shape"], _dtype(path, name, info)
+    if len(shape) != 2:
+        raise InputError(f"{path}: tensor {name!r} has shape {shape}; rows of a matrix were asked for")
+    nrows, width = shape
+    if len(rows) and (int(rows[0]) < 0 or int(rows[-1]) >= nrows):
+        raise InputError(f"{path}: tensor {name!r} has {nrows} rows; row {int(rows[-1])} was asked for")
+    row_bytes = width * torch.empty((), dtype=dtype).element_size()
+    out = torch.empty(len(rows), width, dtype=dtype)
+    with open(path, "rb") as f:
+        for start in range(0, nrows, ROW_CHUNK):
+            lo, hi = torch.searchsorted(rows, torch.tensor([start, start + ROW_CHUNK])).tolist()
+            if lo == hi:
+                continue
+            first, last = int(rows[lo]), int(rows[hi - 1])
+            chunk = torch.empty(last - first + 1, width, dtype=dtype)
+            _read_into(f, path, name, chunk, data + info["data_offsets"][0] + first * row_bytes)
+            out[lo:hi] = chunk[rows[lo:hi] - first]
+            del chunk
     _check_finite(path, name, out)
     return out
 
 
+def _open_header(path: Path) -> tuple[dict, int]:
+    """(validated header, offset of the data section)."""
+    header = read_header(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    return header, 8 + n
+
+
+def _info(path: Path, header: dict, name: str) -> dict:
+    info = header.get(name)
+    if name == "__metadata__" or info is None:
+        raise InputError(f"{path}: cannot read tensor {name!r}: it is not in this file; re-download the shard")
+    return info
+
+
+def _dtype(path: Path, name: str, info: dict) -> torch.dtype:
+    dtype = _TORCH_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise InputError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+    return dtype
+
+
+def _read_into(f, path: Path, name: str, t: torch.Tensor, offset: int) -> None:
+    """Fill contiguous ``t`` with its bytes from ``offset`` (safetensors data is little-endian, as is every
+    machine torch runs on here; a big-endian host is refused rather than read wrong)."""
+    if sys.byteorder != "little":
+        raise InputError("lowmem-gblm reads safetensors on little-endian machines only")
+    if t.numel() == 0:
+        return
+    view = memoryview(t.view(-1).view(torch.uint8).numpy())
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise InputError(f"{path}: cannot read tensor {name!r}: the file ends early; re-download the shard")
+        done += got
+
+
 def _check_finite(path: Path, name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    if not t.is_floating_point():
+        return
+    flat = t.view(-1)
+    if not all(bool(torch.isfinite(c).all()) for c in flat.split(_FINITE_CHUNK)):
+        bad = sum(int((~torch.isfinite(c)).sum()) for c in flat.split(_FINITE_CHUNK))
         raise InputError(
             f"{path}: tensor {name!r} holds {bad} NaN/Inf value(s); the checkpoint is damaged or "
             "was saved after a diverged run; re-download or re-export it"

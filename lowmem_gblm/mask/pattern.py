@@ -75,19 +75,32 @@ def select_keep(score: torch.Tensor, pattern: Pattern, scope: str = "row") -> to
     """
     out_f, in_f = score.shape
     keep = torch.ones_like(score, dtype=torch.bool)
-    if pattern.kind == "nm":
-        groups = score.reshape(out_f, in_f // pattern.m, pattern.m)  # [out, in/M, M]
-        drop = torch.sort(groups, dim=-1, stable=True).indices[..., : pattern.m - pattern.n]
-        keep.view(out_f, in_f // pattern.m, pattern.m).scatter_(-1, drop, False)
-        return keep
-    if scope == "matrix":
-        k = int(score.numel() * pattern.sparsity)
-        drop = torch.sort(score.reshape(-1), stable=True).indices[:k]
-        keep.view(-1)[drop] = False
-        return keep
-    if scope != "row":
+    if scope not in ("row", "matrix"):
         raise UsageError(f"unknown comparison scope {scope!r}: use 'row' or 'matrix'")
-    k = int(in_f * pattern.sparsity)
-    drop = torch.sort(score, dim=1, stable=True).indices[:, :k]  # [out, k]
-    keep.scatter_(1, drop, False)
+    if pattern.kind == "nm" or scope == "row":
+        # rows are independent: sort a band of rows at a time (the sort's values and int64 indices
+        # would otherwise be 3x the score's size)
+        step = max(1, SORT_BAND // max(in_f, 1))
+        for r in range(0, out_f, step):
+            _keep_rows(score[r:r + step], keep[r:r + step], pattern)
+        return keep
+    k = int(score.numel() * pattern.sparsity)  # matrix scope: one comparison over every entry
+    drop = torch.sort(score.reshape(-1), stable=True).indices[:k]
+    keep.view(-1)[drop] = False
     return keep
+
+
+SORT_BAND = 1 << 22  # score elements sorted at once by select_keep
+
+
+def _keep_rows(score: torch.Tensor, keep: torch.Tensor, pattern: Pattern) -> None:
+    """Clear the dropped entries of a band of rows in ``keep`` (a view into the full mask)."""
+    rows, in_f = score.shape
+    if pattern.kind == "nm":
+        groups = score.reshape(rows, in_f // pattern.m, pattern.m)  # [rows, in/M, M]
+        drop = torch.sort(groups, dim=-1, stable=True).indices[..., : pattern.m - pattern.n]
+        keep.view(rows, in_f // pattern.m, pattern.m).scatter_(-1, drop, False)
+        return
+    k = int(in_f * pattern.sparsity)
+    drop = torch.sort(score, dim=1, stable=True).indices[:, :k]  # [rows, k]
+    keep.scatter_(1, drop, False)

@@ -25,6 +25,6 @@ def gblm_score(
     With alpha = 0 this is bit-for-bit Wanda's score (adding +0.0 changes nothing).
     """
     w_abs = weight.to(SCORE_DTYPE).abs()
-    return w_abs * torch.sqrt(scaler_row.to(SCORE_DTYPE)).reshape(1, -1) + alpha * (
-        w_abs * grad_norm.to(SCORE_DTYPE)
-    )
+    grad_term = w_abs * grad_norm.to(SCORE_DTYPE)
+    grad_term.mul_(alpha)  # alpha * (|W| * G), in place: two [out, in] temporaries in all, not four
+    return w_abs.mul_(torch.sqrt(scaler_row.to(SCORE_DTYPE)).reshape(1, -1)).add_(grad_term)

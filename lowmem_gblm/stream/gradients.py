@@ -460,10 +460,13 @@ def _walk(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad_
         for n in range(nsamples):
             g_out.put(n, block_sample(block, ctx, weights, accs, bounds[i].get(n), g_in.get(n), grad_norm,
                                       device, dtype))
-        del weights, modules  # the block's weights go with ``block`` below, before the file is written
+        del weights, modules, block  # the weights go before the accumulators are finished and written
         prefix = model.family.block_prefix(i)
-        tensors = {f"{prefix}{name}.weight": _finish(acc, grad_norm).to(file_dtype).cpu() for name, acc in accs.items()}
-        del block, accs
+        tensors = {}
+        for name in names:  # one accumulator at a time: an fp32 one is dropped once its file copy exists
+            acc = accs.pop(name)
+            tensors[f"{prefix}{name}.weight"] = _finish(acc, grad_norm).to(file_dtype).cpu()
+            del acc
         sha = save_tensors_atomic(folder.path / block_file(i), tensors)
         del tensors
         if i > 0:
