@@ -163,6 +163,8 @@ def main() -> None:
     model_bytes = sum(numel(s) for _, s in tensor_shapes(cfg)) * 2
     methods = args.methods or ["wanda"] + (["gblm"] if importlib.util.find_spec("lowmem_gblm.stream.gradients") else [])
     args.out.mkdir(parents=True, exist_ok=True)
+    for m in methods:  # outputs of an earlier run are not kept: free their space before counting it
+        shutil.rmtree(args.out / f"pruned-{m}", ignore_errors=True)
     model = args.out / f"{args.shape}-random"
     # the checkpoint plus the planner's disk peak of the worst method (one pruned copy at a time; GBLM's
     # gradient files shrink as the output grows), 1 GiB slack
