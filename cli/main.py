@@ -43,6 +43,9 @@ GpuMemory = Annotated[str | None, typer.Option(
 @app.callback()
 def root() -> None:
     """Memory-lean, block-streamed pruning of Hugging Face causal LMs."""
+    from lowmem_gblm.memory.tracker import limit_heap_retention
+
+    limit_heap_retention()  # before anything large is allocated
 
 
 def _setup_logging(quiet: bool) -> None:

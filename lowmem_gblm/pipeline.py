@@ -35,7 +35,7 @@ from lowmem_gblm.io.writer import (
     save_tensors_atomic,
     shard_name,
 )
-from lowmem_gblm.memory.tracker import PhaseStats, PhaseTracker, fmt_bytes
+from lowmem_gblm.memory.tracker import PhaseStats, PhaseTracker, fmt_bytes, limit_heap_retention
 from lowmem_gblm.methods import LinearJob, get_method
 from lowmem_gblm.runtime import resolve_device, resolve_dtype, storage_dtype
 from lowmem_gblm.stream.context import BlockContext, run_block
@@ -279,6 +279,7 @@ def finalize(session: Session, manifest: Manifest, linears: dict, report_extra: 
 def prune(config: PruneConfig) -> dict:
     """Prune ``config.model_dir`` into ``config.out_dir``; resume if a matching run is there."""
     t_start = time.perf_counter()
+    limit_heap_retention()
     model_dir, out = Path(config.model_dir), Path(config.out_dir)
     model = StreamedModel.open(model_dir)
     method = get_method(config.method)

@@ -161,9 +161,10 @@ def evaluate_checkpoint(model_dir: str, data: str, seqlen: int, max_windows: int
     from transformers import AutoTokenizer
 
     from lowmem_gblm.io.model import StreamedModel
-    from lowmem_gblm.memory.tracker import PhaseTracker
+    from lowmem_gblm.memory.tracker import PhaseTracker, limit_heap_retention
     from lowmem_gblm.runtime import resolve_device, resolve_dtype, storage_dtype
 
+    limit_heap_retention()
     model = StreamedModel.open(model_dir)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if seqlen < 2:

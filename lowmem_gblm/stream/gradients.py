@@ -48,7 +48,7 @@ from lowmem_gblm.io.checkpoint import read_tensors
 from lowmem_gblm.io.model import StreamedModel, linear_names
 from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.writer import STATE_DIR, OutputLock, atomic_write_text, file_sha256, fsync_dir, save_tensors_atomic
-from lowmem_gblm.memory.tracker import PhaseStats, PhaseTracker, fmt_bytes
+from lowmem_gblm.memory.tracker import PhaseStats, PhaseTracker, fmt_bytes, limit_heap_retention
 from lowmem_gblm.pipeline import Progress
 from lowmem_gblm.stream.context import BlockContext, run_block
 from lowmem_gblm.stream.store import ActivationBuffer, ActivationStore
@@ -491,6 +491,7 @@ def compute_gradients(config) -> dict:
     from lowmem_gblm.io.writer import prepare_out_dir
     from lowmem_gblm.runtime import resolve_device, resolve_dtype, storage_dtype
 
+    limit_heap_retention()
     model_dir, out = Path(config.model_dir), Path(config.out_dir)
     model = StreamedModel.open(model_dir)
     max_pos = getattr(model.config, "max_position_embeddings", None)
