@@ -248,6 +248,7 @@ def plan(
         "--store-dtype", help="boundary store: float32 | bfloat16 | float16 | int8 (default: compute dtype)")]
     = None,
     offload: Annotated[str | None, typer.Option("--offload", help="cpu | disk (default: chosen)")] = None,
+    grad_dtype: GradDtype = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Predict device / host / disk peaks per phase and choose settings that fit the budgets."""
@@ -259,7 +260,7 @@ def plan(
     try:
         result = make_plan(model, method, nsamples, seqlen, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
                            disk_dir=disk, compute_dtype=dtype, store_dtype=store_dtype, offload=offload,
-                           disk_space=disk_space)
+                           disk_space=disk_space, grad_dtype=grad_dtype)
     except UsageError as exc:
         _fail(exc)
     typer.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else result.table())
