@@ -1,0 +1,86 @@
+"""bfloat16 gradient files vs fp32 ones for GBLM on a real model.
+
+One gradient sweep per file dtype (same calibration windows), then a GBLM prune from each folder
+(``--gradients``): the fraction of identical keep-mask entries over all decoder linears, perplexity of
+both on the eval split, and the bytes of the gradient files.
+
+    LOWMEM_WIKI_JSON=.../summaries_en-us.json python benchmarks/grad_dtype.py \\
+        --model /work/main/assets/smollm2-135m --nsamples 16 --seqlen 256 --eval-windows 32
+
+Prints a table and ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed one
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from store_int8 import agreement, keep_masks  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="/work/main/assets/smollm2-135m")
+    ap.add_argument("--grad-norms", nargs="+", default=["l1", "l2"])
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--work", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from transformers import AutoTokenizer
+
+    from lowmem_gblm.calib.data import calibration_windows, save_ids
+    from lowmem_gblm.config import CalibConfig, GradientConfig, PruneConfig
+    from lowmem_gblm.evaluate.perplexity import evaluate_checkpoint
+    from lowmem_gblm.pipeline import prune
+    from lowmem_gblm.stream.gradients import compute_gradients
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="grad_dtype-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ids_file = work / "calib_ids.safetensors"
+    if not ids_file.is_file():
+        tok = AutoTokenizer.from_pretrained(args.model)
+        save_ids(ids_file, calibration_windows(tok, "wiki-offline:calib", args.nsamples, args.seqlen, 0))
+    calib = CalibConfig(ids_file=str(ids_file), nsamples=args.nsamples, seqlen=args.seqlen)
+
+    def evaluate(path: str) -> float:
+        return evaluate_checkpoint(path, "wiki-offline:eval", args.seqlen, args.eval_windows, "cpu", "auto")["ppl"]
+
+    result = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "sparsity": args.sparsity,
+              "eval_windows": args.eval_windows, "dense_ppl": evaluate(args.model), "grad_norms": {}}
+    for norm in args.grad_norms:
+        entry = {}
+        for gd in ("float32", "bfloat16"):
+            grads, out = work / f"grads-{norm}-{gd}", work / f"gblm-{norm}-{gd}"
+            compute_gradients(GradientConfig(model_dir=args.model, out_dir=str(grads), calib=calib, grad_norm=norm,
+                                             device="cpu", grad_dtype=gd, progress=False))
+            prune(PruneConfig(model_dir=args.model, out_dir=str(out), calib=calib, method="gblm", grad_norm=norm,
+                              sparsity=args.sparsity, device="cpu", gradients=str(grads), grad_dtype=gd,
+                              progress=False))
+            entry[gd] = {"ppl": evaluate(str(out)),
+                         "gradient_file_bytes": sum(p.stat().st_size for p in grads.glob("block_*.safetensors"))}
+        entry["mask_agreement"] = agreement(keep_masks(work / f"gblm-{norm}-float32"),
+                                            keep_masks(work / f"gblm-{norm}-bfloat16"))
+        result["grad_norms"][norm] = entry
+    print(f"dense ppl {result['dense_ppl']:.3f}  ({args.eval_windows} x {args.seqlen} wiki-offline:eval); "
+          f"GBLM {args.sparsity:.0%}, {args.nsamples} x {args.seqlen} calibration")
+    print(f"{'norm':5} {'keep agree':>10} {'ppl fp32':>9} {'ppl bf16':>9} {'files fp32':>12} {'files bf16':>12}")
+    for norm, e in result["grad_norms"].items():
+        print(f"{norm:5} {e['mask_agreement']:10.5f} {e['float32']['ppl']:9.3f} {e['bfloat16']['ppl']:9.3f} "
+              f"{e['float32']['gradient_file_bytes']:>12} {e['bfloat16']['gradient_file_bytes']:>12}")
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
