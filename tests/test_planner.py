@@ -105,22 +105,25 @@ def test_plan_json_schema(tmp_path):
     assert bad.returncode == 2 and "lots" in bad.stderr
 
 
-def test_host_peak_prediction_matches_a_prune_run(tmp_path):
-    """Predicted host peak within 15% of the RSS the prune sweep measured (CPU, RAM store)."""
+@pytest.mark.parametrize("method", ["wanda", "gblm"])
+def test_host_peak_prediction_matches_a_prune_run(tmp_path, method):
+    """Predicted host peak within 15% of the RSS each phase measured (CPU, RAM store)."""
     n, t = 64, 256
     model = make_tiny_llama(tmp_path / "model", layers=2, hidden=512, heads=8, kv_heads=4, inter=1376, vocab=320,
                             max_pos=t, shard_size="4MB", tokenizer=False)
     ids_file = tmp_path / "ids.safetensors"
     save_ids(ids_file, torch.randint(320, (n, t), generator=torch.Generator().manual_seed(0)))
-    res = _cli("prune", str(model), str(tmp_path / "out"), "--method", "wanda", "--calib-ids", str(ids_file),
+    res = _cli("prune", str(model), str(tmp_path / "out"), "--method", method, "--calib-ids", str(ids_file),
                "--nsamples", str(n), "--seqlen", str(t), "--device", "cpu", "--offload", "cpu", "-q")
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
-    measured = next(p for p in report["phases"] if p["phase"] == "prune_sweep")["peak_rss_bytes"]
-    predicted = plan(model, "wanda", n, t, cpu_memory="64GiB", offload="cpu", baseline=baseline_rss())
-    got = predicted.phase("prune_sweep").host_peak_bytes
-    terms = predicted.phase("prune_sweep").terms["host"]
-    assert abs(got - measured) <= 0.15 * measured, (got, measured, terms)
+    predicted = plan(model, method, n, t, cpu_memory="64GiB", offload="cpu", baseline=baseline_rss())
+    phases = {p["phase"]: p["peak_rss_bytes"] for p in report["phases"]}
+    assert sorted(phases) == (["gradient_sweep", "prune_sweep"] if method == "gblm" else ["prune_sweep"])
+    for phase, measured in phases.items():
+        got = predicted.phase(phase).host_peak_bytes
+        terms = predicted.phase(phase).terms["host"]
+        assert abs(got - measured) <= 0.15 * measured, (phase, got, measured, terms)
 
 
 def test_gblm_disk_peaks_follow_the_gradient_file_dtype():
