@@ -337,3 +337,26 @@ def test_reused_gradient_folder_is_left_whole(tmp_path, tiny_model, ids_file):
     before = _grad_files(tmp_path / "grads")
     _prune(tiny_model, tmp_path / "out", ids_file, gradients=str(tmp_path / "grads"))
     assert len(before) == 3 and _grad_files(tmp_path / "grads") == before
+
+
+@pytest.mark.parametrize("change", ["value", "truncate"])
+def test_a_gradient_file_changed_after_the_sweep_is_refused(tmp_path, tiny_model, ids_file, change):
+    _gradients(tiny_model, tmp_path / "grads", ids_file)
+    meta = json.loads((tmp_path / "grads" / GRADIENTS_JSON).read_text())
+    assert len(meta["done"]["1"]["tensors"]) == 7  # each tensor's sha256, checked as it is read
+    path = tmp_path / "grads" / block_file(1)
+    if change == "value":  # same size, one value changed: only a hash notices
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        size = path.stat().st_size
+        tensors = load_file(str(path))
+        name = sorted(tensors)[3]
+        tensors[name][0, 0] += 1.0
+        save_file(tensors, str(path), metadata=metadata)
+        assert path.stat().st_size == size
+    else:
+        path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(Exception, match="changed since it was written"):
+        _prune(tiny_model, tmp_path / "out", ids_file, gradients=str(tmp_path / "grads"))

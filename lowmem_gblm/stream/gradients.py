@@ -193,9 +193,14 @@ class GradientFolder:
         file = self.path / entry["file"]
         return file.is_file() and file.stat().st_size == entry["size"]
 
-    def mark_done(self, i: int, sha256: str) -> None:
+    def mark_done(self, i: int, sha256: str, tensors: dict[str, str] | None = None) -> None:
+        """Record block i's file: its sha256 and size, and (``tensors``) the sha256 of each tensor's bytes,
+        which lets ``read`` check a tensor as it reads it instead of reading the whole file twice."""
         file = block_file(i)
-        self.data["done"][str(i)] = {"file": file, "sha256": sha256, "size": (self.path / file).stat().st_size}
+        entry = {"file": file, "sha256": sha256, "size": (self.path / file).stat().st_size}
+        if tensors is not None:
+            entry["tensors"] = tensors
+        self.data["done"][str(i)] = entry
         self.save()
 
     def read(self, i: int) -> BlockGradients:
@@ -205,12 +210,11 @@ class GradientFolder:
         if entry is None:
             raise InputError(f"gradient folder {self.path}: block {i} is missing; compute the gradients again")
         file = self.path / entry["file"]
-        if not file.is_file() or _file_sha256(file) != entry["sha256"]:
-            raise InputError(
-                f"gradient folder {self.path}: {entry['file']} is missing or changed since it was written; "
-                "compute the gradients again"
-            )
-        return BlockGradients(file)
+        per_tensor = entry.get("tensors")
+        if not file.is_file() or file.stat().st_size != entry["size"] or (
+                per_tensor is None and _file_sha256(file) != entry["sha256"]):
+            raise _changed(self.path, entry["file"])
+        return BlockGradients(file, per_tensor, self.path)
 
     def discard(self, i: int) -> None:
         """Delete block i's file (its entry stays, so hashes recorded elsewhere still match); the prune
@@ -220,19 +224,33 @@ class GradientFolder:
             (self.path / entry["file"]).unlink(missing_ok=True)
 
 
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a CPU tensor's bytes (any dtype)."""
+    return hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def _changed(folder: Path, file: str) -> InputError:
+    return InputError(f"gradient folder {folder}: {file} is missing or changed since it was written; "
+                      "compute the gradients again")
+
+
 class BlockGradients(Mapping):
     """One block's gradient file as a read-on-lookup mapping: name -> fp32 CPU tensor (bfloat16 files are
-    widened). Lookups go through the checkpoint's read path (finite check included)."""
+    widened). Lookups go through the checkpoint's read path (finite check included) and, when the folder
+    recorded them, are checked against each tensor's sha256 as they are read."""
 
-    def __init__(self, file: Path):
-        self.file = file
+    def __init__(self, file: Path, sha256: dict[str, str] | None = None, folder: Path | None = None):
+        self.file, self.sha256, self.folder = file, sha256, folder or file.parent
         with safe_open(str(file), framework="pt", device="cpu") as f:
             self._names = tuple(f.keys())
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
             raise KeyError(name)
-        return read_tensors(self.file, [name])[name].float()
+        t = read_tensors(self.file, [name])[name]
+        if self.sha256 is not None and self.sha256.get(name) != tensor_sha256(t):
+            raise _changed(self.folder, self.file.name)
+        return t.float()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -468,11 +486,12 @@ def _walk(folder: GradientFolder, model: StreamedModel, ids: torch.Tensor, grad_
             tensors[f"{prefix}{name}.weight"] = _finish(acc, grad_norm).to(file_dtype).cpu()
             del acc
         sha = save_tensors_atomic(folder.path / block_file(i), tensors)
+        hashes = {name: tensor_sha256(t) for name, t in tensors.items()}
         del tensors
         if i > 0:
             g_out.flush()
             _persist_incoming(incoming, g_out, i - 1)
-        folder.mark_done(i, sha)
+        folder.mark_done(i, sha, hashes)
         crash_point("gradient_block")  # after block i (reverse order) is durable
         bounds[i].release()
         g_in, g_out = g_out, g_in
