@@ -14,48 +14,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed one
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from store_int8 import agreement, keep_masks  # noqa: E402
+from store_int8 import agreement, keep_masks, prepare, real_model_args  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="/work/main/assets/smollm2-135m")
+    real_model_args(ap)
     ap.add_argument("--grad-norms", nargs="+", default=["l1", "l2"])
-    ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--nsamples", type=int, default=16)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--eval-windows", type=int, default=32)
-    ap.add_argument("--work", default=None)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
 
-    from transformers import AutoTokenizer
-
-    from lowmem_gblm.calib.data import calibration_windows, save_ids
-    from lowmem_gblm.config import CalibConfig, GradientConfig, PruneConfig
-    from lowmem_gblm.evaluate.perplexity import evaluate_checkpoint
+    from lowmem_gblm.config import GradientConfig, PruneConfig
     from lowmem_gblm.pipeline import prune
     from lowmem_gblm.stream.gradients import compute_gradients
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="grad_dtype-"))
-    work.mkdir(parents=True, exist_ok=True)
-    ids_file = work / "calib_ids.safetensors"
-    if not ids_file.is_file():
-        tok = AutoTokenizer.from_pretrained(args.model)
-        save_ids(ids_file, calibration_windows(tok, "wiki-offline:calib", args.nsamples, args.seqlen, 0))
-    calib = CalibConfig(ids_file=str(ids_file), nsamples=args.nsamples, seqlen=args.seqlen)
-
-    def evaluate(path: str) -> float:
-        return evaluate_checkpoint(path, "wiki-offline:eval", args.seqlen, args.eval_windows, "cpu", "auto")["ppl"]
+    work, calib, evaluate = prepare(args, "grad_dtype-")
 
     result = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "sparsity": args.sparsity,
               "eval_windows": args.eval_windows, "dense_ppl": evaluate(args.model), "grad_norms": {}}

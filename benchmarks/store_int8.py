@@ -43,28 +43,26 @@ def agreement(a: dict, b: dict) -> float:
     return same / sum(a[n].numel() for n in a)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def real_model_args(ap: argparse.ArgumentParser) -> None:
+    """The options of a prune-twice-and-compare benchmark on a real model."""
     ap.add_argument("--model", default="/work/main/assets/smollm2-135m")
-    ap.add_argument("--methods", nargs="+", default=["wanda", "gblm"])
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--work", default=None)
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
 
+
+def prepare(args, prefix: str):
+    """(work folder, CalibConfig of fixed wiki-offline:calib windows saved there, evaluate(path) -> ppl)."""
     from transformers import AutoTokenizer
 
     from lowmem_gblm.calib.data import calibration_windows, save_ids
-    from lowmem_gblm.config import CalibConfig, PruneConfig
+    from lowmem_gblm.config import CalibConfig
     from lowmem_gblm.evaluate.perplexity import evaluate_checkpoint
-    from lowmem_gblm.io.model import StreamedModel
-    from lowmem_gblm.pipeline import prune
-    from lowmem_gblm.stream.store import store_nbytes
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="store_int8-"))
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.work or tempfile.mkdtemp(prefix=prefix))
     work.mkdir(parents=True, exist_ok=True)
     ids_file = work / "calib_ids.safetensors"
     if not ids_file.is_file():
@@ -74,6 +72,22 @@ def main() -> None:
 
     def evaluate(path: str) -> float:
         return evaluate_checkpoint(path, "wiki-offline:eval", args.seqlen, args.eval_windows, "cpu", "auto")["ppl"]
+
+    return work, calib, evaluate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    real_model_args(ap)
+    ap.add_argument("--methods", nargs="+", default=["wanda", "gblm"])
+    args = ap.parse_args()
+
+    from lowmem_gblm.config import PruneConfig
+    from lowmem_gblm.io.model import StreamedModel
+    from lowmem_gblm.pipeline import prune
+    from lowmem_gblm.stream.store import store_nbytes
+
+    work, calib, evaluate = prepare(args, "store_int8-")
 
     model = StreamedModel.open(args.model)
     shape = (args.nsamples, args.seqlen, model.hidden_size)
