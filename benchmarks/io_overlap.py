@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs per mode")
     ap.add_argument("--work", default=None, help="folder for outputs (default: a temporary one)")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--calib-ids", default=None, help="windows file (for a model without a tokenizer)")
+    ap.add_argument("--dtype", default="auto", help="compute dtype (auto: fp32 on the CPU)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -75,9 +77,10 @@ def main() -> None:
     model = Path(args.model)
     work = Path(args.work or tempfile.mkdtemp(prefix="io_overlap-"))
     work.mkdir(parents=True, exist_ok=True)
-    ids_file = work / "calib_ids.safetensors"
-    tok = AutoTokenizer.from_pretrained(str(model))
-    save_ids(ids_file, calibration_windows(tok, "wiki-offline:calib", args.nsamples, args.seqlen, 0))
+    ids_file = Path(args.calib_ids) if args.calib_ids else work / "calib_ids.safetensors"
+    if not args.calib_ids:
+        tok = AutoTokenizer.from_pretrained(str(model))
+        save_ids(ids_file, calibration_windows(tok, "wiki-offline:calib", args.nsamples, args.seqlen, 0))
     calib = CalibConfig(ids_file=str(ids_file), nsamples=args.nsamples, seqlen=args.seqlen)
 
     order = []
@@ -90,7 +93,8 @@ def main() -> None:
         advised = drop_cache(model)
         t0 = time.perf_counter()
         report = prune(PruneConfig(model_dir=str(model), out_dir=str(out), calib=calib, method="wanda",
-                                   sparsity=0.5, device="cpu", prefetch=prefetch, progress=False))
+                                   sparsity=0.5, device="cpu", dtype=args.dtype, prefetch=prefetch,
+                                   progress=False))
         wall = time.perf_counter() - t0
         sweep = next(p for p in report["phases"] if p["phase"] == "prune_sweep") if report["phases"] else {}
         digests.setdefault(prefetch, set()).add(shard_digest(out))

@@ -249,6 +249,7 @@ def plan(
     = None,
     offload: Annotated[str | None, typer.Option("--offload", help="cpu | disk (default: chosen)")] = None,
     grad_dtype: GradDtype = "float32",
+    prefetch: Prefetch = True,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Predict device / host / disk peaks per phase and choose settings that fit the budgets."""
@@ -260,7 +261,7 @@ def plan(
     try:
         result = make_plan(model, method, nsamples, seqlen, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
                            disk_dir=disk, compute_dtype=dtype, store_dtype=store_dtype, offload=offload,
-                           disk_space=disk_space, grad_dtype=grad_dtype)
+                           disk_space=disk_space, grad_dtype=grad_dtype, prefetch=prefetch)
     except UsageError as exc:
         _fail(exc)
     typer.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else result.table())

@@ -349,7 +349,7 @@ def _plan_check(config: PruneConfig, model_dir: Path, method, ids, device, dtype
     offload, plan = plan_run(model_dir, config.method, tuple(ids.shape), device, dtype, config.offload, out, phases,
                              batch_size=config.batch_size, cpu_memory=config.cpu_memory,
                              gpu_memory=config.gpu_memory, check=config.plan_check,
-                             store_dtype=config.store_dtype, grad_dtype=config.grad_dtype)
+                             store_dtype=config.store_dtype, grad_dtype=config.grad_dtype, prefetch=config.prefetch)
     return offload, predicted_block(plan)
 
 

@@ -57,7 +57,7 @@ def budgets(device: torch.device, out: Path, cpu_memory: str | None, gpu_memory:
 def plan_run(model_dir: Path, method: str, ids_shape: tuple[int, int], device: torch.device, dtype: torch.dtype,
              offload: str, out: Path, phases: tuple[str, ...], *, batch_size: int = 1, cpu_memory: str | None = None,
              gpu_memory: str | None = None, check: bool = True, store_dtype: str = "auto",
-             grad_dtype: str = "float32") -> tuple[str, Plan]:
+             grad_dtype: str = "float32", prefetch: bool = True) -> tuple[str, Plan]:
     """(the store to use: cpu | disk, the plan made for it). Raises InputError naming the knob when the
     run cannot fit and ``check`` is on; with ``check`` off it only logs and resolves auto."""
     n, t = ids_shape
@@ -70,7 +70,7 @@ def plan_run(model_dir: Path, method: str, ids_shape: tuple[int, int], device: t
         return plan(shape, method, n, t, gpu_memory=limit["gpu_memory"], cpu_memory=cpu, disk_dir=out,
                     disk_space=limit["disk_free"], compute_dtype=dtype, store_dtype=store_dtype, offload=off,
                     head_chunk=None, grad_dtype=grad_dtype, baseline=base, device=device.type,
-                    batch_size=batch_size, phases=phases, probe_cache=cache)
+                    batch_size=batch_size, phases=phases, probe_cache=cache, prefetch=prefetch)
 
     candidates = ["cpu", "disk"] if offload == "auto" else [offload]
     cpu = limit["cpu_memory"]

@@ -521,7 +521,8 @@ def compute_gradients(config) -> dict:
 
     offload, plan = plan_run(model_dir, "gblm", tuple(ids.shape), device, dtype, config.offload, out,
                              ("gradient_sweep",), cpu_memory=config.cpu_memory, gpu_memory=config.gpu_memory,
-                             check=config.plan_check, store_dtype=config.store_dtype, grad_dtype=config.grad_dtype)
+                             check=config.plan_check, store_dtype=config.store_dtype, grad_dtype=config.grad_dtype,
+                             prefetch=config.prefetch)
     prepare_out_dir(out, model_dir, overwrite=False)
     with PhaseTracker("gradient_sweep", device) as tracker:
         folder = gradient_sweep(model, ids, out, grad_norm=config.grad_norm, device=device, dtype=dtype,
