@@ -113,3 +113,22 @@ def test_auto_picks_disk_under_a_small_ram_budget_same_bytes(wide, tmp_path):
     roomy = prune(_config(model, ids, tmp_path / "roomy", offload="auto", cpu_memory="64GiB"))
     assert roomy["offload"] == "cpu"
     assert json.loads((tmp_path / "roomy" / "prune_report.json").read_text())["predicted"]["fits"]
+
+
+def test_disk_too_small_for_fp32_gradient_files_names_grad_dtype(wide, tmp_path, monkeypatch):
+    from lowmem_gblm.memory import check
+    from lowmem_gblm.memory.planner import plan
+
+    model, _ = wide
+    need = {gd: plan(model, "gblm", N, T, offload="cpu", baseline=1, grad_dtype=gd).disk_bytes
+            for gd in ("float32", "bfloat16")}
+    assert need["bfloat16"] < need["float32"]
+    free = (need["float32"] + need["bfloat16"]) // 2
+    monkeypatch.setattr(check, "budgets", lambda *a, **k: {"gpu_memory": None, "cpu_memory": None,
+                                                            "disk_free": free})
+    args = (model, "gblm", (N, T), torch.device("cpu"), torch.float32, "cpu", tmp_path,
+            ("gradient_sweep", "prune_sweep"))
+    with pytest.raises(InputError, match="--grad-dtype bfloat16"):
+        check.plan_run(*args)
+    offload, chosen = check.plan_run(*args, grad_dtype="bfloat16")
+    assert chosen.fits and offload == "cpu"
