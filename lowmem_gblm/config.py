@@ -18,7 +18,7 @@ GRAD_NORMS = ("l1", "l2")
 MAGNITUDE_SCOPES = ("row", "matrix")
 
 STORE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # as stream.store.STORE_DTYPES
-GRAD_DTYPES = ("float32", "bfloat16")  # as stream.gradients.GRAD_DTYPES
+GRAD_DTYPES = ("float32", "bfloat16")  # GBLM gradient files (accumulation is fp32 either way)
 
 # Options that do not change the output bytes; left out of the resume fingerprint.
 _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "prefetch", "plan_check",

@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_DTYPE_BYTES = {k: torch.empty((), dtype=v).element_size() for k, v in _TORCH_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -39,6 +41,11 @@ class TensorInfo:
 
 def read_header(path: Path) -> dict:
     """Parse a safetensors header and check it against the file size before any tensor is read."""
+    return _parse_header(path)[0]
+
+
+def _parse_header(path: Path) -> tuple[dict, int]:
+    """(validated header, offset of the data section)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -72,14 +79,11 @@ def read_header(path: Path) -> dict:
             f"{path}: truncated: tensor {last!r} needs bytes up to {8 + n + end}, file has {size}; "
             "re-download the shard"
         )
-    return header
+    return header, 8 + n
 
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 ROW_CHUNK = 4096  # rows per read when reading part of a matrix (read_rows)
-_FINITE_CHUNK = 1 << 24  # elements per finiteness check (its bool mask stays small)
+FINITE_CHUNK = 1 << 24  # elements per finiteness check (its bool mask stays small)
 
 
 def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
@@ -88,7 +92,7 @@ def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     Plain reads straight into freshly allocated tensors: no memory map, so nothing but the tensors
     themselves becomes resident (a mapped file's pages count in RSS while the copy is made).
     """
-    header, data = _open_header(path)
+    header, data = _parse_header(path)
     out = {}
     with open(path, "rb") as f:
         for name in names:
@@ -106,7 +110,7 @@ def read_rows(path: Path, name: str, rows: torch.Tensor) -> torch.Tensor:
     Read ROW_CHUNK consecutive rows at a time, so memory holds the result and one chunk, never the
     whole tensor (an embedding table is [vocab, D]); the rows read get read_tensors' finiteness check.
     """
-    header, data = _open_header(path)
+    header, data = _parse_header(path)
     info = _info(path, header, name)
     shape, dtype = info["shape"], _dtype(path, name, info)
     if len(shape) != 2:
@@ -114,7 +118,7 @@ def read_rows(path: Path, name: str, rows: torch.Tensor) -> torch.Tensor:
     nrows, width = shape
     if len(rows) and (int(rows[0]) < 0 or int(rows[-1]) >= nrows):
         raise InputError(f"{path}: tensor {name!r} has {nrows} rows; row {int(rows[-1])} was asked for")
-    row_bytes = width * torch.empty((), dtype=dtype).element_size()
+    row_bytes = width * _DTYPE_BYTES[info["dtype"]]
     out = torch.empty(len(rows), width, dtype=dtype)
     with open(path, "rb") as f:
         for start in range(0, nrows, ROW_CHUNK):
@@ -128,14 +132,6 @@ def read_rows(path: Path, name: str, rows: torch.Tensor) -> torch.Tensor:
             del chunk
     _check_finite(path, name, out)
     return out
-
-
-def _open_header(path: Path) -> tuple[dict, int]:
-    """(validated header, offset of the data section)."""
-    header = read_header(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-    return header, 8 + n
 
 
 def _info(path: Path, header: dict, name: str) -> dict:
@@ -173,8 +169,8 @@ def _check_finite(path: Path, name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point():
         return
     flat = t.view(-1)
-    if not all(bool(torch.isfinite(c).all()) for c in flat.split(_FINITE_CHUNK)):
-        bad = sum(int((~torch.isfinite(c)).sum()) for c in flat.split(_FINITE_CHUNK))
+    if not all(bool(torch.isfinite(c).all()) for c in flat.split(FINITE_CHUNK)):
+        bad = sum(int((~torch.isfinite(c)).sum()) for c in flat.split(FINITE_CHUNK))
         raise InputError(
             f"{path}: tensor {name!r} holds {bad} NaN/Inf value(s); the checkpoint is damaged or "
             "was saved after a diverged run; re-download or re-export it"

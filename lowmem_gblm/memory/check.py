@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lowmem_gblm.errors import InputError
-from lowmem_gblm.memory.planner import Plan, fmt_size, load_shape, parse_size, plan
+from lowmem_gblm.memory.planner import Plan, fmt_size, grad_dtype_knob, load_shape, parse_size, plan
 from lowmem_gblm.memory.tracker import current_rss
 
 log = logging.getLogger(__name__)
@@ -121,9 +121,9 @@ def refusal(p: Plan, make, offload: str, n: int, t: int, batch_size: int, device
         parts.append(f"disk: {worst.name} needs {fmt_size(worst.disk_bytes)} ({name} {fmt_size(val)}), "
                      f"{fmt_size(g['disk_free'])} free where OUT_DIR is")
         knobs.append("an OUT_DIR on a larger disk (or free space there)")
-        grad_files = any("gradient files" in k for q in p.phases for k in q.terms.get("disk", {}))
-        if grad_files and p.settings.get("grad_dtype") == "float32":
-            knobs.append("--grad-dtype bfloat16 (half the gradient files)")
+        knob = grad_dtype_knob(p.phases, p.settings["grad_dtype"])
+        if knob:
+            knobs.append(knob)
         if p.settings["offload"] == "disk":
             knobs.append(f"a smaller --nsamples (now {n}) or --seqlen (now {t})")
     return ("the run does not fit this machine: " + "; ".join(parts) + ". Try " + ", or ".join(dict.fromkeys(knobs))

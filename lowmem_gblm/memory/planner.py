@@ -34,13 +34,13 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lowmem_gblm.config import GRAD_DTYPES
 from lowmem_gblm.errors import InputError, UsageError
 
 log = logging.getLogger(__name__)
 
 PHASES = ("gradient_sweep", "prune_sweep", "eval")
 HEAD_CHUNKS = (None, 512, 128)  # tokens per head call, tried in this order (None: the whole window)
-GRAD_ACCUMULATE = ("in_backward",)  # the sweep folds each weight's .grad in as backward produces it
 ACC_BYTES = 4  # fp32 statistics, accumulators and scores
 _NAMED = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -225,7 +225,7 @@ def _fake_ctx(shape: ModelShape, seqlen: int, dtype: torch.dtype, device: torch.
 
 
 def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamples: int,
-          head_chunk: int | None, grad_accumulate: str = "in_backward", sparsity: float = 0.5,
+          head_chunk: int | None, sparsity: float = 0.5,
           batch: int = 1) -> Probe:
     """Run one block's steps on fake tensors and return their device peaks."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -408,7 +408,7 @@ class Plan:
     nsamples: int
     seqlen: int
     budgets: dict[str, int | None]  # gpu_memory, cpu_memory, disk_free
-    settings: dict  # device, compute_dtype, store_dtype, offload, head_chunk, grad_accumulate, ...
+    settings: dict  # device, compute_dtype, store_dtype, offload, head_chunk, grad_dtype, ...
     phases: list[PhasePlan]
     fits: bool
     advice: list[str]
@@ -489,7 +489,7 @@ def _phase(name: str, device: dict[str, int], host: dict[str, int], disk: dict[s
 
 def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, device: str,
             compute_dtype: torch.dtype, store_dtype: torch.dtype | str, offload: str, head_chunk: int | None,
-            grad_accumulate: str, baseline: int, batch: int = 1, grad_dtype: torch.dtype = torch.float32,
+            baseline: int, batch: int = 1, grad_dtype: torch.dtype = torch.float32,
             eval_nsamples: int | None = None, probe_cache: dict | None = None,
             prefetch: bool = True) -> tuple[list[PhasePlan], Probe]:
     """Per-phase peaks for one choice of settings. ``store_dtype``: a float dtype or ``"int8"``
@@ -498,11 +498,11 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
     from lowmem_gblm.methods import get_method
 
     meth = get_method(method)
-    key = (method, seqlen, compute_dtype, nsamples, head_chunk, grad_accumulate, batch)
+    key = (method, seqlen, compute_dtype, nsamples, head_chunk, batch)
     if probe_cache is not None and key in probe_cache:
         pr = probe_cache[key]
     else:
-        pr = probe(shape, method, seqlen, compute_dtype, nsamples, head_chunk, grad_accumulate, batch=batch)
+        pr = probe(shape, method, seqlen, compute_dtype, nsamples, head_chunk, batch=batch)
         if probe_cache is not None:
             probe_cache[key] = pr
     on_cpu = device == "cpu"
@@ -527,9 +527,10 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
     cuda_host = {} if on_cpu else {"CUDA runtime (context, kernels, cuBLAS; estimate)": cuda_host_bytes()}
     ws = {} if on_cpu else {"cuBLAS workspace (1 thread)": cublas_workspace_bytes()}
 
-    # prune sweep (pipeline.run_prune_sweep): two buffers, block loaded, raw block re-read, shard written
+    # prune sweep (pipeline.run_prune_sweep): two buffers, block loaded, its stored bytes (pipeline.
+    # original_tensors) for the shard, shard written
     host = {"baseline": baseline, **cuda_host, "calibration ids": ids,
-            "block re-read for writing (storage dtype)": block_store, "next block prefetched": ahead}
+            "block's stored bytes for writing (storage dtype)": block_store, "next block prefetched": ahead}
     if on_cpu and pr.prune_step < serialized:
         host["shard being serialized (2 copies)"] = serialized - pr.prune_step  # after the block is freed
     elif not on_cpu:
@@ -550,15 +551,15 @@ def predict(shape: ModelShape, method: str, nsamples: int, seqlen: int, *, devic
         disk["two boundaries [N,T,D]"] = 2 * boundary
     p = _phase("prune_sweep", dev, host, disk, on_cpu)
     # its first step (pipeline.embed_windows) reads the embedding rows the windows use (at most N*T of
-    # them), one slice of ROW_CHUNK rows at a time (io.checkpoint.read_rows): slice pages + clone, the
-    # gathered rows twice while they are joined, their finiteness mask, then the compute-dtype copy
-    from lowmem_gblm.io.checkpoint import ROW_CHUNK
+    # them), ROW_CHUNK rows at a time (io.checkpoint.read_rows): the result, one chunk and the rows
+    # picked out of it, the chunked finiteness mask, then the compute-dtype copy
+    from lowmem_gblm.io.checkpoint import FINITE_CHUNK, ROW_CHUNK
 
     rows = min(shape.vocab, n * t) * d
     sd = _dsize(shape.storage_dtype)
     first = {"baseline": baseline, **cuda_host, "calibration ids": ids,
-             "embedding rows read (one slice + gathered rows x2 + finite mask)":
-             2 * min(ROW_CHUNK, shape.vocab) * d * sd + 2 * rows * sd + rows}
+             "embedding rows read (result + one chunk x2 + finite mask)":
+             rows * sd + 2 * min(ROW_CHUNK, shape.vocab) * d * sd + min(rows, FINITE_CHUNK)}
     if compute_dtype != shape.storage_dtype:
         first["embedding rows in the compute dtype"] = rows * _dsize(compute_dtype)
     p.terms["host_stages"] = {"embedding read": sum(first.values()), "blocks": p.host_peak_bytes}
@@ -668,7 +669,7 @@ def cublas_workspace_bytes() -> int:
 def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: int = 128, seqlen: int = 2048,
          gpu_memory: int | str | None = None, cpu_memory: int | str | None = None, disk_dir: str | Path | None = None,
          compute_dtype: str | torch.dtype = "auto", store_dtype: str | torch.dtype | None = None,
-         offload: str | None = None, head_chunk: int | None | str = "auto", grad_accumulate: str = "auto",
+         offload: str | None = None, head_chunk: int | None | str = "auto",
          eval_nsamples: int | None = None, baseline: int | None = None,
          disk_space: int | str | None = None, device: str | None = None, batch_size: int = 1,
          phases: tuple[str, ...] | None = None, probe_cache: dict | None = None, prefetch: bool = True,
@@ -678,7 +679,7 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
     gpu_memory: device budget (None/0: no GPU, compute on the CPU). cpu_memory: host RAM budget
     (None: unlimited). disk_dir: where the disk store and accumulators would go (its free space is
     the disk budget, unless ``disk_space`` states one).
-    offload / head_chunk / grad_accumulate: fixed, or chosen (None / "auto").
+    offload / head_chunk: fixed, or chosen (None / "auto").
     device: "cpu" / "cuda" (default: cuda when gpu_memory is given); batch_size: the prune sweep's
     forward micro-batch; phases: only these phases count (the engine plans the phases it will run);
     config_json_or_model_dir may also be a ModelShape already loaded.
@@ -695,8 +696,8 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
     cdt = _resolve(compute_dtype, device, shape.storage_dtype)
     sdt = _store_dtype(store_dtype, cdt)
     gdt = grad_dtype if isinstance(grad_dtype, torch.dtype) else _NAMED.get(grad_dtype)
-    if gdt not in (torch.float32, torch.bfloat16):
-        raise UsageError(f"--grad-dtype must be float32 or bfloat16, got {grad_dtype!r}")
+    if _name(gdt) not in GRAD_DTYPES:
+        raise UsageError(f"--grad-dtype must be one of {GRAD_DTYPES}, got {grad_dtype!r}")
     disk_free = parse_size(disk_space)
     if disk_free is None and disk_dir is not None:
         if not Path(disk_dir).is_dir():
@@ -710,24 +711,23 @@ def plan(config_json_or_model_dir: str | Path, method: str = "gblm", nsamples: i
     if offload not in (None, "cpu", "disk"):
         raise UsageError(f"--offload must be cpu or disk, got {offload!r}")
     chunks = list(HEAD_CHUNKS) if head_chunk == "auto" else [None if head_chunk in (None, 0) else int(head_chunk)]
-    accs = list(GRAD_ACCUMULATE) if grad_accumulate == "auto" else [grad_accumulate]
     cache: dict = {} if probe_cache is None else probe_cache
     tried = []
     wanted = phases
-    for off, chunk, acc in itertools.product(offloads, chunks, accs):
+    for off, chunk in itertools.product(offloads, chunks):
         phases, pr = predict(shape, method, nsamples, seqlen, device=device, compute_dtype=cdt, store_dtype=sdt,
-                             offload=off, head_chunk=chunk, grad_accumulate=acc, baseline=base, batch=batch_size,
+                             offload=off, head_chunk=chunk, baseline=base, batch=batch_size,
                              eval_nsamples=eval_nsamples, probe_cache=cache, prefetch=prefetch, grad_dtype=gdt)
         phases = [p for p in phases if wanted is None or p.name in wanted]
         short = _shortfalls(phases, gpu, cpu, disk_free, off, disk_dir)
-        tried.append((sum(short.values()), off, chunk, acc, phases, pr, short))
+        tried.append((sum(short.values()), off, chunk, phases, pr, short))
         if not short:
             break
-    score, off, chunk, acc, phases, pr, short = (tried[-1] if not tried[-1][-1]
-                                                  else min(tried, key=lambda r: r[0]))
+    score, off, chunk, phases, pr, short = (tried[-1] if not tried[-1][-1]
+                                            else min(tried, key=lambda r: r[0]))
     settings = {"device": device, "compute_dtype": _name(cdt), "store_dtype": _name(sdt),
                 "storage_dtype": _name(shape.storage_dtype), "offload": off, "head_chunk": chunk,
-                "grad_accumulate": acc, "forward_microbatch": batch_size, "grad_dtype": _name(gdt)}
+                "forward_microbatch": batch_size, "grad_dtype": _name(gdt)}
     if off == "disk":
         settings["disk_dir"] = str(disk_dir) if disk_dir is not None else None
     notes = list(pr.notes)
@@ -789,6 +789,12 @@ def _shortfalls(phases, gpu, cpu, disk_free, offload, disk_dir) -> dict[str, int
     return short
 
 
+def grad_dtype_knob(phases, grad_dtype: str) -> str | None:
+    """``--grad-dtype bfloat16`` when fp32 gradient files are part of the phases' disk use, else None."""
+    files = any("gradient files" in k for q in phases for k in q.terms.get("disk", {}))
+    return "--grad-dtype bfloat16 (half the gradient files)" if files and grad_dtype == "float32" else None
+
+
 def _advice(phases, short, gpu, cpu, offload, disk_dir, method, nsamples, seqlen,
             grad_dtype: str = "float32") -> list[str]:
     out = []
@@ -810,8 +816,8 @@ def _advice(phases, short, gpu, cpu, offload, disk_dir, method, nsamples, seqlen
     if "disk_free" in short:
         p = max(phases, key=lambda q: q.disk_bytes)
         name, val = p.dominant("disk")
-        grad_files = any("gradient files" in k for q in phases for k in q.terms.get("disk", {}))
-        hint = ", or --grad-dtype bfloat16 (half the gradient files)" if grad_files and grad_dtype == "float32" else ""
+        knob = grad_dtype_knob(phases, grad_dtype)
+        hint = f", or {knob}" if knob else ""
         out.append(f"disk short by {fmt_size(short['disk_free'])} in {p.name}: {name} = {fmt_size(val)}; "
                    f"free space or choose another --disk, or lower --nsamples (now {nsamples}){hint}")
     return out

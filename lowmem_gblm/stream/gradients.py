@@ -42,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from lowmem_gblm.config import GRAD_DTYPES as GRAD_DTYPE_NAMES
 from lowmem_gblm.config import diff_dicts
 from lowmem_gblm.errors import InputError, ResumeMismatch
-from lowmem_gblm.io.checkpoint import read_tensors
+from lowmem_gblm.io.checkpoint import read_header, read_tensors
 from lowmem_gblm.io.model import StreamedModel, linear_names
 from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.writer import STATE_DIR, OutputLock, atomic_write_text, file_sha256, fsync_dir, save_tensors_atomic
@@ -67,7 +68,7 @@ REUSE_KEYS = ("format_version", "model", "calibration_sha256", "nsamples", "seql
               "grad_dtype")
 # dtypes the finished gradient norms may be written in (accumulation is fp32 either way); bfloat16 halves
 # the files (the sweep's largest disk use: 4 bytes per linear weight) at ~3 significant digits
-GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GRAD_DTYPES = {name: getattr(torch, name) for name in GRAD_DTYPE_NAMES}
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -95,10 +96,6 @@ def gradient_identity(model: StreamedModel, ids: torch.Tensor, grad_norm: str, d
         "compute_dtype": str(dtype).removeprefix("torch."),
         "device_type": device.type,
     }
-
-
-def _file_sha256(path: Path) -> str:
-    return file_sha256(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +209,7 @@ class GradientFolder:
         file = self.path / entry["file"]
         per_tensor = entry.get("tensors")
         if not file.is_file() or file.stat().st_size != entry["size"] or (
-                per_tensor is None and _file_sha256(file) != entry["sha256"]):
+                per_tensor is None and file_sha256(file) != entry["sha256"]):
             raise _changed(self.path, entry["file"])
         return BlockGradients(file, per_tensor, self.path)
 
@@ -241,8 +238,7 @@ class BlockGradients(Mapping):
 
     def __init__(self, file: Path, sha256: dict[str, str] | None = None, folder: Path | None = None):
         self.file, self.sha256, self.folder = file, sha256, folder or file.parent
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            self._names = tuple(f.keys())
+        self._names = tuple(k for k in read_header(file) if k != "__metadata__")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
@@ -547,7 +543,7 @@ class GradientFeed:
     folder: GradientFolder
     private: bool
 
-    def read(self, i: int) -> dict[str, torch.Tensor]:
+    def read(self, i: int) -> BlockGradients:
         return self.folder.read(i)
 
     def consumed(self, i: int) -> None:
