@@ -1,142 +1,249 @@
-"""lowmem-gblm command line: a thin typed shell that builds a config and calls the library."""
+"""lowmem-gblm command line: a thin typed shell that builds a config and calls the engine.
+
+Every expected failure (bad input, a run that cannot fit, a full disk) prints one ``error:`` line and
+exits with code 2; anything else is a bug: the traceback is printed, says so, and the exit code is 1.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import sys
+import traceback
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.logging import RichHandler
 
+from lowmem_gblm import __version__
+from lowmem_gblm.config import (
+    CalibConfig,
+    Dtype,
+    EvalConfig,
+    GradDtype,
+    GradientConfig,
+    GradNorm,
+    MagnitudeScope,
+    Offload,
+    PruneConfig,
+    StoreDtype,
+)
+from lowmem_gblm.engine import compute_gradients, evaluate_checkpoint
+from lowmem_gblm.engine import prune as run_prune
+from lowmem_gblm.engine.progress import CONSOLE, live_terminal
 from lowmem_gblm.errors import UsageError
+from lowmem_gblm.io.gguf_import import import_gguf
+from lowmem_gblm.memory.plan import Budgets, PlanSettings
+from lowmem_gblm.memory.plan import plan as make_plan
+from lowmem_gblm.memory.shape import load_shape
+from lowmem_gblm.memory.tracker import limit_heap_retention
+from lowmem_gblm.methods import registered
+from lowmem_gblm.verify import verify as run_verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Memory-lean, block-streamed pruning of Hugging Face causal LMs (GBLM, Wanda, SparseGPT).")
 log = logging.getLogger("lowmem_gblm")
 
+_METHODS = "; ".join(f"{m.name}: {m.summary}" for m in sorted(registered().values(), key=lambda m: m.name))
+
+ModelDir = Annotated[Path, typer.Argument(help="local Hugging Face checkpoint folder (safetensors)")]
+Method = Annotated[str, typer.Option("--method", help=f"pruning method ({_METHODS})")]
 Calib = Annotated[str | None, typer.Option(
-    "--calib", help="text/.jsonl file, folder of .txt, wiki-offline[:calib|:eval], c4, wikitext2")]
-CalibIds = Annotated[str | None, typer.Option(
-    "--calib-ids", help="safetensors with input_ids [N, T] to reuse exact windows")]
+    "--calib", help="calibration text: a .txt/.jsonl file, a folder of .txt, wiki-offline[:calib|:eval], c4, "
+    "wikitext2")]
+CalibIds = Annotated[Path | None, typer.Option(
+    "--calib-ids", help="safetensors file with input_ids [N, T]: reuse exact windows (e.g. a run's own)")]
 NSamples = Annotated[int, typer.Option("--nsamples", help="calibration windows")]
 SeqLen = Annotated[int, typer.Option("--seqlen", help="tokens per window")]
 Seed = Annotated[int, typer.Option("--seed", help="window sampling seed")]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
-Dtype = Annotated[str, typer.Option("--dtype", help="compute dtype: auto | float32 | bfloat16 | float16")]
-StoreDtype = Annotated[str, typer.Option(
-    "--store-dtype", help="activation store: auto (= compute dtype, exact) | float32 | bfloat16 | float16 | "
-    "int8 (bitsandbytes blockwise 8-bit, lossy, ~1 byte/value)")]
-GradDtype = Annotated[str, typer.Option(
-    "--grad-dtype", help="GBLM gradient files: float32 (exact) | bfloat16 (half the disk; accumulation stays fp32)")]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="compute dtype (auto: fp32 on CPU, the checkpoint's on CUDA)")]
+StoreDtypeOpt = Annotated[StoreDtype, typer.Option(
+    "--store-dtype", help="activation store: auto (= compute dtype, exact), a float dtype, or int8 "
+    "(bitsandbytes blockwise 8-bit, lossy, ~1 byte/value)")]
+GradDtypeOpt = Annotated[GradDtype, typer.Option(
+    "--grad-dtype", help="GBLM gradient files: float32 (exact) or bfloat16 (half the disk; accumulation stays fp32)")]
+GradNormOpt = Annotated[GradNorm, typer.Option("--grad-norm", help="GBLM: norm of the per-sample gradients")]
+HeadChunk = Annotated[int | None, typer.Option(
+    "--head-chunk", help="tokens per head call (bounds the [chunk, vocab] fp32 logits; default: the whole window)")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="windows per block call in forward-only passes")]
 Prefetch = Annotated[bool, typer.Option(
     "--prefetch/--no-prefetch", help="read the next block on a background thread (same output)")]
-Offload = Annotated[str, typer.Option(
-    "--offload", help="activation store: auto (RAM when it fits with a margin, else disk) | cpu | disk")]
+OffloadOpt = Annotated[Offload, typer.Option(
+    "--offload", help="activation store: auto (RAM when it fits with a margin, else disk), cpu (RAM) or disk")]
 PlanCheck = Annotated[bool, typer.Option(
     "--plan-check/--no-plan-check", help="refuse before heavy work when the planner says the run cannot fit")]
 CpuMemory = Annotated[str | None, typer.Option(
-    "--cpu-memory", help="host RAM budget for the plan check, e.g. 32GiB (default: RSS + MemAvailable)")]
+    "--cpu-memory", help="host RAM budget, e.g. 32GiB (default: this process's RSS + MemAvailable)")]
 GpuMemory = Annotated[str | None, typer.Option(
-    "--gpu-memory", help="device budget for the plan check (default: free CUDA memory)")]
+    "--gpu-memory", help="device budget, e.g. 24GiB (default: free CUDA memory)")]
+DiskSpace = Annotated[str | None, typer.Option(
+    "--disk-space", help="disk budget, e.g. 500GB (default: free space where the output goes)")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="warnings and errors only; no progress")]
+AsJson = Annotated[bool, typer.Option("--json", help="print one JSON object")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lowmem-gblm {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def root() -> None:
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
     """Memory-lean, block-streamed pruning of Hugging Face causal LMs."""
-    from lowmem_gblm.memory.tracker import limit_heap_retention
-
     limit_heap_retention()  # before anything large is allocated
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    level = logging.WARNING if quiet else logging.INFO
+    if live_terminal():  # log lines print above the live progress bars
+        logging.basicConfig(level=level, format="%(message)s", datefmt="%H:%M:%S",
+                            handlers=[RichHandler(console=CONSOLE, show_path=False)])
+    else:
+        logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
+                            datefmt="%H:%M:%S")
 
 
-def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(code=2)
+@contextlib.contextmanager
+def _expected_errors():
+    """A UsageError (bad input, a fixable refusal) becomes one ``error:`` line and exit code 2."""
+    try:
+        yield
+    except UsageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def _calib(calib: str | None, calib_ids: Path | None, nsamples: int, seqlen: int, seed: int) -> CalibConfig:
+    return CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                       ids_file=None if calib_ids is None else str(calib_ids))
 
 
 @app.command()
 def prune(
-    model_dir: Annotated[str, typer.Argument(help="local Hugging Face checkpoint folder (safetensors)")],
-    out_dir: Annotated[str, typer.Argument(help="output folder (a new sharded checkpoint)")],
-    method: Annotated[str, typer.Option("--method", help="magnitude | wanda | sparsegpt | gblm")] = "wanda",
-    sparsity: Annotated[float | None, typer.Option("--sparsity", help="fraction removed, in (0, 1)")] = None,
-    pattern: Annotated[str, typer.Option("--pattern", help="unstructured | N:M (N kept of every M)")] = "unstructured",
-    magnitude_scope: Annotated[str, typer.Option("--magnitude-scope", help="row | matrix")] = "row",
+    model_dir: ModelDir,
+    out_dir: Annotated[Path, typer.Argument(help="output folder: a new sharded checkpoint (rerun to resume)")],
+    method: Method = "wanda",
+    sparsity: Annotated[float | None, typer.Option(
+        "--sparsity", help="fraction of each row removed, in (0, 1) (default 0.5; N:M patterns imply it)")] = None,
+    pattern: Annotated[str, typer.Option(
+        "--pattern", help="unstructured, or N:M (N kept of every M)")] = "unstructured",
+    magnitude_scope: Annotated[MagnitudeScope, typer.Option(
+        "--magnitude-scope", help="magnitude: compare weights per output row or over the whole matrix")] = "row",
     calib: Calib = None,
     calib_ids: CalibIds = None,
     nsamples: NSamples = 128,
     seqlen: SeqLen = 2048,
     seed: Seed = 0,
     device: Device = "auto",
-    dtype: Dtype = "auto",
-    alpha: Annotated[float, typer.Option("--alpha", help="GBLM gradient-term weight")] = 100.0,
-    grad_norm: Annotated[str, typer.Option("--grad-norm", help="GBLM: l1 | l2")] = "l1",
-    gradients: Annotated[str | None, typer.Option("--gradients", help="GBLM: reuse a gradient folder")] = None,
-    offload: Offload = "auto",
-    percdamp: Annotated[float, typer.Option("--percdamp", help="SparseGPT Hessian dampening")] = 0.01,
-    blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block")] = 128,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="windows per block call (forward only)")] = 1,
-    store_dtype: StoreDtype = "auto",
-    grad_dtype: GradDtype = "float32",
+    dtype: DtypeOpt = "auto",
+    alpha: Annotated[float, typer.Option("--alpha", help="GBLM: weight of the gradient term")] = 100.0,
+    grad_norm: GradNormOpt = "l1",
+    gradients: Annotated[Path | None, typer.Option(
+        "--gradients", help="GBLM: a finished gradient folder (lowmem-gblm gradients) to reuse")] = None,
+    offload: OffloadOpt = "auto",
+    percdamp: Annotated[float, typer.Option(
+        "--percdamp", help="SparseGPT: Hessian dampening, a fraction of mean(diag H)")] = 0.01,
+    blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT: columns per lazy-update block")] = 128,
+    batch_size: BatchSize = 1,
+    store_dtype: StoreDtypeOpt = "auto",
+    grad_dtype: GradDtypeOpt = "float32",
+    head_chunk: HeadChunk = None,
     prefetch: Prefetch = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard a previous run in OUT_DIR")] = False,
     plan_check: PlanCheck = True,
     cpu_memory: CpuMemory = None,
     gpu_memory: GpuMemory = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    disk_space: DiskSpace = None,
+    quiet: Quiet = False,
 ) -> None:
     """Prune MODEL_DIR into OUT_DIR, one decoder block at a time; rerun the same command to resume."""
     _setup_logging(quiet)
-    from lowmem_gblm.config import CalibConfig, PruneConfig
-    from lowmem_gblm.pipeline import prune as run
-
     if sparsity is None and pattern.strip().lower() == "unstructured":
         sparsity = 0.5
-    try:
+    with _expected_errors():
         config = PruneConfig(
-            model_dir=model_dir, out_dir=out_dir,
-            calib=CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, ids_file=calib_ids),
-            method=method, sparsity=sparsity, pattern=pattern, magnitude_scope=magnitude_scope,
-            device=device, dtype=dtype, alpha=alpha, grad_norm=grad_norm, gradients=gradients,
-            offload=offload, percdamp=percdamp, blocksize=blocksize, batch_size=batch_size,
-            store_dtype=store_dtype, grad_dtype=grad_dtype, prefetch=prefetch, overwrite=overwrite, progress=not quiet,
-            plan_check=plan_check, cpu_memory=cpu_memory, gpu_memory=gpu_memory,
+            model_dir=str(model_dir), out_dir=str(out_dir),
+            calib=_calib(calib, calib_ids, nsamples, seqlen, seed), method=method, sparsity=sparsity,
+            pattern=pattern, magnitude_scope=magnitude_scope, device=device, dtype=dtype, alpha=alpha,
+            grad_norm=grad_norm, gradients=None if gradients is None else str(gradients), offload=offload,
+            percdamp=percdamp, blocksize=blocksize, batch_size=batch_size, store_dtype=store_dtype,
+            grad_dtype=grad_dtype, head_chunk=head_chunk, prefetch=prefetch, overwrite=overwrite,
+            progress=not quiet, plan_check=plan_check, cpu_memory=cpu_memory, gpu_memory=gpu_memory,
+            disk_space=disk_space,
         )
-        report = run(config)
-    except UsageError as exc:
-        _fail(exc)
+        report = run_prune(config)
     s = report["sparsity"]
     typer.echo(f"pruned {model_dir} -> {out_dir}: method {report['method']}, pattern {report['pattern']}, "
                f"sparsity {s['overall']:.4f}")
 
 
+@app.command()
+def gradients(
+    model_dir: ModelDir,
+    grad_dir: Annotated[Path, typer.Argument(help="gradient folder to write (reuse with prune --gradients)")],
+    grad_norm: GradNormOpt = "l1",
+    calib: Calib = None,
+    calib_ids: CalibIds = None,
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 2048,
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: DtypeOpt = "auto",
+    offload: OffloadOpt = "auto",
+    store_dtype: StoreDtypeOpt = "auto",
+    grad_dtype: GradDtypeOpt = "float32",
+    head_chunk: HeadChunk = None,
+    prefetch: Prefetch = True,
+    plan_check: PlanCheck = True,
+    cpu_memory: CpuMemory = None,
+    gpu_memory: GpuMemory = None,
+    disk_space: DiskSpace = None,
+    quiet: Quiet = False,
+) -> None:
+    """GBLM gradient sweep alone: per-sample gradient norms of every decoder linear; rerun to resume."""
+    _setup_logging(quiet)
+    with _expected_errors():
+        config = GradientConfig(
+            model_dir=str(model_dir), out_dir=str(grad_dir), calib=_calib(calib, calib_ids, nsamples, seqlen, seed),
+            grad_norm=grad_norm, device=device, dtype=dtype, offload=offload, store_dtype=store_dtype,
+            grad_dtype=grad_dtype, head_chunk=head_chunk, prefetch=prefetch, progress=not quiet,
+            plan_check=plan_check, cpu_memory=cpu_memory, gpu_memory=gpu_memory, disk_space=disk_space,
+        )
+        report = compute_gradients(config)
+    typer.echo(f"gradients of {model_dir} -> {grad_dir}: {report['blocks']} blocks, {config.grad_norm} norm, "
+               f"{report['phase']['seconds']:.1f} s")
+
+
 @app.command("eval")
 def eval_cmd(
-    model_dir: Annotated[str, typer.Argument(help="checkpoint folder (dense or pruned)")],
-    data: Annotated[str, typer.Option("--data", help="text file, .jsonl, folder, wiki-offline:eval, wikitext2")],
+    model_dir: Annotated[Path, typer.Argument(help="checkpoint folder (dense or pruned)")],
+    data: Annotated[str, typer.Option(
+        "--data", help="evaluation text: a .txt/.jsonl file, a folder of .txt, wiki-offline:eval, wikitext2")],
     seqlen: SeqLen = 2048,
-    max_windows: Annotated[int | None, typer.Option("--max-windows", help="evaluate only the first K windows")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="windows per block call")] = 1,
+    max_windows: Annotated[int | None, typer.Option(
+        "--max-windows", help="evaluate only the first K windows")] = None,
+    batch_size: BatchSize = 1,
     device: Device = "auto",
-    dtype: Dtype = "auto",
+    dtype: DtypeOpt = "auto",
+    head_chunk: HeadChunk = None,
     prefetch: Prefetch = True,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
 ) -> None:
     """Streamed perplexity (non-overlapping windows, last partial window dropped) and sparsity."""
-    import json
-
     _setup_logging(quiet or as_json)
-    from lowmem_gblm.evaluate.perplexity import evaluate_checkpoint
-
-    try:
-        result = evaluate_checkpoint(model_dir, data, seqlen, max_windows, device, dtype, batch_size, prefetch)
-    except UsageError as exc:
-        _fail(exc)
+    with _expected_errors():
+        config = EvalConfig(model_dir=str(model_dir), data=data, seqlen=seqlen, max_windows=max_windows,
+                            batch_size=batch_size, device=device, dtype=dtype, head_chunk=head_chunk,
+                            prefetch=prefetch, progress=not (quiet or as_json))
+        result = evaluate_checkpoint(config)
     if as_json:
         keys = ("ppl", "nll", "tokens", "windows", "seqlen", "sparsity")
         typer.echo(json.dumps({k: result[k] for k in keys} | {"phases": result["phases"]}))
@@ -145,42 +252,53 @@ def eval_cmd(
                    f"in {result['windows']} windows of {result['seqlen']}), sparsity {result['sparsity']:.4f}")
 
 
-@app.command("import-gguf")
-def import_gguf_cmd(
-    gguf_file: Annotated[str, typer.Argument(help="a .gguf file (LLaMA family)")],
-    out_dir: Annotated[str, typer.Argument(help="new Hugging Face checkpoint folder")],
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = "float32",
-    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+@app.command()
+def plan(
+    model: Annotated[Path, typer.Argument(help="model folder or config.json (no weights needed)")],
+    method: Method = "gblm",
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 2048,
+    gpu_memory: Annotated[str | None, typer.Option(
+        "--gpu-memory", help="device budget, e.g. 24GiB (omit or 0: compute on the CPU)")] = None,
+    cpu_memory: Annotated[str | None, typer.Option("--cpu-memory", help="host RAM budget, e.g. 32GiB")] = None,
+    disk: Annotated[Path | None, typer.Option(
+        "--disk", help="folder the output and a disk store would go to (its free space is the disk budget)")] = None,
+    disk_space: DiskSpace = None,
+    dtype: DtypeOpt = "auto",
+    store_dtype: StoreDtypeOpt = "auto",
+    offload: OffloadOpt = "auto",
+    grad_dtype: GradDtypeOpt = "float32",
+    head_chunk: Annotated[int | None, typer.Option(
+        "--head-chunk", help="tokens per head call (default: the whole window, else 512, else 128, as fits)")] = None,
+    batch_size: BatchSize = 1,
+    prefetch: Prefetch = True,
+    as_json: AsJson = False,
 ) -> None:
-    """Dequantize a GGUF model into an ordinary sharded safetensors checkpoint with its tokenizer."""
-    _setup_logging(quiet)
-    from lowmem_gblm.io.gguf_import import import_gguf
-
-    try:
-        path = import_gguf(gguf_file, out_dir, dtype=dtype, overwrite=overwrite)
-    except UsageError as exc:
-        _fail(exc)
-    typer.echo(f"imported {gguf_file} -> {path}")
+    """Predict device / host / disk peaks per phase and choose settings that fit the budgets."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    with _expected_errors():
+        budgets = Budgets.from_options(gpu_memory=gpu_memory, cpu_memory=cpu_memory, disk_dir=disk,
+                                       disk_space=disk_space)
+        settings = PlanSettings(method=method, nsamples=nsamples, seqlen=seqlen,
+                                device="cuda" if budgets.gpu_memory else "cpu", compute_dtype=str(dtype),
+                                store_dtype=str(store_dtype), offload=str(offload),
+                                head_chunk="auto" if head_chunk is None else head_chunk, batch_size=batch_size,
+                                grad_dtype=str(grad_dtype), prefetch=prefetch)
+        result = make_plan(load_shape(model), settings, budgets)
+    typer.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else result.table())
 
 
 @app.command()
 def verify(
-    out_dir: Annotated[str, typer.Argument(help="a finished lowmem-gblm output folder")],
+    out_dir: Annotated[Path, typer.Argument(help="a finished lowmem-gblm output folder")],
     as_json: Annotated[bool, typer.Option("--json", help="also print the checks as one JSON line")] = False,
 ) -> None:
     """Check OUT_DIR: index vs shards, sha256 vs manifest, sparsity / N:M vs report, keys from_pretrained needs.
 
     Exit 0 when every check passes, 1 when one fails, 2 when OUT_DIR is not a finished run.
     """
-    import json
-
-    from lowmem_gblm.verify import verify as run
-
-    try:
-        checks = run(out_dir)
-    except UsageError as exc:
-        _fail(exc)
+    with _expected_errors():
+        checks = run_verify(out_dir)
     for check in checks:
         typer.echo(check.line())
     ok = all(c.ok for c in checks)
@@ -190,81 +308,20 @@ def verify(
     raise typer.Exit(code=0 if ok else 1)
 
 
-@app.command()
-def gradients(
-    model_dir: Annotated[str, typer.Argument(help="local Hugging Face checkpoint folder (safetensors)")],
-    grad_dir: Annotated[str, typer.Argument(help="gradient folder to write (reuse with prune --gradients)")],
-    grad_norm: Annotated[str, typer.Option("--grad-norm", help="l1 | l2 across samples")] = "l1",
-    calib: Calib = None,
-    calib_ids: CalibIds = None,
-    nsamples: NSamples = 128,
-    seqlen: SeqLen = 2048,
-    seed: Seed = 0,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    offload: Offload = "auto",
-    store_dtype: StoreDtype = "auto",
-    grad_dtype: GradDtype = "float32",
-    prefetch: Prefetch = True,
-    plan_check: PlanCheck = True,
-    cpu_memory: CpuMemory = None,
-    gpu_memory: GpuMemory = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+@app.command("import-gguf")
+def import_gguf_cmd(
+    gguf_file: Annotated[Path, typer.Argument(help="a .gguf file (LLaMA family)")],
+    out_dir: Annotated[Path, typer.Argument(help="new Hugging Face checkpoint folder")],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = "float32",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace OUT_DIR if it holds an earlier import")] = False,
+    quiet: Quiet = False,
 ) -> None:
-    """GBLM gradient sweep alone: per-sample gradient norms of every decoder linear; rerun to resume."""
+    """Dequantize a GGUF model into an ordinary sharded safetensors checkpoint with its tokenizer."""
     _setup_logging(quiet)
-    from lowmem_gblm.config import CalibConfig, GradientConfig
-    from lowmem_gblm.stream.gradients import compute_gradients
-
-    try:
-        config = GradientConfig(
-            model_dir=model_dir, out_dir=grad_dir,
-            calib=CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, ids_file=calib_ids),
-            grad_norm=grad_norm, device=device, dtype=dtype, offload=offload, store_dtype=store_dtype,
-            grad_dtype=grad_dtype, prefetch=prefetch, progress=not quiet, plan_check=plan_check, cpu_memory=cpu_memory,
-            gpu_memory=gpu_memory,
-        )
-        report = compute_gradients(config)
-    except UsageError as exc:
-        _fail(exc)
-    typer.echo(f"gradients of {model_dir} -> {grad_dir}: {report['blocks']} blocks, {config.grad_norm} norm, "
-               f"{report['phase']['seconds']:.1f} s")
-
-
-@app.command()
-def plan(
-    model: Annotated[str, typer.Argument(help="model folder or config.json (no weights needed)")],
-    method: Annotated[str, typer.Option("--method", help="magnitude | wanda | sparsegpt | gblm")] = "gblm",
-    nsamples: NSamples = 128,
-    seqlen: SeqLen = 2048,
-    gpu_memory: Annotated[str | None, typer.Option(
-        "--gpu-memory", help="device budget, e.g. 24GiB (omit or 0: compute on the CPU)")] = None,
-    cpu_memory: Annotated[str | None, typer.Option("--cpu-memory", help="host RAM budget, e.g. 32GiB")] = None,
-    disk: Annotated[str | None, typer.Option("--disk", help="folder for the disk store (free space counts)")] = None,
-    disk_space: Annotated[str | None, typer.Option("--disk-space", help="disk budget instead of --disk's free space")]
-    = None,
-    dtype: Dtype = "auto",
-    store_dtype: Annotated[str | None, typer.Option(
-        "--store-dtype", help="boundary store: float32 | bfloat16 | float16 | int8 (default: compute dtype)")]
-    = None,
-    offload: Annotated[str | None, typer.Option("--offload", help="cpu | disk (default: chosen)")] = None,
-    grad_dtype: GradDtype = "float32",
-    prefetch: Prefetch = True,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-) -> None:
-    """Predict device / host / disk peaks per phase and choose settings that fit the budgets."""
-    import json
-
-    from lowmem_gblm.memory.planner import plan as make_plan
-
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    try:
-        result = make_plan(model, method, nsamples, seqlen, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
-                           disk_dir=disk, compute_dtype=dtype, store_dtype=store_dtype, offload=offload,
-                           disk_space=disk_space, grad_dtype=grad_dtype, prefetch=prefetch)
-    except UsageError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else result.table())
+    with _expected_errors():
+        path = import_gguf(gguf_file, out_dir, dtype=dtype, overwrite=overwrite)
+    typer.echo(f"imported {gguf_file} -> {path}")
 
 
 def main() -> None:
@@ -273,6 +330,10 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume", err=True)
         sys.exit(130)
+    except Exception:  # not an expected failure: a bug
+        traceback.print_exc()
+        typer.echo("error: this is a bug in lowmem-gblm (the traceback is above); please report it", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

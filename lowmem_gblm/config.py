@@ -1,4 +1,10 @@
-"""Every option of a run as one frozen, validated dataclass, with JSON round-trip and a stable hash."""
+"""Every option of a run as one frozen dataclass, validated in one place, with typed choices (Enums),
+a JSON round-trip and a stable fingerprint of the options that decide the output bytes.
+
+``RunConfig`` holds what the two sweeps share (model, output, calibration, device, stores, budgets);
+``PruneConfig`` adds the method and its options (handed to the method as ``MethodOptions``),
+``GradientConfig`` is the gradient sweep alone, ``EvalConfig`` the streamed perplexity.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +12,97 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from lowmem_gblm.errors import UsageError
 from lowmem_gblm.mask import Pattern
+from lowmem_gblm.methods import Method, MethodOptions, get_method, registered
+from lowmem_gblm.units import parse_size
 
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-OFFLOADS = ("auto", "cpu", "disk")  # auto: the plan check chooses (never changes output bytes)
-GRAD_NORMS = ("l1", "l2")
-MAGNITUDE_SCOPES = ("row", "matrix")
 
-STORE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")  # as stream.store.STORE_DTYPES
-GRAD_DTYPES = ("float32", "bfloat16")  # GBLM gradient files (accumulation is fp32 either way)
+class Choice(str, Enum):
+    """A typed choice: compares equal to its value and prints as it (typer lists the values in --help)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Dtype(Choice):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class StoreDtype(Choice):
+    """Activation store: auto (= compute dtype, exact), a float dtype, or int8 (blockwise 8-bit, lossy)."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    INT8 = "int8"
+
+
+class GradDtype(Choice):
+    """GBLM gradient files (accumulation is fp32 either way)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+class Offload(Choice):
+    """Where the calibration boundaries live; auto: the plan check chooses (never changes output bytes)."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    DISK = "disk"
+
+
+class GradNorm(Choice):
+    L1 = "l1"
+    L2 = "l2"
+
+
+class MagnitudeScope(Choice):
+    ROW = "row"
+    MATRIX = "matrix"
+
+
+MethodName = Choice("MethodName", {name.upper(): name for name in sorted(registered())})
 
 # Options that do not change the output bytes; left out of the resume fingerprint.
 _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "prefetch", "plan_check",
-                                "cpu_memory", "gpu_memory"})
+                                "cpu_memory", "gpu_memory", "disk_space"})
 # Fingerprinted only when not at this default, so runs started before the option existed still resume.
-_FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32"}
+_FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chunk": None}
+_CHOICES = {"dtype": Dtype, "store_dtype": StoreDtype, "grad_dtype": GradDtype, "offload": Offload,
+            "grad_norm": GradNorm, "magnitude_scope": MagnitudeScope, "method": MethodName}
 
 
-def _check_store_dtype(value: str) -> None:
-    if value not in STORE_DTYPES:
-        raise UsageError(f"--store-dtype must be one of {STORE_DTYPES} (auto: the compute dtype, exact), "
-                         f"got {value!r}")
+def _coerce(cfg, name: str) -> None:
+    """Turn a plain string option into its Choice, or say which values it takes."""
+    kind = _CHOICES[name]
+    value = getattr(cfg, name)
+    try:
+        object.__setattr__(cfg, name, kind(str(value.value if isinstance(value, Enum) else value)))
+    except ValueError:
+        flag = "--" + name.replace("_", "-")
+        raise UsageError(f"{flag} must be one of {', '.join(m.value for m in kind)}, got {value!r}") from None
+
+
+def _check_device(device: str) -> None:
+    if device in ("auto", "cpu", "cuda"):
+        return
+    index = device.removeprefix("cuda:")
+    if index == device or not index.isdigit():
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (N >= 0), got {device!r}")
+
+
+def _check_head_chunk(chunk: int | None) -> None:
+    if chunk is not None and chunk < 1:
+        raise UsageError(f"--head-chunk must be >= 1 token (or omitted: the whole window), got {chunk}")
 
 
 @dataclass(frozen=True)
@@ -53,46 +125,73 @@ class CalibConfig:
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class RunConfig:
+    """What the gradient sweep and the prune sweep share."""
+
     model_dir: str
     out_dir: str
     calib: CalibConfig
-    method: str = "wanda"
-    sparsity: float | None = 0.5
-    pattern: str = "unstructured"
-    magnitude_scope: str = "row"
     device: str = "auto"
-    dtype: str = "auto"
-    alpha: float = 100.0
-    grad_norm: str = "l1"
-    gradients: str | None = None
-    offload: str = "auto"
-    percdamp: float = 0.01
-    blocksize: int = 128
+    dtype: Dtype = Dtype.AUTO
+    grad_norm: GradNorm = GradNorm.L1
+    offload: Offload = Offload.AUTO
     batch_size: int = 1  # windows per block call in the prune sweep's forwards (statistics are per token)
-    store_dtype: str = "auto"  # activation store: auto (= compute dtype, exact) | float dtype | int8 (lossy)
-    grad_dtype: str = "float32"  # GBLM gradient files: float32 (exact) | bfloat16 (half the disk)
+    store_dtype: StoreDtype = StoreDtype.AUTO
+    grad_dtype: GradDtype = GradDtype.FLOAT32
+    head_chunk: int | None = None  # tokens per head call in the gradient sweep (None: the whole window)
     prefetch: bool = True  # read the next block on a background thread (same bytes either way)
-    overwrite: bool = False
     progress: bool = True
     plan_check: bool = True  # refuse before heavy work when the planner says the run cannot fit
     cpu_memory: str | None = None  # host budget for the plan check (default: RSS + MemAvailable)
     gpu_memory: str | None = None  # device budget for the plan check (default: free CUDA memory)
+    disk_space: str | None = None  # disk budget for the plan check (default: free space where OUT_DIR is)
 
     def __post_init__(self) -> None:
-        from lowmem_gblm.methods import get_method  # registry imports config-free modules only
-
-        get_method(self.method)  # raises UsageError listing the methods
-        Pattern.parse(self.pattern, self.sparsity)
-        if self.magnitude_scope not in MAGNITUDE_SCOPES:
-            raise UsageError(f"--magnitude-scope must be one of {MAGNITUDE_SCOPES}, got {self.magnitude_scope!r}")
-        _check_runtime(self)
-        if not self.alpha >= 0.0:
-            raise UsageError(f"--alpha must be >= 0, got {self.alpha}")
-        if not 0.0 <= self.percdamp <= 10.0:
-            raise UsageError(f"--percdamp must be in [0, 10], got {self.percdamp}")
+        for name in _CHOICES:
+            if hasattr(self, name):
+                _coerce(self, name)
+        _check_device(self.device)
+        _check_head_chunk(self.head_chunk)
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        for size in (self.cpu_memory, self.gpu_memory, self.disk_space):
+            parse_size(size)  # raises UsageError naming the bad size
+
+    def to_dict(self) -> dict:
+        """Plain JSON values (choices as their strings)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        data = dict(data)
+        data["calib"] = CalibConfig(**data["calib"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class GradientConfig(RunConfig):
+    """The gradient sweep alone (``lowmem-gblm gradients``): per-sample gradient norms of the dense model."""
+
+
+@dataclass(frozen=True)
+class PruneConfig(RunConfig):
+    method: MethodName = MethodName("wanda")
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    magnitude_scope: MagnitudeScope = MagnitudeScope.ROW
+    alpha: float = 100.0
+    gradients: str | None = None  # GBLM: a finished gradient folder to reuse
+    percdamp: float = 0.01
+    blocksize: int = 128
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        Pattern.parse(self.pattern, self.sparsity)
+        if not 0.0 <= self.alpha < float("inf"):
+            raise UsageError(f"--alpha must be a finite number >= 0, got {self.alpha}")
+        if not 0.0 <= self.percdamp <= 10.0:
+            raise UsageError(f"--percdamp must be in [0, 10], got {self.percdamp}")
         if self.blocksize < 1:
             raise UsageError(f"--blocksize must be >= 1, got {self.blocksize}")
 
@@ -100,21 +199,22 @@ class PruneConfig:
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern, self.sparsity)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    @property
+    def method_spec(self) -> Method:
+        return get_method(self.method)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+    @property
+    def runs_gradient_sweep(self) -> bool:
+        """GBLM without a --gradients folder computes its gradients first."""
+        return self.method_spec.needs_gradients and not self.gradients
 
-    @classmethod
-    def from_dict(cls, data: dict) -> PruneConfig:
-        data = dict(data)
-        data["calib"] = CalibConfig(**data["calib"])
-        return cls(**data)
+    def method_options(self) -> MethodOptions:
+        return MethodOptions(magnitude_scope=str(self.magnitude_scope), alpha=self.alpha, percdamp=self.percdamp,
+                             blocksize=self.blocksize)
 
     def fingerprint_dict(self) -> dict:
         """The options that decide the output bytes. model_dir is a path: the model itself is
-        fingerprinted separately (io.checkpoint.model_fingerprint)."""
+        fingerprinted separately (io.checkpoint.CheckpointIndex.fingerprint)."""
         data = {k: v for k, v in self.to_dict().items()
                 if k not in _NOT_FINGERPRINTED and _FINGERPRINT_IF_NOT.get(k, object()) != v}
         data["model_dir"] = str(Path(self.model_dir).resolve())
@@ -128,62 +228,27 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
-class GradientConfig:
-    """The gradient sweep alone (``lowmem-gblm gradients``): per-sample gradient norms of the dense model."""
+class EvalConfig:
+    """Streamed perplexity of a checkpoint (``lowmem-gblm eval``)."""
 
     model_dir: str
-    out_dir: str
-    calib: CalibConfig
-    grad_norm: str = "l1"
+    data: str
+    seqlen: int = 2048
+    max_windows: int | None = None
+    batch_size: int = 1
     device: str = "auto"
-    dtype: str = "auto"
-    offload: str = "auto"
-    store_dtype: str = "auto"
-    grad_dtype: str = "float32"
+    dtype: Dtype = Dtype.AUTO
+    head_chunk: int | None = None  # tokens per head call (None: the whole window)
     prefetch: bool = True
     progress: bool = True
-    plan_check: bool = True
-    cpu_memory: str | None = None
-    gpu_memory: str | None = None
 
     def __post_init__(self) -> None:
-        _check_runtime(self)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _check_runtime(cfg) -> None:
-    """Options PruneConfig and GradientConfig share: device, dtype, store, offload, norm, budgets."""
-    if cfg.device not in DEVICES and not cfg.device.startswith("cuda:"):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    if cfg.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {DTYPES}, got {cfg.dtype!r}")
-    if cfg.offload not in OFFLOADS:
-        raise UsageError(f"--offload must be one of {OFFLOADS}, got {cfg.offload!r}")
-    if cfg.grad_norm not in GRAD_NORMS:
-        raise UsageError(f"--grad-norm must be one of {GRAD_NORMS}, got {cfg.grad_norm!r}")
-    _check_store_dtype(cfg.store_dtype)
-    if cfg.grad_dtype not in GRAD_DTYPES:
-        raise UsageError(f"--grad-dtype must be one of {GRAD_DTYPES} (the gradient files; accumulation is fp32), "
-                         f"got {cfg.grad_dtype!r}")
-    _check_sizes(cfg.cpu_memory, cfg.gpu_memory)
-
-
-def _check_sizes(*sizes: str | None) -> None:
-    from lowmem_gblm.memory.planner import parse_size  # raises UsageError naming the bad size
-
-    for size in sizes:
-        parse_size(size)
-
-
-def diff_dicts(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Human-readable differences between two fingerprint dicts ("alpha: 100 -> 10")."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += diff_dicts(a, b, prefix + key + ".")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
+        _coerce(self, "dtype")
+        _check_device(self.device)
+        _check_head_chunk(self.head_chunk)
+        if self.seqlen < 2:
+            raise UsageError(f"--seqlen must be >= 2, got {self.seqlen}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise UsageError(f"--max-windows must be >= 1, got {self.max_windows}")

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from lowmem_gblm.errors import InputError
-from lowmem_gblm.io.checkpoint import read_header, read_tensors
-from lowmem_gblm.io.writer import INDEX_NAME, MANIFEST, STATE_DIR
+from lowmem_gblm.io.checkpoint import INDEX_NAME, read_header, read_tensors
+from lowmem_gblm.io.runstate import MANIFEST_NAME, REPORT_NAME, STATE_DIR
+from lowmem_gblm.io.writer import file_sha256
 
-REPORT_NAME = "prune_report.json"  # same name as pipeline.REPORT_NAME (not imported: keeps verify light)
 _BLOCK_MATRIX = re.compile(r"\.layers\.\d+\..+\.weight$")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -46,7 +46,6 @@ def _load_json(path: Path, what: str) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    from lowmem_gblm.io.writer import file_sha256
 
     return file_sha256(path)
 
@@ -82,7 +81,7 @@ def check_index(root: Path, weight_map: dict, total_size: int | None) -> tuple[C
 
 
 def check_checksums(root: Path, weight_map: dict) -> Check:
-    path = root / STATE_DIR / MANIFEST
+    path = root / STATE_DIR / MANIFEST_NAME
     if not path.is_file():
         return Check("checksums", False, f"no manifest at {path}; cannot check shard checksums")
     try:

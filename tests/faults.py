@@ -26,7 +26,7 @@ def config(model: Path, out: Path, calib: Path, **kw):
 
 
 def run(model: Path, out: Path, calib: Path, **kw) -> dict:
-    from lowmem_gblm.pipeline import prune
+    from lowmem_gblm.engine import prune
 
     return prune(config(model, out, calib, **kw))
 

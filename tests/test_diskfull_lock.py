@@ -45,7 +45,7 @@ def test_disk_full_stops_cleanly_and_resumes(tiny_model, calib_text, pruned, tmp
 HOLD = """
 import sys, time
 from pathlib import Path
-from lowmem_gblm.io.writer import OutputLock
+from lowmem_gblm.io.runstate import OutputLock
 with OutputLock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(120)

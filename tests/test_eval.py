@@ -4,13 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lowmem_gblm.calib.data import eval_windows, split_windows
+from lowmem_gblm.engine.evaluate import checkpoint_sparsity, streamed_perplexity
 from lowmem_gblm.errors import InputError
-from lowmem_gblm.evaluate.perplexity import (
-    checkpoint_sparsity,
-    eval_windows,
-    split_windows,
-    streamed_perplexity,
-)
 from lowmem_gblm.io.model import StreamedModel
 from tests.tiny_eval import SENTENCES, make_tiny_llama
 

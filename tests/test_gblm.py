@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from lowmem_gblm.config import CalibConfig, GradientConfig, PruneConfig
-from lowmem_gblm.io.writer import STATE_DIR
-from lowmem_gblm.pipeline import prune
-from lowmem_gblm.stream.gradients import GRADIENTS_JSON, INCOMING_NAME, block_file, compute_gradients
+from lowmem_gblm.engine import prune
+from lowmem_gblm.engine.gradients import INCOMING_NAME, compute_gradients
+from lowmem_gblm.io.gradfiles import block_file
+from lowmem_gblm.io.runstate import GRADIENTS_JSON, STATE_DIR
 
 N, T = 4, 16  # calibration windows x tokens
 VOCAB = 320  # tests.tiny default
@@ -266,8 +267,7 @@ def test_mismatched_gradient_folder_is_refused(tmp_path, tiny_model, ids_file, o
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["cpu", "disk"])
 def test_incoming_gradient_round_trip(tmp_path, dtype, kind):
-    from lowmem_gblm.stream.gradients import _persist_incoming, _restore_incoming
-    from lowmem_gblm.stream.store import ActivationStore
+    from lowmem_gblm.stream.store import ActivationStore, load_buffer, save_buffer
 
     store = ActivationStore(kind, tmp_path / "store")
     src, dst = store.new((3, 5, 8), dtype, "a"), store.new((3, 5, 8), dtype, "b")
@@ -275,10 +275,10 @@ def test_incoming_gradient_round_trip(tmp_path, dtype, kind):
     for n in range(3):
         src.put(n, data[n:n + 1])
     path = tmp_path / "incoming.safetensors"
-    _persist_incoming(path, src, block=4)
+    save_buffer(path, src, "4")
     assert torch.equal(load_file(str(path))["grad"], data)  # a plain safetensors file
-    assert not _restore_incoming(path, dst, block=3)  # persisted for another block: not used
-    assert _restore_incoming(path, dst, block=4)
+    assert not load_buffer(path, dst, "3")  # persisted for another block: not used
+    assert load_buffer(path, dst, "4")
     assert torch.equal(dst.get(0, 3), data)
 
 

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from lowmem_gblm.config import CalibConfig, PruneConfig
-from lowmem_gblm.pipeline import prune
+from lowmem_gblm.engine import prune
 from tests.reference import inmemory_prune, load_ids
 
 NSAMPLES, SEQLEN = 6, 32
@@ -144,16 +144,15 @@ def test_resume_refuses_other_options_and_overwrite_starts_over(tiny_model, cali
     (torch.float32, torch.float32),
     (torch.float32, torch.bfloat16),  # narrowed: read again from the checkpoint
 ])
-def test_original_tensors_are_the_stored_bytes(tmp_path, stored, compute):
+def test_stored_tensors_are_the_stored_bytes(tmp_path, stored, compute):
     from lowmem_gblm.io.model import StreamedModel
-    from lowmem_gblm.pipeline import original_tensors
     from tests.tiny import make_tiny_llama
 
     model_dir = make_tiny_llama(tmp_path / "m", dtype=stored, tokenizer=False)
     model = StreamedModel.open(model_dir)
     for i in range(model.num_blocks):
         block = model.load_block(i, torch.device("cpu"), compute)
-        got = original_tensors(model, block, i, compute)
+        got = model.stored_tensors(block, i, compute)
         want = model.index.read(model.block_names(i))
         assert sorted(got) == sorted(want) and len(got) == 9
         for name, t in want.items():

@@ -11,11 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from lowmem_gblm.config import CalibConfig, PruneConfig
+from lowmem_gblm.config import CalibConfig, GradientConfig, PruneConfig
+from lowmem_gblm.engine import compute_gradients
 from lowmem_gblm.errors import InputError, ResumeMismatch
 from lowmem_gblm.io.model import StreamedModel
 from lowmem_gblm.io.prefetch import BlockReader
-from lowmem_gblm.stream.gradients import gradient_sweep
 from lowmem_gblm.stream.store import (
     INT8_BLOCKSIZE,
     ActivationStore,
@@ -120,12 +120,10 @@ def test_gblm_int8_store(tiny_model, calib_text, tmp_path):
     ident = json.loads((tmp_path / "b" / ".lowmem" / "manifest.json").read_text())["gradients"]["identity"]
     assert ident["store_dtype"] == "int8"
     # a gradient folder made with an int8 store: reused by an int8 prune (same bytes), refused by an exact one
-    from lowmem_gblm.calib.data import resolve_windows
-
-    ids = resolve_windows(CalibConfig(source=str(calib_text), nsamples=4, seqlen=32), tiny_model, 320, 256)
     grads = tmp_path / "grads"
-    gradient_sweep(StreamedModel.open(tiny_model), ids, grads, grad_norm="l1", device=torch.device("cpu"),
-                   dtype=torch.float32, progress=False, store_dtype="int8")
+    compute_gradients(GradientConfig(model_dir=str(tiny_model), out_dir=str(grads), device="cpu", progress=False,
+                                     calib=CalibConfig(source=str(calib_text), nsamples=4, seqlen=32),
+                                     store_dtype="int8"))
     run(tiny_model, tmp_path / "c", calib_text, method="gblm", store_dtype="int8", gradients=str(grads))
     c = read_all(tmp_path / "c")
     assert all(torch.equal(b[n], c[n]) for n in b)
@@ -146,16 +144,15 @@ def test_prefetch_output_byte_identical(wanda_runs):
 
 
 def test_gradient_sweep_prefetch_byte_identical(tiny_model, calib_text, tmp_path):
-    from lowmem_gblm.calib.data import resolve_windows
-
     model = StreamedModel.open(tiny_model)
-    ids = resolve_windows(CalibConfig(source=str(calib_text), nsamples=3, seqlen=16), tiny_model, 320, 256)
     outs = []
     for pf in (True, False):
-        folder = gradient_sweep(model, ids, tmp_path / str(pf), grad_norm="l1", device=torch.device("cpu"),
-                                dtype=torch.float32, progress=False, prefetch=pf)
-        files = sorted(e["file"] for e in folder.data["done"].values())
-        outs.append({f: (folder.path / f).read_bytes() for f in files})
+        folder = tmp_path / str(pf)
+        compute_gradients(GradientConfig(model_dir=str(tiny_model), out_dir=str(folder), device="cpu",
+                                         calib=CalibConfig(source=str(calib_text), nsamples=3, seqlen=16),
+                                         progress=False, prefetch=pf))
+        files = sorted(e["file"] for e in json.loads((folder / "gradients.json").read_text())["done"].values())
+        outs.append({f: (folder / f).read_bytes() for f in files})
     assert outs[0] == outs[1] and len(outs[0]) == model.num_blocks
 
 

@@ -14,6 +14,7 @@ For ``c4``: per window a random document with more than T tokens and a random of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -23,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lowmem_gblm.calib.wiki import is_wiki_source, wiki_documents
 from lowmem_gblm.errors import InputError, UsageError
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,6 @@ def load_documents(source: str) -> list[str]:
     """The documents of a calibration/evaluation source, in a fixed order."""
     if source in HUB_SOURCES:
         return _hub_documents(source)
-    from lowmem_gblm.calib.wiki import is_wiki_source, wiki_documents
-
     if is_wiki_source(source):
         return wiki_documents(source)
     path = Path(source)
@@ -176,4 +176,35 @@ def resolve_windows(calib, tokenizer_dir: str | Path, vocab_size: int, max_posit
         ids = calibration_windows(tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed)
     if int(ids.max()) >= vocab_size or int(ids.min()) < 0:
         raise InputError(f"calibration ids fall outside the model's vocabulary (size {vocab_size})")
+    return ids
+
+
+def ids_sha256(ids: torch.Tensor) -> str:
+    """sha256 of windows [N, T] as int64 bytes: the calibration identity in run folders."""
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def split_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """[L] -> [W, T] non-overlapping windows from the start; the partial tail is dropped (the evaluation
+    protocol published for SparseGPT / Wanda / GBLM on wikitext2)."""
+    if seqlen < 2:
+        raise InputError(f"--seqlen must be at least 2 to predict a token, got {seqlen}")
+    count = stream.numel() // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count < 1:
+        raise InputError(
+            f"evaluation text has {stream.numel()} tokens, fewer than one window of --seqlen {seqlen}"
+        )
+    return stream[: count * seqlen].reshape(count, seqlen)
+
+
+def eval_windows(tokenizer, source: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Evaluation windows [W, T] of a source (see ``load_documents``): documents joined with blank lines,
+    tokenized once, cut into non-overlapping windows."""
+    documents = load_documents(source)
+    if not documents:
+        raise InputError(f"--data {source}: no text found")
+    ids = split_windows(tokenize_joined(tokenizer, documents), seqlen, max_windows)
+    log.info("eval %s: %d windows of %d tokens", source, ids.shape[0], seqlen)
     return ids

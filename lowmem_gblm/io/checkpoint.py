@@ -20,15 +20,13 @@ from pathlib import Path
 import torch
 
 from lowmem_gblm.errors import InputError
+from lowmem_gblm.runtime import BY_SAFETENSORS, dtype_bytes
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_DTYPE_BYTES = {k: torch.empty((), dtype=v).element_size() for k, v in _TORCH_DTYPES.items()}
+_DTYPE_BYTES = {code: dtype_bytes(dt) for code, dt in BY_SAFETENSORS.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -142,7 +140,7 @@ def _info(path: Path, header: dict, name: str) -> dict:
 
 
 def _dtype(path: Path, name: str, info: dict) -> torch.dtype:
-    dtype = _TORCH_DTYPES.get(info.get("dtype"))
+    dtype = BY_SAFETENSORS.get(info.get("dtype"))
     if dtype is None:
         raise InputError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
     return dtype

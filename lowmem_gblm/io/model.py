@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.checkpoint import CheckpointIndex
 from lowmem_gblm.io.layout import Family, family_for
+from lowmem_gblm.runtime import storage_dtype
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class StreamedModel:
         expected = {self.family.embed: (vocab, d), self.family.final_norm: (d,)}
         if self.family.lm_head in self.index:
             expected[self.family.lm_head] = (vocab, d)
-        block = self._block_shapes()
+        block = self.block_shapes
         for i in range(self.num_blocks):
             prefix = self.family.block_prefix(i)
             expected.update({prefix + suffix: shape for suffix, shape in block.items()})
@@ -95,9 +97,21 @@ class StreamedModel:
                     f"{list(got)}, config.json implies {list(shape)}"
                 )
 
-    def _block_shapes(self) -> dict[str, tuple[int, ...]]:
-        block = self.build_block(0)
-        return {k: tuple(v.shape) for k, v in block.state_dict().items()}
+    @cached_property
+    def _meta_block(self) -> nn.Module:
+        """Block 0 on the meta device, built once: shapes without weights."""
+        return self.build_block(0)
+
+    @cached_property
+    def block_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name relative to a block -> shape, as config.json implies."""
+        return {k: tuple(v.shape) for k, v in self._meta_block.state_dict().items()}
+
+    @cached_property
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Linear name relative to a block -> (out_features, in_features), in module order."""
+        modules = dict(self._meta_block.named_modules())
+        return {n: (modules[n].out_features, modules[n].in_features) for n in linear_names(self._meta_block)}
 
     # -- building ------------------------------------------------------------------------------
     def build_block(self, i: int) -> nn.Module:
@@ -153,6 +167,31 @@ class StreamedModel:
         norm.load_state_dict({"weight": raw[self.family.final_norm].to(device=device, dtype=dtype)}, assign=True)
         norm.requires_grad_(False)
         return norm.eval(), raw[head_name].to(device=device, dtype=dtype)
+
+
+    def stored_tensors(self, block: nn.Module, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Block i's tensors as the checkpoint stores them {full name: CPU tensor}, before any pruning.
+
+        ``block`` is block i loaded in ``dtype``. When ``dtype`` holds every stored value exactly (the same
+        dtype, or fp32 over bf16/fp16) they are cast back from it, so a sweep reads each block once;
+        otherwise (e.g. an fp32 checkpoint computed in bf16) they are read from the checkpoint again.
+        """
+        names = self.block_names(i)
+        stored = {n: storage_dtype(self.index.tensors[n].dtype, n) for n in names}
+        if not all(s == dtype or s in _EXACT_WIDENING.get(dtype, ()) for s in stored.values()):
+            return self.index.read(names)
+        prefix = self.family.block_prefix(i)
+        state = block.state_dict()
+        return {n: state[n[len(prefix):]].detach().to(device="cpu", dtype=stored[n], copy=True) for n in names}
+
+    def checkpoint_dtype(self) -> torch.dtype:
+        """The stored dtype of the first block's weights (what ``--dtype auto`` computes in on CUDA)."""
+        first = self.block_names(0)[0]
+        return storage_dtype(self.index.tensors[first].dtype, first)
+
+
+# dtypes that hold every value of a stored dtype exactly (a cast back gives the stored bytes)
+_EXACT_WIDENING = {torch.float32: {torch.float32, torch.bfloat16, torch.float16}}
 
 
 def linear_names(block: nn.Module) -> list[str]:

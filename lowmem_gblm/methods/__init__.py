@@ -1,11 +1,11 @@
 """Method registry. A method declares the statistics it needs and prunes one linear in place.
 
-The pipeline asks the registry; it never branches on a method's name.
+The engine asks the registry; it never branches on a method's name. A method receives a
+``LinearJob`` with typed ``MethodOptions``, never the run's whole configuration.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,15 +15,25 @@ from lowmem_gblm.errors import UsageError
 from lowmem_gblm.mask import Pattern
 
 
+@dataclass(frozen=True)
+class MethodOptions:
+    """The options a method reads (config.PruneConfig.method_options builds them from the run's options)."""
+
+    magnitude_scope: str = "row"  # magnitude: keep per output row, or over the whole matrix
+    alpha: float = 100.0  # GBLM: weight of the gradient term
+    percdamp: float = 0.01  # SparseGPT: Hessian dampening, a fraction of mean(diag H)
+    blocksize: int = 128  # SparseGPT: columns per lazy-update block
+
+
 @dataclass
 class LinearJob:
     """One linear to prune. ``weight`` is modified in place: [out, in], compute dtype, on device."""
 
     name: str  # full checkpoint name of the weight, e.g. model.layers.3.mlp.down_proj.weight
     weight: torch.Tensor
-    stats: dict[str, torch.Tensor]  # statistic name -> finished value (e.g. scaler_row [in])
+    stats: dict[str, torch.Tensor]  # statistic name -> finished value (e.g. scaler_row [in]), "gradient" -> G
     pattern: Pattern
-    options: object  # the PruneConfig
+    options: MethodOptions
 
 
 @dataclass(frozen=True)
@@ -31,8 +41,12 @@ class Method:
     name: str
     needs: frozenset[str]  # statistic names (stream.stats.STATISTICS) and/or "gradient"
     prune: Callable[[LinearJob], torch.Tensor]  # returns keep [out, in] bool; updates job.weight
-    summary: str
+    summary: str  # one line for --help
     updates_weights: bool = False  # True: surviving weights change (SparseGPT); else only masked
+
+    @property
+    def needs_gradients(self) -> bool:
+        return "gradient" in self.needs
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -44,19 +58,15 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise UsageError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    if str(name) not in _REGISTRY:
+        raise UsageError(f"unknown method {str(name)!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[str(name)]
 
 
-def method_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+def registered() -> dict[str, Method]:
+    """name -> Method, every method registered so far (the built-in ones are registered on import)."""
+    return dict(_REGISTRY)
 
 
-def _load_builtin() -> None:
-    from lowmem_gblm.methods import scored  # noqa: F401  (registers magnitude, wanda, gblm)
-
-    with contextlib.suppress(ImportError):  # registers sparsegpt
-        from lowmem_gblm.methods import sparsegpt  # noqa: F401
+# the built-in methods register themselves (after the registry above exists)
+from lowmem_gblm.methods import scored, sparsegpt  # noqa: E402,F401

@@ -12,15 +12,20 @@ sample as bitsandbytes blockwise 8-bit codes (dynamic map, one fp32 absmax per
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-_NP_VIEW = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
-STORE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
-_FLOAT_STORE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from lowmem_gblm.io.writer import fsync_dir
+from lowmem_gblm.runtime import BY_NAME, COMPUTE_DTYPES, SAFETENSORS_CODE, dtype_bytes
+
+_NP_VIEW = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}  # memmap element types
+STORE_DTYPES = ("auto", *COMPUTE_DTYPES, "int8")  # config.StoreDtype's values
 INT8_BLOCKSIZE = 256  # values per absmax: 1 + 4/256 bytes per value; rel. error ~1% (4096: ~2%)
 
 
@@ -70,7 +75,7 @@ class ActivationBuffer:
     @property
     def nbytes(self) -> int:
         n, t, d = self.shape
-        return n * t * d * torch.finfo(self.dtype).bits // 8
+        return n * t * d * dtype_bytes(self.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +186,8 @@ def store_nbytes(shape: tuple[int, int, int], store_dtype: str | torch.dtype) ->
     n, t, d = shape
     if store_dtype == "int8":
         return n * (t * d + 4 * -(-(t * d) // INT8_BLOCKSIZE))
-    dtype = _FLOAT_STORE[store_dtype] if isinstance(store_dtype, str) else store_dtype
-    return n * t * d * torch.finfo(dtype).bits // 8
+    dtype = BY_NAME[store_dtype] if isinstance(store_dtype, str) else store_dtype
+    return n * t * d * dtype_bytes(dtype)
 
 
 class ActivationStore:
@@ -197,9 +202,9 @@ class ActivationStore:
             raise ValueError(kind)
         if kind == "disk" and folder is None:
             raise ValueError("disk store needs a folder")
-        if store_dtype not in STORE_DTYPES:
+        if str(store_dtype) not in STORE_DTYPES:
             raise ValueError(store_dtype)
-        self.kind, self.folder, self.store_dtype = kind, folder, store_dtype
+        self.kind, self.folder, self.store_dtype = kind, folder, str(store_dtype)
         self._count = 0
 
     def new(self, shape: tuple[int, int, int], dtype: torch.dtype, name: str | None = None,
@@ -212,4 +217,46 @@ class ActivationStore:
         sdt = "auto" if exact else self.store_dtype
         if sdt == "int8":
             return Int8Buffer(shape, dtype, path)
-        return ActivationBuffer(shape, dtype if sdt == "auto" else _FLOAT_STORE[sdt], path)
+        return ActivationBuffer(shape, dtype if sdt == "auto" else BY_NAME[sdt], path)
+
+
+# ---------------------------------------------------------------------------------------------
+# a buffer saved to one safetensors file (one sample in memory at a time): the gradient sweep's
+# persisted incoming gradient, so a killed sweep resumes at the block it was on
+
+
+def save_buffer(path: Path, buf: ActivationBuffer, tag: str) -> None:
+    """Write ``buf`` [N, T, D] as a safetensors file {"grad"} with metadata block=``tag``, atomically."""
+    n, t, d = buf.shape
+    header = {"__metadata__": {"format": "pt", "block": tag},
+              "grad": {"dtype": SAFETENSORS_CODE[buf.dtype], "shape": [n, t, d], "data_offsets": [0, buf.nbytes]}}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for k in range(n):
+            f.write(buf.get(k).contiguous().view(torch.uint8).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def load_buffer(path: Path, buf: ActivationBuffer, tag: str) -> bool:
+    """Fill ``buf`` from a file ``save_buffer`` wrote with the same ``tag`` and shape; False if there is none."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            if (f.metadata() or {}).get("block") != tag:
+                return False
+            grad = f.get_slice("grad")
+            if list(grad.get_shape()) != list(buf.shape):
+                return False
+            for k in range(len(buf)):
+                buf.put(k, grad[k:k + 1])
+    except Exception:  # a torn or foreign file: the caller recomputes
+        return False
+    return True

@@ -1,0 +1,121 @@
+"""``lowmem-gblm eval``: streamed perplexity and decoder-linear sparsity, one block on the device at a time.
+
+Protocol (the one published for SparseGPT / Wanda / GBLM on wikitext2): the evaluation documents are
+joined with blank lines and tokenized once; the token stream is cut into non-overlapping windows of
+``seqlen`` tokens from its start; **the last, partial window is dropped** (calib.data.split_windows).
+Every window is scored independently and the loss is the mean next-token cross-entropy over all
+``W * (seqlen - 1)`` predicted tokens; perplexity is ``exp`` of it.
+
+Streaming: all windows are embedded into one RAM buffer ``[W, T, D]`` (compute dtype), then each block
+is loaded and every window micro-batch runs through it in place (stream.sweep); the head (final norm +
+logits) runs in fp32 one window at a time (stream.head.window_nll), optionally in token chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from lowmem_gblm.calib.data import eval_windows
+from lowmem_gblm.config import EvalConfig
+from lowmem_gblm.engine.progress import PhaseProgress
+from lowmem_gblm.engine.run import open_model
+from lowmem_gblm.errors import InputError
+from lowmem_gblm.io.model import StreamedModel
+from lowmem_gblm.io.prefetch import BlockReader
+from lowmem_gblm.memory.tracker import PhaseTracker
+from lowmem_gblm.runtime import resolve_device, resolve_dtype
+from lowmem_gblm.stream.context import BlockContext
+from lowmem_gblm.stream.head import HEAD_DTYPE, window_nll
+from lowmem_gblm.stream.store import ActivationStore
+from lowmem_gblm.stream.sweep import embed, forward
+
+log = logging.getLogger(__name__)
+
+
+def _check_ids(model: StreamedModel, ids: torch.Tensor) -> None:
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.shape[1] < 2:
+        raise InputError(f"evaluation ids must be an integer tensor [W, T>=2], got {ids.dtype} {list(ids.shape)}")
+    vocab = int(model.config.vocab_size)
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise InputError(f"evaluation ids fall outside the model's vocabulary (size {vocab})")
+
+
+def streamed_perplexity(model: StreamedModel, ids: torch.Tensor, device: torch.device | str, dtype: torch.dtype,
+                        batch_size: int = 1, prefetch: bool = True, head_chunk: int | None = None,
+                        progress: bool = False) -> dict:
+    """Perplexity of a StreamedModel on windows ids [W, T]: dict(ppl, nll, tokens, windows, seqlen)."""
+    _check_ids(model, ids)
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    w, t = ids.shape
+    hidden = ActivationStore("cpu").new((w, t, model.hidden_size), dtype, exact=True)  # [W, T, D], in place
+    embed(model, ids, hidden, dtype)
+    ctx = BlockContext.build(model, t, device, dtype)
+    schedule = [(i, None) for i in range(model.num_blocks)]
+    with BlockReader(model, schedule, device, dtype, prefetch) as reader, \
+            PhaseProgress("eval", model.num_blocks, w, progress) as bar:
+        for i in range(model.num_blocks):
+            block = reader.next(i)
+            forward(block, ctx, hidden, hidden, device, dtype, batch_size, bar.windows)
+            del block
+            bar.block(f"block {i}")
+    norm, head = model.load_head(device, HEAD_DTYPE)  # head: [V, D] fp32
+    total = sum(window_nll(norm, head, hidden.get(k)[0], ids[k, 1:].to(device), head_chunk) for k in range(w))
+    count = w * (t - 1)
+    nll = total / count
+    result = {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": int(w), "seqlen": int(t)}
+    log.info("perplexity %.4f (nll %.5f over %d tokens, %d windows x %d) in %.1fs on %s/%s",
+             result["ppl"], nll, count, w, t, time.perf_counter() - t0, device, dtype)
+    return result
+
+
+def checkpoint_sparsity(model: StreamedModel) -> dict:
+    """Exact zeros in every 2-D weight under the decoder blocks, read block by block.
+
+    Returns dict(overall=fraction of zeros over all those weights, per_linear={name: fraction},
+    zeros=int, total=int).
+    """
+    per_linear: dict[str, float] = {}
+    zeros = total = 0
+    for i in range(model.num_blocks):
+        names = [n for n in model.block_names(i)
+                 if n.endswith(".weight") and len(model.index.tensors[n].shape) == 2]
+        for name, tensor in model.index.read(names).items():
+            z = int((tensor == 0).sum())
+            per_linear[name] = z / tensor.numel()
+            zeros += z
+            total += tensor.numel()
+    if total == 0:
+        raise InputError(f"{model.root}: no 2-D weights found under the decoder blocks")
+    return {"overall": zeros / total, "per_linear": per_linear, "zeros": zeros, "total": total}
+
+
+def evaluate_checkpoint(config: EvalConfig) -> dict:
+    """Streamed perplexity of a checkpoint folder on a text source (windows cut with the checkpoint's own
+    tokenizer), its decoder-linear sparsity and the measured peaks of the phase."""
+    from transformers import AutoTokenizer
+
+    model = open_model(config.model_dir)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and config.seqlen > max_pos:
+        raise InputError(f"--seqlen {config.seqlen} exceeds the model's context ({max_pos} positions)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(config.model_dir))
+    except Exception as exc:
+        raise InputError(f"cannot load the tokenizer from {config.model_dir} ({exc})") from exc
+    ids = eval_windows(tokenizer, config.data, config.seqlen, config.max_windows)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device, model.checkpoint_dtype())
+    with PhaseTracker("eval", device) as tracker:
+        result = streamed_perplexity(model, ids, device, dtype, config.batch_size, config.prefetch,
+                                     config.head_chunk, config.progress)
+    result["sparsity"] = checkpoint_sparsity(model)["overall"]
+    result["data"] = config.data
+    result["phases"] = [tracker.stats.to_dict()]
+    return result

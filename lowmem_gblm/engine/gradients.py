@@ -1,0 +1,284 @@
+"""The gradient sweep (GBLM): per-sample full-model gradient norms of every decoder linear, streamed.
+
+For each calibration window n the loss is the mean next-token cross-entropy over its T-1 predicted
+positions (labels = inputs), g_n = dL_n/dW for every nn.Linear weight inside the decoder blocks, and
+G = sum_n |g_n| (l1) or sqrt(sum_n g_n^2) (l2), accumulated in fp32. This is the exact full-model
+gradient of the published method, computed without holding the model:
+
+1. forward: embed the windows and run every block under no_grad, keeping each block's *input*
+   (the boundaries) in the activation store (RAM or disk);
+2. head: final norm + lm_head per window (stream.backward.head_sample), fp32 logits and loss; the
+   gradient w.r.t. the last hidden state is the incoming gradient of the last block;
+3. reverse walk: load block i, recompute its forward from the stored input, backpropagate the incoming
+   gradient one window per backward call into fp32 accumulators (stream.backward.block_sample);
+   x.grad is the incoming gradient of block i-1.
+
+The folder (io.gradfiles.GradientFolder) is resumable per block: after block i's file is durable, the
+incoming gradient of block i-1 is persisted under the folder's state dir, then block i is recorded
+done. A rerun recomputes the forward boundaries it still needs and continues from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowmem_gblm.config import GradientConfig
+from lowmem_gblm.engine.progress import PhaseProgress
+from lowmem_gblm.engine.run import Run, open_model, open_run
+from lowmem_gblm.errors import InputError, ResumeMismatch
+from lowmem_gblm.io.gradfiles import BlockGradients, GradientFolder, block_file, tensor_sha256
+from lowmem_gblm.io.model import linear_names
+from lowmem_gblm.io.prefetch import BlockReader
+from lowmem_gblm.io.runstate import (
+    CALIB_IDS_NAME,
+    GRADIENTS_JSON,
+    STATE_DIR,
+    OutputLock,
+    RunState,
+    diff_dicts,
+    prepare_out_dir,
+)
+from lowmem_gblm.io.writer import save_tensors_atomic
+from lowmem_gblm.runtime import dtype_name, named_dtype
+from lowmem_gblm.stream.backward import block_sample, finish, grad_accumulators, head_sample
+from lowmem_gblm.stream.store import load_buffer, save_buffer
+from lowmem_gblm.stream.sweep import embed, forward
+from lowmem_gblm.testing_hooks import crash_point
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+INCOMING_NAME = "incoming.safetensors"  # in the state dir: dL/d(input of the next block to do)
+# identity fields a reused folder must match (compute dtype / device type may differ); the lossy or
+# optional ones are in an identity only when not at their defaults, so older folders still match
+REUSE_KEYS = ("format_version", "model", "calibration_sha256", "nsamples", "seqlen", "grad_norm", "store_dtype",
+              "grad_dtype", "head_chunk")
+
+
+def gradient_identity(run: Run) -> dict:
+    cfg = run.config
+    optional = {"store_dtype": str(cfg.store_dtype) if cfg.store_dtype != "auto" else None,  # changes the gradients
+                "grad_dtype": str(cfg.grad_dtype) if cfg.grad_dtype != "float32" else None,
+                "head_chunk": cfg.head_chunk}
+    return {k: v for k, v in optional.items() if v is not None} | {
+        "format_version": FORMAT_VERSION,
+        "model": run.model.index.fingerprint(),
+        "calibration_sha256": run.ids_sha256,
+        "nsamples": run.nsamples,
+        "seqlen": int(run.ids.shape[1]),
+        "grad_norm": str(cfg.grad_norm),
+        "compute_dtype": dtype_name(run.dtype),
+        "device_type": run.device.type,
+    }
+
+
+def gradient_sweep(run: Run, path: Path) -> GradientFolder:
+    """Compute (or resume, or find finished) the gradient folder at ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    with OutputLock(path):
+        state = RunState.open(path, GRADIENTS_JSON, gradient_identity(run), what="gradient folder",
+                              fix="choose another folder", own=(STATE_DIR, CALIB_IDS_NAME))
+        folder = GradientFolder(path, GRADIENTS_JSON, state.data)
+        if folder.complete:
+            log.info("gradient folder %s is complete; reusing it", path)
+            return folder
+        _Sweep(run, folder).sweep()
+        shutil.rmtree(path / STATE_DIR / "store", ignore_errors=True)
+        (path / STATE_DIR / INCOMING_NAME).unlink(missing_ok=True)
+        folder.finish()
+    return folder
+
+
+class _Sweep:
+    """One gradient sweep into ``folder``: the forward boundaries, the head, the reverse walk."""
+
+    def __init__(self, run: Run, folder: GradientFolder):
+        self.run, self.folder = run, folder
+        self.incoming = folder.folder / STATE_DIR / INCOMING_NAME
+        self.store = run.store(folder.folder / STATE_DIR / "store")
+        self.file_dtype = named_dtype(str(run.config.grad_dtype))
+        shape = run.boundary_shape
+        # incoming-gradient buffers stay exact in the compute dtype whatever --store-dtype says
+        self.g_in = self.store.new(shape, run.dtype, "grad_a", exact=True)
+        self.g_out = self.store.new(shape, run.dtype, "grad_b", exact=True)
+
+    def _start(self) -> int:
+        """First block not to do: blocks start..L-1 are done and the gradient into block start-1 is persisted."""
+        nblocks = self.run.model.num_blocks
+        start = nblocks
+        while start > 0 and self.folder.block_done(start - 1):
+            start -= 1
+        if 0 < start < nblocks and not load_buffer(self.incoming, self.g_in, str(start - 1)):
+            log.warning("gradient folder %s: no usable incoming gradient for block %d; starting from the head",
+                        self.folder.folder, start - 1)
+            start = nblocks
+        return start
+
+    def sweep(self) -> None:
+        run, nblocks = self.run, self.run.model.num_blocks
+        start = self._start()
+        if start == 0:
+            return
+        n, t = run.ids.shape
+        log.info("gradient sweep: %d/%d blocks to do, %d windows x %d tokens, %s norm, compute %s on %s "
+                 "(logits, loss and accumulators fp32), store %s (%s)", start, nblocks, n, t, run.config.grad_norm,
+                 dtype_name(run.dtype), run.device, run.offload, run.config.store_dtype)
+        if start < nblocks:
+            log.info("resuming the gradient sweep at block %d in %s", start - 1, self.folder.folder)
+        last = nblocks if start == nblocks else start - 1  # highest boundary needed
+        # blocks 0..last-1 forward, then start-1..0 in reverse; the next one is read while one computes
+        schedule = [(i, None) for i in range(last)] + [(i, None) for i in range(start - 1, -1, -1)]
+        with BlockReader(run.model, schedule, run.device, run.dtype, run.config.prefetch) as reader:
+            bounds = self.forward(reader, last)
+            if start == nblocks:
+                self.head(bounds[nblocks])
+            self.reverse(reader, bounds, start)
+        self.g_in.release()
+        self.g_out.release()
+
+    def forward(self, reader: BlockReader, last: int) -> list:
+        """bounds[i] = input of block i for i <= last (bounds[L]: the head's input)."""
+        run = self.run
+        bounds = [self.store.new(run.boundary_shape, run.dtype, f"h{i:05d}") for i in range(last + 1)]
+        embed(run.model, run.ids, bounds[0], run.dtype)
+        with PhaseProgress("gradient forward", last, run.nsamples, run.config.progress) as progress:
+            for i in range(last):
+                block = reader.next(i)
+                forward(block, run.ctx, bounds[i], bounds[i + 1], run.device, run.dtype, on_windows=progress.windows)
+                del block
+                progress.block(f"block {i}")
+        return bounds
+
+    def head(self, top) -> None:
+        """Per-window loss and dL/d(last hidden state) into g_in."""
+        run = self.run
+        norm, head = run.model.load_head(run.device, run.dtype)  # head: [V, D]
+        losses = []
+        for n in range(run.nsamples):
+            loss, grad = head_sample(norm, head, top.get(n), run.ids[n, 1:].to(run.device), run.device, run.dtype,
+                                     run.config.head_chunk)
+            self.g_in.put(n, grad)
+            losses.append(float(loss))
+            del loss, grad
+        del norm, head
+        top.release()
+        self.folder.data["mean_loss"] = sum(losses) / len(losses)
+        log.info("gradient sweep: mean calibration loss %.4f", self.folder.data["mean_loss"])
+
+    def reverse(self, reader: BlockReader, bounds: list, start: int) -> None:
+        run, grad_norm = self.run, str(self.run.config.grad_norm)
+        with PhaseProgress("gradients", start, run.nsamples, run.config.progress) as progress:
+            for i in range(start - 1, -1, -1):
+                block = reader.next(i)
+                names = linear_names(block)
+                weights, accs = grad_accumulators(block, names, run.device)
+                for n in range(run.nsamples):
+                    self.g_out.put(n, block_sample(block, run.ctx, weights, accs, bounds[i].get(n), self.g_in.get(n),
+                                                   grad_norm, run.device, run.dtype))
+                    progress.windows(n + 1)
+                del weights, block  # the weights go before the accumulators are finished and written
+                self.write_block(i, names, accs)
+                bounds[i].release()
+                self.g_in, self.g_out = self.g_out, self.g_in
+                progress.block(f"block {i} written")
+
+    def write_block(self, i: int, names: list[str], accs: dict[str, torch.Tensor]) -> None:
+        """Block i's finished norms to its file, the incoming gradient of block i-1 persisted, then block i
+        recorded done (in that order, so a kill anywhere resumes correctly)."""
+        prefix = self.run.model.family.block_prefix(i)
+        tensors = {}
+        for name in names:  # one accumulator at a time: an fp32 one is dropped once its file copy exists
+            acc = accs.pop(name)
+            tensors[f"{prefix}{name}.weight"] = finish(acc, str(self.run.config.grad_norm)).to(self.file_dtype).cpu()
+            del acc
+        sha = save_tensors_atomic(self.folder.folder / block_file(i), tensors)
+        hashes = {name: tensor_sha256(t) for name, t in tensors.items()}
+        del tensors
+        if i > 0:
+            self.g_out.flush()
+            save_buffer(self.incoming, self.g_out, str(i - 1))
+        self.folder.mark_block(i, sha, hashes)
+        crash_point("gradient_block")  # after block i (reverse order) is durable
+
+
+def open_for_reuse(path: Path, expected: dict) -> GradientFolder:
+    """A finished ``--gradients`` folder whose identity matches ``expected`` on REUSE_KEYS."""
+    if not path.is_dir():
+        raise InputError(f"--gradients {path}: no such folder")
+    folder = GradientFolder.load_folder(path)
+    if folder is None:
+        raise InputError(f"--gradients {path}: not a gradient folder (no readable {GRADIENTS_JSON}); "
+                         "create one with: lowmem-gblm gradients MODEL_DIR GRAD_DIR")
+    old = {k: folder.identity.get(k) for k in REUSE_KEYS}
+    new = {k: expected.get(k) for k in REUSE_KEYS}
+    if old != new:
+        raise ResumeMismatch(
+            f"--gradients {path} was computed with other settings ({'; '.join(diff_dicts(old, new)[:4])}); "
+            "pass matching --grad-norm/--calib/--nsamples/--seqlen/--seed/--store-dtype/--head-chunk (or "
+            f"--calib-ids {path / CALIB_IDS_NAME}), or drop --gradients to compute them")
+    if not folder.complete:
+        raise InputError(f"--gradients {path} is incomplete ({len(folder.done)} blocks done); "
+                         "rerun the same lowmem-gblm gradients command to finish it")
+    return folder
+
+
+@dataclass
+class GradientFeed:
+    """What the prune sweep sees of a gradient folder: ``read(i)`` block i's G tensors {full weight
+    name: [out, in] fp32 CPU}; ``consumed(i)`` once block i's output shard is durable. A run's own
+    folder (OUT_DIR/.lowmem/gradients) then drops block i's file, so gradients and output never take
+    their full sizes on disk at once; a ``--gradients`` folder is the user's and is never touched."""
+
+    folder: GradientFolder
+    private: bool
+
+    def read(self, i: int) -> BlockGradients:
+        return self.folder.read(i)
+
+    def consumed(self, i: int) -> None:
+        if self.private:
+            self.folder.discard(i)
+
+
+def gradient_feed(run: Run, manifest: RunState, gradients: str | None) -> GradientFeed:
+    """The prune run's gradients: ``--gradients DIR`` (a finished folder with a matching identity), or the
+    sweep run (or resumed) into OUT_DIR/.lowmem/gradients. The folder's identity and block hashes are
+    recorded in the prune manifest, so a resumed prune refuses gradients that changed under it."""
+    if gradients:
+        folder = open_for_reuse(Path(gradients), gradient_identity(run))
+        log.info("using gradients from %s (%s norm, computed in %s on %s)", folder.folder,
+                 folder.identity["grad_norm"], folder.identity.get("compute_dtype"), folder.identity.get("device_type"))
+    else:
+        with run.phase("gradient_sweep"):
+            folder = gradient_sweep(run, run.out / STATE_DIR / "gradients")
+    record = {"identity": {k: folder.identity[k] for k in REUSE_KEYS if k in folder.identity},
+              "sha256": {k: v["sha256"] for k, v in sorted(folder.done.items())}}
+    old = manifest.data.get("gradients")
+    if old is not None and old != record:
+        raise ResumeMismatch(
+            f"OUT_DIR {run.out} was being pruned with other gradients ({'; '.join(diff_dicts(old, record)[:3])}); "
+            "pass the same --gradients folder to resume, or --overwrite to start over")
+    if old is None:
+        manifest.data["gradients"] = record
+        manifest.save()
+    return GradientFeed(folder, private=not gradients)
+
+
+def compute_gradients(config: GradientConfig) -> dict:
+    """``lowmem-gblm gradients``: the sweep alone into ``config.out_dir``."""
+    model = open_model(config.model_dir)
+    run = open_run(config, model, "gblm", ("gradient_sweep",))
+    prepare_out_dir(run.out, model.root)
+    with run.phase("gradient_sweep") as tracker:
+        folder = gradient_sweep(run, run.out)
+    calib_path = run.out / CALIB_IDS_NAME
+    if not calib_path.is_file():
+        save_tensors_atomic(calib_path, {"input_ids": run.ids.contiguous()})
+    return {"folder": str(run.out), "identity": folder.identity, "blocks": len(folder.done),
+            "mean_loss": folder.data.get("mean_loss"), "phase": tracker.stats.to_dict(),
+            "offload": run.offload, "predicted": run.plan.summary()}

@@ -1,0 +1,224 @@
+"""``lowmem-gblm prune``: (gradient sweep) -> prune sweep -> finalize, resumable block by block.
+
+Blocks stream from disk one at a time; calibration hidden states live in the activation store; each
+pruned block is written to its own shard and recorded in the manifest before the next one starts.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from lowmem_gblm.config import PruneConfig
+from lowmem_gblm.engine.gradients import GradientFeed, gradient_feed
+from lowmem_gblm.engine.progress import PhaseProgress
+from lowmem_gblm.engine.run import Run, open_model, open_run
+from lowmem_gblm.io.checkpoint import INDEX_NAME
+from lowmem_gblm.io.model import linear_names
+from lowmem_gblm.io.prefetch import BlockReader
+from lowmem_gblm.io.runstate import (
+    CALIB_IDS_NAME,
+    MANIFEST_NAME,
+    REPORT_NAME,
+    STATE_DIR,
+    OutputLock,
+    RunState,
+    prepare_out_dir,
+    remove_stale_temps,
+)
+from lowmem_gblm.io.writer import atomic_write_text, copy_side_files, save_tensors_atomic, shard_name
+from lowmem_gblm.methods import Method
+from lowmem_gblm.methods.apply import linear_report, prune_linears, statistics_needed
+from lowmem_gblm.runtime import dtype_name
+from lowmem_gblm.stream.stats import STATISTICS, collect_inputs
+from lowmem_gblm.stream.store import ActivationBuffer
+from lowmem_gblm.stream.sweep import embed, forward
+from lowmem_gblm.testing_hooks import crash_point
+from lowmem_gblm.units import fmt_size, prod
+
+log = logging.getLogger(__name__)
+
+
+def prune(config: PruneConfig) -> dict:
+    """Prune ``config.model_dir`` into ``config.out_dir``; resume if a matching run is there."""
+    t_start = time.perf_counter()
+    method = config.method_spec
+    model = open_model(config.model_dir)
+    pattern = config.parsed_pattern
+    for name, (_, columns) in model.linear_shapes.items():
+        pattern.check_columns(columns, name)
+    phases = ("gradient_sweep", "prune_sweep") if config.runs_gradient_sweep else ("prune_sweep",)
+    run = open_run(config, model, method.name, phases)
+    out = run.out
+    prepare_out_dir(out, model.root)
+    with OutputLock(out):
+        stale = remove_stale_temps(out)
+        if stale:
+            log.info("removed %d temporary file(s) left by an interrupted run: %s", len(stale), ", ".join(stale))
+        if config.overwrite:
+            _clear_out_dir(out)
+        identity = {"config": config.fingerprint_dict(), "model": model.index.fingerprint(),
+                    "calibration_sha256": run.ids_sha256, "device_type": run.device.type,
+                    "compute_dtype": str(run.dtype)}
+        manifest = RunState.open(out, f"{STATE_DIR}/{MANIFEST_NAME}", identity, what="OUT_DIR",
+                                 fix="pass --overwrite to start over")
+        if manifest.complete and (out / INDEX_NAME).is_file():
+            log.info("%s is already complete (same options and model); nothing to do", out)
+            return json.loads((out / REPORT_NAME).read_text())
+        done = sum(1 for k in manifest.done if k.startswith("block."))
+        if done:
+            log.info("resuming: %d blocks already done in %s", done, out)
+        if not (out / CALIB_IDS_NAME).is_file():
+            save_tensors_atomic(out / CALIB_IDS_NAME, {"input_ids": run.ids.contiguous()})
+        n, t = run.ids.shape
+        log.info("%s: %d blocks, %s, %d windows x %d tokens, method %s, pattern %s, store %s", model.root,
+                 model.num_blocks, model.family.name, n, t, method.name, pattern, run.offload)
+        grads = gradient_feed(run, manifest, config.gradients) if method.needs_gradients else None
+        _write_non_block_shard(run, manifest)
+        with run.phase("prune_sweep"):
+            linears = _PruneSweep(run, config, method, manifest, grads).sweep()
+        report = _finalize(run, config, manifest, linears, {"seconds_total": time.perf_counter() - t_start,
+                                                             "offload": run.offload,
+                                                             "predicted": run.plan.summary()})
+        _cleanup_state(out)
+    s = report["sparsity"]
+    log.info("done: %s, sparsity %.4f over %d linears, peak RSS %s", out, s["overall"], len(linears),
+             fmt_size(max(p.peak_rss_bytes for p in run.phases)))
+    return report
+
+
+class _PruneSweep:
+    """Front to back: statistics on the dense block, prune, forward the pruned block, write its shard,
+    mark it done. Finished blocks replay from their own shards (forward only)."""
+
+    def __init__(self, run: Run, config: PruneConfig, method: Method, manifest: RunState, grads: GradientFeed | None):
+        self.run, self.config, self.method, self.manifest, self.grads = run, config, method, manifest, grads
+        self.total_shards = run.model.num_blocks + 1
+
+    def sweep(self) -> dict:
+        run = self.run
+        store = run.store(run.out / STATE_DIR / "store")
+        src, dst = store.new(run.boundary_shape, run.dtype, "h_a"), store.new(run.boundary_shape, run.dtype, "h_b")
+        embed(run.model, run.ids, src, run.dtype)
+        # finished blocks replay from their own shards; the rest read from the input checkpoint
+        schedule = [(i, run.out / shard_name(i, self.total_shards) if self.manifest.is_done(f"block.{i}") else None)
+                    for i in range(run.model.num_blocks)]
+        linears: dict[str, dict] = {}
+        with BlockReader(run.model, schedule, run.device, run.dtype, run.config.prefetch) as reader, \
+                PhaseProgress("prune", run.model.num_blocks, run.nsamples, run.config.progress) as progress:
+            for i in range(run.model.num_blocks):
+                linears.update(self.block(i, reader.next(i), src, dst, progress))
+                src, dst = dst, src
+        for buf in (src, dst):
+            buf.release()
+        return linears
+
+    def block(self, i: int, block, src: ActivationBuffer, dst: ActivationBuffer, progress: PhaseProgress) -> dict:
+        run, key = self.run, f"block.{i}"
+        if self.manifest.is_done(key):
+            forward(block, run.ctx, src, dst, run.device, run.dtype, self.config.batch_size, progress.windows)
+            progress.block("replayed from its shard", replayed=True)
+            return self.manifest.entry(key)["linears"]
+        tensors, report = self.prune_block(i, block, src, progress)
+        forward(block, run.ctx, src, dst, run.device, run.dtype, self.config.batch_size, progress.windows)
+        del block
+        file = shard_name(i, self.total_shards)
+        sha = save_tensors_atomic(run.out / file, tensors)
+        crash_point("manifest")
+        self.manifest.mark_done(key, file, sha, {"linears": report, "names": sorted(tensors)})
+        if self.grads:
+            self.grads.consumed(i)
+        crash_point("block_done")
+        progress.block("pruned")
+        return report
+
+    def prune_block(self, i: int, block, src: ActivationBuffer, progress: PhaseProgress) -> tuple[dict, dict]:
+        """Statistics on the dense block, then every linear pruned in place. Returns (block i's tensors to
+        write under their checkpoint names in the stored dtypes, per-linear report)."""
+        run, method = self.run, self.method
+        names = linear_names(block)
+        wanted = statistics_needed(method, STATISTICS)
+        with collect_inputs(block, names, wanted) as stats:
+            if wanted:
+                forward(block, run.ctx, src, None, run.device, run.dtype, self.config.batch_size, progress.windows)
+        stored = run.model.stored_tensors(block, i, run.dtype)  # stored bytes, for exact unchanged tensors
+        prune_linears(block, run.model.family.block_prefix(i), method, self.config.parsed_pattern,
+                      self.config.method_options(), stats, run.nsamples, self.grads.read(i) if self.grads else None,
+                      stored, run.device, run.dtype)
+        prefix = run.model.family.block_prefix(i)
+        return stored, {f"{prefix}{name}.weight": linear_report(stored[f"{prefix}{name}.weight"]) for name in names}
+
+
+def _write_non_block_shard(run: Run, manifest: RunState) -> None:
+    model = run.model
+    key, file = "rest", shard_name(model.num_blocks, model.num_blocks + 1)
+    if manifest.is_done(key):
+        return
+    names = model.non_block_names()
+    sha = save_tensors_atomic(run.out / file, model.index.read(names))
+    crash_point("manifest")
+    manifest.mark_done(key, file, sha, {"names": sorted(names)})
+
+
+def _finalize(run: Run, config: PruneConfig, manifest: RunState, linears: dict, extra: dict) -> dict:
+    out, model = run.out, run.model
+    weight_map, total_size = {}, 0
+    for _key, entry in sorted(manifest.done.items()):
+        if "names" not in entry:
+            continue
+        for name in entry["names"]:
+            weight_map[name] = entry["file"]
+        total_size += model.index.nbytes(entry["names"])
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    copy_side_files(model.root, out)
+    zeros = sum(r["zeros"] for r in linears.values())
+    numel = sum(prod(r["shape"]) for r in linears.values())
+    report = {
+        "method": str(config.method),
+        "options": config.to_dict(),
+        "pattern": str(config.parsed_pattern),
+        "device": str(run.device),
+        "compute_dtype": dtype_name(run.dtype),
+        "calibration": {"windows": list(run.ids.shape), "sha256": run.ids_sha256},
+        "sparsity": {"overall": zeros / max(numel, 1), "zeros": zeros, "numel": numel, "per_linear": linears},
+        "phases": [p.to_dict() for p in run.phases],
+        "versions": _versions(),
+        **extra,
+    }
+    atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1, sort_keys=True))
+    crash_point("finalize")
+    atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))  # last: marks complete
+    manifest.finish()
+    return report
+
+
+def _clear_out_dir(out: Path) -> None:
+    for child in out.iterdir():
+        if child.name == STATE_DIR:
+            for sub in child.iterdir():
+                if sub.name != "lock":
+                    shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
+        elif child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _cleanup_state(out: Path) -> None:
+    shutil.rmtree(out / STATE_DIR / "store", ignore_errors=True)
+    shutil.rmtree(out / STATE_DIR / "gradients", ignore_errors=True)  # model-sized: keep with `gradients`
+
+
+def _versions() -> dict:
+    out = {}
+    for pkg in ("lowmem-gblm", "torch", "transformers", "safetensors"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+

@@ -1,0 +1,104 @@
+"""Open a run once: the model, the calibration windows, device and dtype, and the plan check (which
+also chooses where the activation store lives). The prune and gradient entry points start here."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from lowmem_gblm.calib.data import ids_sha256, resolve_windows
+from lowmem_gblm.config import RunConfig
+from lowmem_gblm.errors import InputError
+from lowmem_gblm.io.model import StreamedModel
+from lowmem_gblm.memory.budget import machine_budgets, plan_run
+from lowmem_gblm.memory.plan import Plan, PlanSettings
+from lowmem_gblm.memory.shape import shape_of
+from lowmem_gblm.memory.tracker import PhaseStats, PhaseTracker, limit_heap_retention
+from lowmem_gblm.runtime import resolve_device, resolve_dtype
+from lowmem_gblm.stream.context import BlockContext
+from lowmem_gblm.stream.store import ActivationStore
+from lowmem_gblm.units import fmt_size, parse_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What every step of a run shares (options stay in ``config``)."""
+
+    config: RunConfig
+    model: StreamedModel
+    ids: torch.Tensor  # [N, T] calibration windows
+    device: torch.device
+    dtype: torch.dtype
+    out: Path
+    plan: Plan
+    phases: list[PhaseStats] = field(default_factory=list)
+
+    @property
+    def offload(self) -> str:
+        """Where the store lives (cpu | disk): ``--offload``, or the plan check's choice for auto."""
+        return self.plan.settings["offload"]
+
+    @property
+    def nsamples(self) -> int:
+        return int(self.ids.shape[0])
+
+    @cached_property
+    def ctx(self) -> BlockContext:
+        return BlockContext.build(self.model, self.ids.shape[1], self.device, self.dtype)
+
+    @cached_property
+    def ids_sha256(self) -> str:
+        return ids_sha256(self.ids)
+
+    def store(self, folder: Path) -> ActivationStore:
+        """An activation store of this run's kind and ``--store-dtype`` (disk files under ``folder``)."""
+        return ActivationStore(self.offload, folder, self.config.store_dtype)
+
+    @property
+    def boundary_shape(self) -> tuple[int, int, int]:
+        n, t = self.ids.shape
+        return n, t, self.model.hidden_size
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Measure a phase (seconds, peak RSS, device peak, I/O) into ``phases`` and log it."""
+        with PhaseTracker(name, self.device) as tracker:
+            yield tracker
+        self.phases.append(tracker.stats)
+        s = tracker.stats
+        log.info("%s: %.1f s, peak RSS %s, device peak %s", name, s.seconds, fmt_size(s.peak_rss_bytes),
+                 fmt_size(s.device_peak_allocated_bytes))
+
+
+def open_model(model_dir: str | Path) -> StreamedModel:
+    limit_heap_retention()  # before anything large is allocated
+    return StreamedModel.open(model_dir)
+
+
+def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple[str, ...]) -> Run:
+    """Windows, device, dtype and the plan check for ``phases`` of ``method`` on ``model``."""
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    ids = resolve_windows(config.calib, model.root, int(model.config.vocab_size), max_pos)
+    if max_pos is not None and ids.shape[1] > max_pos:
+        raise InputError(f"--seqlen {ids.shape[1]} exceeds the model's context ({max_pos} positions)")
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device, model.checkpoint_dtype())
+    out = Path(config.out_dir)
+    n, t = ids.shape
+    settings = PlanSettings(method=method, nsamples=n, seqlen=t, device=device.type, compute_dtype=dtype,
+                            store_dtype=str(config.store_dtype), offload=str(config.offload),
+                            head_chunk=config.head_chunk, batch_size=config.batch_size,
+                            grad_dtype=str(config.grad_dtype), prefetch=config.prefetch, phases=phases)
+    budgets = machine_budgets(device, out, config.cpu_memory, config.gpu_memory)
+    if config.disk_space is not None:
+        budgets = dataclasses.replace(budgets, disk_free=parse_size(config.disk_space))
+    plan = plan_run(shape_of(model), settings, budgets, check=config.plan_check)
+    return Run(config, model, ids, device, dtype, out, plan)

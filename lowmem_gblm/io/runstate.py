@@ -1,0 +1,192 @@
+"""One resumable-folder type, for the prune output folder and the gradient folder alike.
+
+A run folder has a JSON state file (written atomically) holding the run's identity, the entries done
+so far (each with its file, size and sha256, written only after the file is durable) and a complete
+flag. A rerun with the same identity continues from the entries done; another identity is refused
+with the differences named.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from lowmem_gblm.errors import InputError, ResumeMismatch
+from lowmem_gblm.io.writer import TMP_MARK, atomic_write_text
+
+STATE_DIR = ".lowmem"  # inside a run folder: lock, temporary stores, the prune manifest
+MANIFEST_NAME = "manifest.json"  # the prune output folder's state file (under STATE_DIR)
+GRADIENTS_JSON = "gradients.json"  # a gradient folder's state file
+CALIB_IDS_NAME = "calibration_ids.safetensors"  # the windows a run used, beside its outputs
+REPORT_NAME = "prune_report.json"
+
+
+def diff_dicts(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two identity dicts ("alpha: 100 -> 10")."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_dicts(a, b, prefix + key + ".")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+class RunState:
+    """``folder``/``name``: {"identity": {...}, "done": {key: {"file", "sha256", "size", ...}}, "complete"}."""
+
+    def __init__(self, folder: Path, name: str, data: dict):
+        self.folder, self.name, self.data = Path(folder), name, data
+        # fault-injection point of its writes (testing_hooks): the manifest's own, else a plain write
+        self.point = "manifest_write" if name.endswith(MANIFEST_NAME) else "write"
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.name
+
+    @property
+    def identity(self) -> dict:
+        return self.data["identity"]
+
+    @property
+    def done(self) -> dict[str, dict]:
+        return self.data["done"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.data.get("complete"))
+
+    @classmethod
+    def load(cls, folder: Path, name: str) -> RunState | None:
+        """The state in ``folder``, or None when there is none (or it is unreadable: the file is only ever
+        replaced atomically, so an unreadable one is not ours)."""
+        path = Path(folder) / name
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("done"), dict):
+            return None
+        return cls(folder, name, data)
+
+    @classmethod
+    def open(cls, folder: Path, name: str, identity: dict, *, what: str, fix: str,
+             own: tuple[str, ...] = (STATE_DIR,)) -> RunState:
+        """Resume the run in ``folder`` if its identity matches, start one in an empty folder, refuse else.
+
+        ``what`` names the folder in messages ("OUT_DIR", "gradient folder"); ``fix`` says what to do on a
+        mismatch; ``own``: entries an empty folder may already hold (the state folder, ids written early).
+        """
+        state = cls.load(folder, name)
+        if state is None:
+            leftovers = sorted(p.name for p in Path(folder).iterdir() if p.name not in own)
+            if leftovers:
+                raise InputError(f"{what} {folder} is not empty and holds no lowmem-gblm run "
+                                 f"({', '.join(leftovers[:3])}...); choose an empty folder" +
+                                 (" or pass --overwrite" if what == "OUT_DIR" else ""))
+            state = cls(folder, name, {"identity": identity, "done": {}, "complete": False})
+            state.save()
+            return state
+        if state.identity != identity:
+            diffs = diff_dicts(state.identity, identity)
+            changed = sorted({d.split(":")[0].removeprefix("model.") for d in diffs if d.startswith("model.")})
+            if changed:
+                raise ResumeMismatch(f"the input model changed since the run in {folder} started "
+                                     f"({', '.join(changed[:3])} differs in size, time or header); restore it, or "
+                                     f"{fix}")
+            raise ResumeMismatch(f"{what} {folder} holds a run with other settings ({'; '.join(diffs[:4])}); "
+                                 f"rerun with the same options to resume, or {fix}")
+        return state
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.data, sort_keys=True, indent=1), point=self.point)
+
+    def is_done(self, key: str) -> bool:
+        """``key`` is recorded and its file is there with the recorded size."""
+        entry = self.done.get(key)
+        if entry is None:
+            return False
+        path = self.folder / entry["file"]
+        return path.is_file() and path.stat().st_size == entry["size"]
+
+    def mark_done(self, key: str, file: str, sha256: str, extra: dict | None = None) -> None:
+        """Record ``file`` (already durable) as ``key``'s output."""
+        size = (self.folder / file).stat().st_size
+        self.done[key] = {"file": file, "sha256": sha256, "size": size, **(extra or {})}
+        self.save()
+
+    def entry(self, key: str) -> dict:
+        return self.done[key]
+
+    def finish(self) -> None:
+        self.data["complete"] = True
+        self.save()
+
+
+def remove_stale_temps(out_dir: Path) -> list[str]:
+    """Delete temporary files a killed run left in OUT_DIR and its state folder (call under the lock)."""
+    removed = []
+    for folder in (out_dir, out_dir / STATE_DIR):
+        if not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            stale = TMP_MARK in child.name or child.name.startswith(".write-probe-")
+            if child.is_file() and child.name.startswith(".") and stale:
+                child.unlink()
+                removed.append(child.name)
+    return removed
+
+
+
+
+class OutputLock:
+    """An exclusive flock on OUT_DIR/.lowmem/lock: a second run refuses; a dead run leaves no stale lock."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / STATE_DIR / "lock"
+        self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise InputError(
+                f"another lowmem-gblm run (pid {holder or '?'}) is writing {self.path.parent.parent}; "
+                "wait for it or pick another OUT_DIR"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def prepare_out_dir(out_dir: Path, model_dir: Path) -> None:
+    """Validate OUT_DIR (not the model folder, not inside it, writable) and create it."""
+    out_r, model_r = out_dir.resolve(), model_dir.resolve()
+    if out_r == model_r or model_r in out_r.parents:
+        raise InputError(f"OUT_DIR {out_dir} is MODEL_DIR or inside it; choose a folder outside {model_dir}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"OUT_DIR {out_dir} exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"OUT_DIR {out_dir} is not writable ({exc.strerror}); choose a writable folder") from exc

@@ -1,0 +1,62 @@
+"""Prune one block's linears: the step the engine's prune sweep runs and the planner's probe measures.
+
+The statistics are already collected (forward hooks over the dense block); each linear gets its
+statistics (and GBLM's gradient norm), the method prunes it in place, and the bytes to write are made
+in the checkpoint's stored dtype: masked stored bytes (exact) for mask-only methods, the updated
+weight cast back for weight-updating ones. The block's weight is then set to exactly what is written,
+so the next block sees the pruned model as saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from lowmem_gblm.io.model import linear_names
+from lowmem_gblm.mask import Pattern
+from lowmem_gblm.methods import LinearJob, Method, MethodOptions
+
+
+def statistics_needed(method: Method, available: Mapping) -> frozenset[str]:
+    """The input statistics ``method`` needs, of those ``available`` (stream.stats.STATISTICS)."""
+    return frozenset(s for s in method.needs if s in available)
+
+
+def prune_linear(job: LinearJob, method: Method, stored: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Prune ``job.weight`` in place; return the tensor to write (``stored``'s dtype, CPU).
+
+    stored: the weight as the checkpoint stores it [out, in]. Afterwards ``job.weight`` holds the
+    written values in the compute dtype.
+    """
+    keep = method.prune(job)  # [out, in] bool
+    # weight-updating methods write their new weights; mask-only ones the stored bytes, masked (exact)
+    written = job.weight.to(stored.dtype).cpu() if method.updates_weights else stored.masked_fill(~keep.cpu(), 0)
+    job.weight.copy_(written.to(device, dtype))  # next block sees what is written
+    return written
+
+
+def prune_linears(block: nn.Module, prefix: str, method: Method, pattern: Pattern, options: MethodOptions,
+                  stats: dict[str, dict], nsamples: int, gradients: Mapping | None, stored: dict[str, torch.Tensor],
+                  device: torch.device, dtype: torch.dtype) -> None:
+    """Prune every linear of ``block`` (weights named ``prefix`` + name + ``.weight``); ``stored[name]``
+    is replaced by the bytes to write. stats: linear name -> {statistic: accumulator} (cleared here);
+    gradients: full weight name -> G [out, in] (GBLM)."""
+    modules = dict(block.named_modules())
+    for name in linear_names(block):
+        full = f"{prefix}{name}.weight"
+        finished = {s: acc.result(nsamples) for s, acc in stats.get(name, {}).items()}
+        if method.needs_gradients:
+            finished["gradient"] = gradients[full].to(device)
+        stats.get(name, {}).clear()
+        job = LinearJob(full, modules[name].weight.data, finished, pattern, options)
+        stored[full] = prune_linear(job, method, stored[full], device, dtype)
+        del finished, job
+
+
+def linear_report(written: torch.Tensor) -> dict:
+    """{"shape", "zeros", "sparsity"} of one written weight (for prune_report.json and the manifest)."""
+    zeros = int((written == 0).sum())
+    return {"shape": list(written.shape), "zeros": zeros, "sparsity": zeros / written.numel()}

@@ -1,0 +1,36 @@
+"""The one embed + forward over the activation store: every calibration or evaluation window through
+the embedding, then through one block at a time. Prune, gradient and eval sweeps all go through here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowmem_gblm.stream.context import BlockContext, run_block
+
+
+def embed(model, ids: torch.Tensor, dst, dtype: torch.dtype) -> None:
+    """ids [N, T] -> hidden states [N, T, D] in ``dst`` (a store buffer); only the embedding rows the
+    windows use are read, on the host."""
+    table, local = model.load_embedding_rows(ids, torch.device("cpu"), dtype)  # [U, D]
+    for n in range(ids.shape[0]):
+        dst.put(n, F.embedding(local[n:n + 1], table))
+    del table
+
+
+@torch.no_grad()
+def forward(block: nn.Module, ctx: BlockContext, src, dst, device: torch.device, dtype: torch.dtype,
+            batch_size: int = 1, on_windows: Callable[[int], None] | None = None) -> None:
+    """Run every sample of ``src`` through ``block``, ``batch_size`` windows per call; write the outputs to
+    ``dst`` (None: statistics hooks only; ``src`` itself: in place). ``on_windows(k)``: k windows are done."""
+    for n in range(0, len(src), batch_size):
+        count = min(batch_size, len(src) - n)
+        x = src.get(n, count).to(device=device, dtype=dtype)  # [B, T, D]
+        y = run_block(block, ctx, x)
+        if dst is not None:
+            dst.put(n, y)
+        if on_windows is not None:
+            on_windows(n + count)
