@@ -67,7 +67,7 @@ GradDtypeOpt = Annotated[GradDtype, typer.Option(
     "--grad-dtype", help="GBLM gradient files: float32 (exact) or bfloat16 (half the disk; accumulation stays fp32)")]
 GradNormOpt = Annotated[GradNorm, typer.Option("--grad-norm", help="GBLM: norm of the per-sample gradients")]
 HeadChunk = Annotated[int | None, typer.Option(
-    "--head-chunk", help="tokens per head call (bounds the [chunk, vocab] fp32 logits; default: the whole window)")]
+    "--head-chunk", help="tokens per head call: bounds the fp32 logits to chunk x vocab (default: the whole window)")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="windows per block call in forward-only passes")]
 Prefetch = Annotated[bool, typer.Option(
     "--prefetch/--no-prefetch", help="read the next block on a background thread (same output)")]

