@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 
 from lowmem_gblm.calib.data import load_ids
+from lowmem_gblm.io.gradfiles import GradientFolder
 from lowmem_gblm.io.model import StreamedModel, linear_names
 from lowmem_gblm.mask import Pattern, select_keep
-from lowmem_gblm.stream.context import BlockContext, run_block
-from lowmem_gblm.stream.gradients import GradientFolder
+from lowmem_gblm.stream.context import BlockContext
 from lowmem_gblm.stream.stats import collect_inputs
+from lowmem_gblm.stream.store import ActivationStore
+from lowmem_gblm.stream.sweep import embed, forward
 
 
 def main() -> None:
@@ -36,20 +38,19 @@ def main() -> None:
     a = p.parse_args()
     model = StreamedModel.open(a.model)
     ids = load_ids(Path(a.grads) / "calibration_ids.safetensors")
-    folder = GradientFolder.load(Path(a.grads))
+    folder = GradientFolder.load_folder(Path(a.grads))
     dev, dt = torch.device("cpu"), torch.float32
     ctx = BlockContext.build(model, ids.shape[1], dev, dt)
-    table, local = model.load_embedding_rows(ids, dev, dt)
-    hidden = torch.nn.functional.embedding(local, table)  # [N, T, D]
-    del table
+    hidden = ActivationStore("cpu").new((*ids.shape, model.hidden_size), dt)  # [N, T, D], updated in place
+    embed(model, ids, hidden, dt)
     pattern = Pattern.parse("unstructured", 0.5)
     rows = []
     print(f"{'linear':<40}{'wanda term':>12}{'grad term':>12}{'ratio':>8}{'flipped':>9}")
     for i in range(model.num_blocks):
         block = model.load_block(i, dev, dt)
         names = linear_names(block)
-        with torch.no_grad(), collect_inputs(block, names, frozenset({"scaler_row"})) as accs:
-            hidden = torch.cat([run_block(block, ctx, hidden[n:n + 1]) for n in range(hidden.shape[0])])
+        with collect_inputs(block, names, frozenset({"scaler_row"})) as accs:
+            forward(block, ctx, hidden, hidden, dev, dt)
         grads = folder.read(i)
         mods = dict(block.named_modules())
         for name in names:

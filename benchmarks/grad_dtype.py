@@ -31,8 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from lowmem_gblm.config import GradientConfig, PruneConfig
-    from lowmem_gblm.pipeline import prune
-    from lowmem_gblm.stream.gradients import compute_gradients
+    from lowmem_gblm.engine import compute_gradients, prune
 
     work, calib, evaluate = prepare(args, "grad_dtype-")
 

@@ -72,7 +72,7 @@ def main() -> None:
 
     from lowmem_gblm.calib.data import calibration_windows, save_ids
     from lowmem_gblm.config import CalibConfig, PruneConfig
-    from lowmem_gblm.pipeline import prune
+    from lowmem_gblm.engine import prune
 
     model = Path(args.model)
     work = Path(args.work or tempfile.mkdtemp(prefix="io_overlap-"))

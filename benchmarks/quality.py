@@ -49,7 +49,7 @@ def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int, work: Pa
 
 def run_gradients(model: Path, out: Path, calib, norm: str, device: str) -> tuple[float, dict]:
     from lowmem_gblm.config import GradientConfig
-    from lowmem_gblm.stream.gradients import compute_gradients
+    from lowmem_gblm.engine import compute_gradients
 
     t0 = time.perf_counter()
     result = compute_gradients(GradientConfig(model_dir=str(model), out_dir=str(out), calib=calib, grad_norm=norm,
@@ -59,7 +59,7 @@ def run_gradients(model: Path, out: Path, calib, norm: str, device: str) -> tupl
 
 def run_prune(model: Path, out: Path, calib, device: str, **options) -> tuple[dict, float]:
     from lowmem_gblm.config import PruneConfig
-    from lowmem_gblm.pipeline import prune
+    from lowmem_gblm.engine import prune
 
     t0 = time.perf_counter()
     report = prune(PruneConfig(model_dir=str(model), out_dir=str(out), calib=calib, device=device,
@@ -68,10 +68,11 @@ def run_prune(model: Path, out: Path, calib, device: str, **options) -> tuple[di
 
 
 def evaluate(model_dir: Path, a) -> dict:
-    from lowmem_gblm.evaluate.perplexity import evaluate_checkpoint
+    from lowmem_gblm.config import EvalConfig
+    from lowmem_gblm.engine import evaluate_checkpoint
 
-    return evaluate_checkpoint(str(model_dir), "wiki-offline:eval", a.seqlen, a.eval_windows or None, a.device,
-                               "auto", a.eval_batch)
+    return evaluate_checkpoint(EvalConfig(str(model_dir), "wiki-offline:eval", a.seqlen, a.eval_windows or None,
+                                          a.eval_batch, a.device, progress=False))
 
 
 def main() -> None:

@@ -58,8 +58,8 @@ def prepare(args, prefix: str):
     from transformers import AutoTokenizer
 
     from lowmem_gblm.calib.data import calibration_windows, save_ids
-    from lowmem_gblm.config import CalibConfig
-    from lowmem_gblm.evaluate.perplexity import evaluate_checkpoint
+    from lowmem_gblm.config import CalibConfig, EvalConfig
+    from lowmem_gblm.engine import evaluate_checkpoint
 
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work or tempfile.mkdtemp(prefix=prefix))
@@ -71,7 +71,8 @@ def prepare(args, prefix: str):
     calib = CalibConfig(ids_file=str(ids_file), nsamples=args.nsamples, seqlen=args.seqlen)
 
     def evaluate(path: str) -> float:
-        return evaluate_checkpoint(path, "wiki-offline:eval", args.seqlen, args.eval_windows, "cpu", "auto")["ppl"]
+        return evaluate_checkpoint(EvalConfig(str(path), "wiki-offline:eval", args.seqlen, args.eval_windows,
+                                              device="cpu", progress=False))["ppl"]
 
     return work, calib, evaluate
 
@@ -83,8 +84,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from lowmem_gblm.config import PruneConfig
+    from lowmem_gblm.engine import prune
     from lowmem_gblm.io.model import StreamedModel
-    from lowmem_gblm.pipeline import prune
     from lowmem_gblm.stream.store import store_nbytes
 
     work, calib, evaluate = prepare(args, "store_int8-")
