@@ -1,5 +1,5 @@
 """Every option of a run as one frozen dataclass, validated in one place, with typed choices (Enums),
-a JSON round-trip and a stable fingerprint of the options that decide the output bytes.
+plain-JSON export and a stable fingerprint of the options that decide the output bytes.
 
 ``RunConfig`` holds what the two sweeps share (model, output, calibration, device, stores, budgets);
 ``PruneConfig`` adds the method and its options (handed to the method as ``MethodOptions``),
@@ -160,12 +160,6 @@ class RunConfig:
     def to_dict(self) -> dict:
         """Plain JSON values (choices as their strings)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        data = dict(data)
-        data["calib"] = CalibConfig(**data["calib"])
-        return cls(**data)
 
 
 @dataclass(frozen=True)

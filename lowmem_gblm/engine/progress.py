@@ -75,7 +75,7 @@ class PhaseProgress:
             return
         eta = self.eta()
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, inner=self._inner(0),
+            self._bar.update(self._task, completed=self.done, inner=self._inner(self.nwindows),
                              eta="-" if eta is None else f"{eta:.0f}s")
             return
         rate = self.work_seconds / self.worked if self.worked else 0.0

@@ -59,12 +59,6 @@ class Pattern:
                 "choose an M that divides every linear's input size"
             )
 
-    def pruned_per_row(self, in_features: int) -> int:
-        """Weights removed from each output row (exact for both kinds)."""
-        if self.kind == "nm":
-            return (in_features // self.m) * (self.m - self.n)
-        return int(in_features * self.sparsity)
-
 
 def select_keep(score: torch.Tensor, pattern: Pattern, scope: str = "row") -> torch.Tensor:
     """Keep-mask from scores. score: [out, in] -> keep: [out, in] bool.
