@@ -17,7 +17,6 @@ import torch
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.checkpoint import read_header, read_tensors
 from lowmem_gblm.io.runstate import GRADIENTS_JSON, RunState
-from lowmem_gblm.io.writer import file_sha256
 
 
 def block_file(i: int) -> str:
@@ -56,11 +55,9 @@ class GradientFolder(RunState):
         if entry is None:
             raise InputError(f"gradient folder {self.folder}: block {i} is missing; compute the gradients again")
         file = self.folder / entry["file"]
-        per_tensor = entry.get("tensors")
-        if not file.is_file() or file.stat().st_size != entry["size"] or (
-                per_tensor is None and file_sha256(file) != entry["sha256"]):
+        if not file.is_file() or file.stat().st_size != entry["size"] or "tensors" not in entry:
             raise _changed(self.folder, entry["file"])
-        return BlockGradients(file, per_tensor, self.folder)
+        return BlockGradients(file, entry["tensors"], self.folder)
 
     def discard(self, i: int) -> None:
         """Delete block i's file (its entry stays, so hashes recorded elsewhere still match); the prune
@@ -72,18 +69,18 @@ class GradientFolder(RunState):
 
 class BlockGradients(Mapping):
     """One block's gradient file as a read-on-lookup mapping: name -> fp32 CPU tensor (bfloat16 files are
-    widened). Lookups go through the checkpoint's read path (finite check included) and, when the folder
-    recorded them, are checked against each tensor's sha256 as they are read."""
+    widened). Lookups go through the checkpoint's read path (finite check included) and are checked against
+    each tensor's recorded sha256 as they are read."""
 
-    def __init__(self, file: Path, sha256: dict[str, str] | None = None, folder: Path | None = None):
-        self.file, self.sha256, self.folder = file, sha256, folder or file.parent
+    def __init__(self, file: Path, sha256: dict[str, str], folder: Path):
+        self.file, self.sha256, self.folder = file, sha256, folder
         self._names = tuple(k for k in read_header(file) if k != "__metadata__")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
             raise KeyError(name)
         t = read_tensors(self.file, [name])[name]
-        if self.sha256 is not None and self.sha256.get(name) != tensor_sha256(t):
+        if self.sha256.get(name) != tensor_sha256(t):
             raise _changed(self.folder, self.file.name)
         return t.float()
 
