@@ -61,7 +61,8 @@ def old_head_peak(model: Path, t: int) -> int:
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lowmem_gblm.memory.planner import LiveBytes, load_shape
+    from lowmem_gblm.memory.probe import LiveBytes
+    from lowmem_gblm.memory.shape import load_shape
 
     shape = load_shape(model)
     d, v = shape.hidden, shape.vocab
@@ -84,9 +85,12 @@ def old_head_peak(model: Path, t: int) -> int:
 
 
 def h200_case(model: Path) -> dict:
-    from lowmem_gblm.memory.planner import cublas_workspace_bytes, plan
+    from lowmem_gblm.memory.plan import Budgets, PlanSettings, plan
+    from lowmem_gblm.memory.probe import cublas_workspace_bytes
+    from lowmem_gblm.memory.shape import load_shape
 
-    p = plan(model, "gblm", 128, 512, gpu_memory="139GiB", cpu_memory="120GiB", offload="cpu").phase("gradient_sweep")
+    p = plan(load_shape(model), PlanSettings("gblm", 128, 512, device="cuda", offload="cpu", head_chunk="auto"),
+             Budgets.from_options("139GiB", "120GiB")).phase("gradient_sweep")
     old = old_head_peak(model, 512) + 2 * cublas_workspace_bytes()
     return {"device_new_code_mib": round(p.device_peak_bytes / MiB, 1), "device_old_code_mib": round(old / MiB, 1),
             "host_gib": round(p.host_peak_bytes / 2**30, 2), "host_stages": p.terms["host_stages"],

@@ -13,7 +13,6 @@ through mmap, which rchar does not count, so it understates what the run read fr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -30,7 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lowmem_gblm.calib.data import save_ids  # noqa: E402
-from lowmem_gblm.memory.planner import baseline_rss, fmt_size, plan  # noqa: E402
+from lowmem_gblm.memory.plan import Budgets, PlanSettings, plan  # noqa: E402
+from lowmem_gblm.memory.probe import baseline_rss  # noqa: E402
+from lowmem_gblm.memory.shape import load_shape  # noqa: E402
+from lowmem_gblm.units import fmt_size  # noqa: E402
 
 CONFIGS = ROOT / "benchmarks" / "configs"
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
@@ -161,7 +163,7 @@ def main() -> None:
 
     cfg = shape_config(args)
     model_bytes = sum(numel(s) for _, s in tensor_shapes(cfg)) * 2
-    methods = args.methods or ["wanda"] + (["gblm"] if importlib.util.find_spec("lowmem_gblm.stream.gradients") else [])
+    methods = args.methods or ["wanda", "gblm"]
     args.out.mkdir(parents=True, exist_ok=True)
     for m in methods:  # outputs of an earlier run are not kept: free their space before counting it
         shutil.rmtree(args.out / f"pruned-{m}", ignore_errors=True)
@@ -170,8 +172,9 @@ def main() -> None:
     # gradient files shrink as the output grows), 1 GiB slack
     shape_json = args.out / f"{args.shape}.config.json"
     shape_json.write_text(json.dumps(cfg))
-    run_disk = max(plan(shape_json, m, args.nsamples, args.seqlen, offload="cpu", grad_dtype=args.grad_dtype,
-                        baseline=0).disk_bytes for m in methods)
+    run_disk = max(plan(load_shape(shape_json), PlanSettings(m, args.nsamples, args.seqlen, offload="cpu",
+                                                             head_chunk="auto", grad_dtype=args.grad_dtype),
+                        Budgets(), baseline=0).disk_bytes for m in methods)
     have = model_bytes if (model / "model.safetensors.index.json").is_file() else 0
     need = model_bytes - have + run_disk + 2**30
     free = shutil.disk_usage(args.out).free
@@ -195,9 +198,11 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         row = run_prune(model, out, ids, method, args.nsamples, args.seqlen, args.device, args.dtype,
                         args.grad_dtype)
-        pred = plan(model, method, args.nsamples, args.seqlen, gpu_memory=None if args.device == "cpu" else "1TB",
-                    offload="cpu", compute_dtype=row["compute_dtype"] or "auto", baseline=base,
-                    grad_dtype=args.grad_dtype)
+        device = "cpu" if args.device == "cpu" else "cuda"
+        pred = plan(load_shape(model), PlanSettings(method, args.nsamples, args.seqlen, device=device, offload="cpu",
+                                                    compute_dtype=row["compute_dtype"] or "auto", head_chunk="auto",
+                                                    grad_dtype=args.grad_dtype),
+                    Budgets(gpu_memory=None if device == "cpu" else 2**40), baseline=base)
         ran = [p["phase"] for p in row["phases"]]  # the phases this run had (no eval here)
         row["predicted_host_peak_bytes"] = max(pred.phase(p).host_peak_bytes for p in ran)
         row["predicted_device_peak_bytes"] = max(pred.phase(p).device_peak_bytes for p in ran)

@@ -180,6 +180,7 @@ class PruneConfig(RunConfig):
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        get_method(str(self.method.value if isinstance(self.method, Enum) else self.method))  # the registry's error
         super().__post_init__()
         Pattern.parse(self.pattern, self.sparsity)
         if not 0.0 <= self.alpha < float("inf"):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ def _config(model: Path, ids: Path, out: Path, n: int = N, **kw) -> PruneConfig:
 
 
 def test_probe_is_fast(wide):
-    from lowmem_gblm.memory.planner import load_shape, probe
+    from lowmem_gblm.memory.probe import probe
+    from lowmem_gblm.memory.shape import load_shape
 
     shape = load_shape(wide[0])
     t0 = time.perf_counter()
@@ -49,7 +51,7 @@ def test_probe_is_fast(wide):
 
 
 def test_report_has_predicted_next_to_measured(wide, tmp_path):
-    from lowmem_gblm.pipeline import prune
+    from lowmem_gblm.engine import prune
 
     model, ids = wide
     few = tmp_path / "ids16.safetensors"  # GBLM's backward per window: keep it short
@@ -80,7 +82,7 @@ def test_tiny_budget_refuses_naming_offload_disk(wide, tmp_path):
 
 
 def test_no_plan_check_runs_anyway(wide, tmp_path, caplog):
-    from lowmem_gblm.pipeline import prune
+    from lowmem_gblm.engine import prune
 
     model, ids = wide
     with pytest.raises(InputError, match="--offload disk"):
@@ -90,15 +92,17 @@ def test_no_plan_check_runs_anyway(wide, tmp_path, caplog):
 
 
 def test_auto_picks_disk_under_a_small_ram_budget_same_bytes(wide, tmp_path):
-    from lowmem_gblm.memory.check import RAM_MARGIN
-    from lowmem_gblm.memory.planner import plan
-    from lowmem_gblm.pipeline import prune
+    from lowmem_gblm.engine import prune
+    from lowmem_gblm.memory.budget import RAM_MARGIN
+    from lowmem_gblm.memory.plan import Budgets, PlanSettings, plan
+    from lowmem_gblm.memory.shape import load_shape
 
     model, ids = wide
     ram_cpu = prune(_config(model, ids, tmp_path / "cpu", offload="cpu"))
     base = current_rss()
-    peaks = {off: plan(model, "wanda", N, T, offload=off, baseline=base, head_chunk=None,
-                       phases=("prune_sweep",)).host_peak_bytes for off in ("cpu", "disk")}
+    peaks = {off: plan(load_shape(model), PlanSettings("wanda", N, T, offload=off, head_chunk=None,
+                                                       phases=("prune_sweep",)), Budgets(), baseline=base
+                       ).host_peak_bytes for off in ("cpu", "disk")}
     assert peaks["cpu"] - peaks["disk"] >= 2 * N * T * 256 * 4 * 0.99  # the two boundaries
     budget = int((peaks["cpu"] + peaks["disk"]) / 2 / RAM_MARGIN)
     auto = prune(_config(model, ids, tmp_path / "auto", offload="auto", cpu_memory=str(budget)))
@@ -115,20 +119,22 @@ def test_auto_picks_disk_under_a_small_ram_budget_same_bytes(wide, tmp_path):
     assert json.loads((tmp_path / "roomy" / "prune_report.json").read_text())["predicted"]["fits"]
 
 
-def test_disk_too_small_for_fp32_gradient_files_names_grad_dtype(wide, tmp_path, monkeypatch):
-    from lowmem_gblm.memory import check
-    from lowmem_gblm.memory.planner import plan
+def test_disk_too_small_for_fp32_gradient_files_names_grad_dtype(wide, tmp_path):
+    from lowmem_gblm.memory.budget import plan_run
+    from lowmem_gblm.memory.plan import Budgets, PlanSettings, plan
+    from lowmem_gblm.memory.shape import load_shape
 
     model, _ = wide
-    need = {gd: plan(model, "gblm", N, T, offload="cpu", baseline=1, grad_dtype=gd).disk_bytes
+    shape = load_shape(model)
+    need = {gd: plan(shape, PlanSettings("gblm", N, T, offload="cpu", grad_dtype=gd), Budgets(), baseline=1).disk_bytes
             for gd in ("float32", "bfloat16")}
     assert need["bfloat16"] < need["float32"]
     free = (need["float32"] + need["bfloat16"]) // 2
-    monkeypatch.setattr(check, "budgets", lambda *a, **k: {"gpu_memory": None, "cpu_memory": None,
-                                                            "disk_free": free})
-    args = (model, "gblm", (N, T), torch.device("cpu"), torch.float32, "cpu", tmp_path,
-            ("gradient_sweep", "prune_sweep"))
+    budgets = Budgets(gpu_memory=None, cpu_memory=None, disk_free=free, disk_dir=tmp_path)
+    settings = PlanSettings("gblm", N, T, device="cpu", compute_dtype=torch.float32, offload="cpu",
+                            phases=("gradient_sweep", "prune_sweep"))
     with pytest.raises(InputError, match="--grad-dtype bfloat16"):
-        check.plan_run(*args)
-    offload, chosen = check.plan_run(*args, grad_dtype="bfloat16")
+        plan_run(shape, settings, budgets, check=True)
+    chosen = plan_run(shape, replace(settings, grad_dtype="bfloat16"), budgets, check=True)
+    offload = chosen.settings["offload"]
     assert chosen.fits and offload == "cpu"

@@ -13,7 +13,11 @@ import torch
 
 from lowmem_gblm.calib.data import save_ids
 from lowmem_gblm.errors import UsageError
-from lowmem_gblm.memory.planner import baseline_rss, parse_size, plan
+from lowmem_gblm.memory.plan import Budgets, PlanSettings
+from lowmem_gblm.memory.plan import plan as make_plan
+from lowmem_gblm.memory.probe import baseline_rss
+from lowmem_gblm.memory.shape import load_shape
+from lowmem_gblm.units import parse_size
 from tests.tiny import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +28,16 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=600)
+
+
+def plan(model, method: str, nsamples: int, seqlen: int, *, gpu_memory=None, cpu_memory=None, disk_dir=None,
+         disk_space=None, baseline=None, head_chunk="auto", device=None, **settings):
+    """As the ``plan`` command: budgets as typed, compute on CUDA when a GPU budget is given, the head chunk
+    chosen."""
+    budgets = Budgets.from_options(gpu_memory, cpu_memory, disk_dir, disk_space)
+    chosen = PlanSettings(method, nsamples, seqlen, device=device or ("cuda" if budgets.gpu_memory else "cpu"),
+                          head_chunk=head_chunk, **settings)
+    return make_plan(load_shape(model), chosen, budgets, baseline=baseline)
 
 
 def test_parse_size():
@@ -39,7 +53,8 @@ def test_parse_size():
 def test_head_chunks_are_exact():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from lowmem_gblm.stream.head import head_loss_and_grad
+    from lowmem_gblm.stream.backward import head_sample
+    from lowmem_gblm.stream.head import window_nll
 
     torch.manual_seed(0)
     norm = LlamaRMSNorm(16)
@@ -47,15 +62,19 @@ def test_head_chunks_are_exact():
     norm = norm.double()
     h = torch.randn(1, 11, 16, dtype=torch.float64)
     ids = torch.randint(40, (1, 11))
-    loss, grad = head_loss_and_grad(norm, w, h, ids, None)
+    cpu = torch.device("cpu")
+    loss, grad = head_sample(norm, w, h, ids[0, 1:], cpu, torch.float64, chunk=None)
     ref_h = h.clone().requires_grad_(True)
     ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(norm(ref_h), w)[0, :-1].float(), ids[0, 1:])
     (ref_g,) = torch.autograd.grad(ref, ref_h)
     assert torch.allclose(loss, ref.detach(), atol=1e-6)
     assert torch.allclose(grad, ref_g, atol=1e-6)
+    norm32 = LlamaRMSNorm(16)
+    nll = window_nll(norm32, w.float(), h[0], ids[0, 1:], None)
     for chunk in (1, 3, 10):
-        loss_c, grad_c = head_loss_and_grad(norm, w, h, ids, chunk)
+        loss_c, grad_c = head_sample(norm, w, h, ids[0, 1:], cpu, torch.float64, chunk=chunk)
         assert torch.allclose(loss_c, loss, atol=1e-6) and torch.allclose(grad_c, grad, atol=1e-9)
+        assert abs(window_nll(norm32, w.float(), h[0], ids[0, 1:], chunk) - nll) <= 1e-4 * abs(nll)
 
 
 def test_knobs_and_advice(tmp_path):

@@ -16,6 +16,8 @@ from lowmem_gblm.engine import compute_gradients
 from lowmem_gblm.errors import InputError, ResumeMismatch
 from lowmem_gblm.io.model import StreamedModel
 from lowmem_gblm.io.prefetch import BlockReader
+from lowmem_gblm.memory.plan import Budgets, PlanSettings, plan
+from lowmem_gblm.memory.shape import load_shape
 from lowmem_gblm.stream.store import (
     INT8_BLOCKSIZE,
     ActivationStore,
@@ -206,10 +208,9 @@ def test_cli_store_dtype_rejects_unknown(tiny_model, calib_text, tmp_path):
 
 
 def test_planner_int8_store_is_smaller(tiny_model):
-    from lowmem_gblm.memory.planner import plan
-
-    exact = plan(tiny_model, "gblm", 8, 64, cpu_memory="64GiB", offload="disk", baseline=1)
-    int8 = plan(tiny_model, "gblm", 8, 64, cpu_memory="64GiB", offload="disk", baseline=1, store_dtype="int8")
+    shape, budgets = load_shape(tiny_model), Budgets.from_options(cpu_memory="64GiB")
+    exact = plan(shape, PlanSettings("gblm", 8, 64, offload="disk"), budgets, baseline=1)
+    int8 = plan(shape, PlanSettings("gblm", 8, 64, offload="disk", store_dtype="int8"), budgets, baseline=1)
     assert int8.settings["store_dtype"] == "int8"
     assert int8.phase("gradient_sweep").disk_bytes < exact.phase("gradient_sweep").disk_bytes
     assert Path(tiny_model).is_dir()

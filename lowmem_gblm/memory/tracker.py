@@ -135,10 +135,3 @@ class PhaseTracker:
         self.stats.bytes_written = io1[1] - self._io0[1]
         self.stats.seconds = time.perf_counter() - self._t0
 
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
