@@ -32,7 +32,7 @@ from lowmem_gblm.io.runstate import (
 )
 from lowmem_gblm.io.writer import atomic_write_text, copy_side_files, save_tensors_atomic, shard_name
 from lowmem_gblm.methods import Method
-from lowmem_gblm.methods.apply import linear_report, prune_linears, statistics_needed
+from lowmem_gblm.methods.apply import BlockPruner, linear_report, statistics_needed
 from lowmem_gblm.runtime import dtype_name
 from lowmem_gblm.stream.stats import STATISTICS, collect_inputs
 from lowmem_gblm.stream.store import ActivationBuffer
@@ -98,6 +98,7 @@ class _PruneSweep:
     def __init__(self, run: Run, config: PruneConfig, method: Method, manifest: RunState, grads: GradientFeed | None):
         self.run, self.config, self.method, self.manifest, self.grads = run, config, method, manifest, grads
         self.total_shards = run.model.num_blocks + 1
+        self.pruner = BlockPruner(method, config.parsed_pattern, config.method_options(), run.device, run.dtype)
 
     def sweep(self) -> dict:
         run = self.run
@@ -146,9 +147,8 @@ class _PruneSweep:
             if wanted:
                 forward(block, run.ctx, src, None, run.device, run.dtype, self.config.batch_size, progress.windows)
         stored = run.model.stored_tensors(block, i, run.dtype)  # stored bytes, for exact unchanged tensors
-        prune_linears(block, run.model.family.block_prefix(i), method, self.config.parsed_pattern,
-                      self.config.method_options(), stats, run.nsamples, self.grads.read(i) if self.grads else None,
-                      stored, run.device, run.dtype)
+        self.pruner.prune(block, run.model.family.block_prefix(i), stats, run.nsamples,
+                          self.grads.read(i) if self.grads else None, stored)
         prefix = run.model.family.block_prefix(i)
         return stored, {f"{prefix}{name}.weight": linear_report(stored[f"{prefix}{name}.weight"]) for name in names}
 

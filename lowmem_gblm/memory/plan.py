@@ -47,7 +47,6 @@ class PlanSettings:
     batch_size: int = 1  # the prune sweep's forward micro-batch
     grad_dtype: str | torch.dtype = "float32"
     prefetch: bool = True  # one more block read ahead in host memory
-    eval_nsamples: int | None = None
     phases: tuple[str, ...] | None = None  # only these phases count
 
     def resolved(self, storage: torch.dtype) -> PlanSettings:
@@ -378,9 +377,8 @@ def predict(shape: ModelShape, s: PlanSettings, baseline: int,
         p.terms["host"], p.host_peak_bytes = first, sum(first.values())
     phases.append(p)
 
-    # eval (streamed perplexity of the pruned model): same buffers, plain forwards, then the head
-    ne = s.eval_nsamples or n
-    eb = ne * t * d * dtype_bytes(compute_dtype if store_dtype == "int8" else store_dtype)  # no int8 eval store
+    # eval (streamed perplexity of the pruned model, as many windows as calibration): plain forwards, the head
+    eb = n * t * d * dtype_bytes(compute_dtype if store_dtype == "int8" else store_dtype)  # no int8 eval store
     host = {"baseline": baseline, **cuda_host, "block read (storage dtype)": block_store,
             "head read (storage dtype)": 0, "next block prefetched": ahead}
     if ram:

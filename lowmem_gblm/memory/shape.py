@@ -16,7 +16,7 @@ from transformers import AutoConfig
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.checkpoint import CheckpointIndex
 from lowmem_gblm.io.layout import family_for
-from lowmem_gblm.io.model import StreamedModel, linear_names
+from lowmem_gblm.io.model import StreamedModel
 from lowmem_gblm.runtime import BY_NAME, COMPUTE_DTYPES, dtype_bytes, dtype_name, storage_dtype
 from lowmem_gblm.units import prod
 
@@ -51,14 +51,11 @@ class ModelShape:
 
 
 def _shape(name: str, model: StreamedModel, storage: torch.dtype, tied: bool) -> ModelShape:
-    """Block 0 built on meta (as the engine builds every block) gives the block's tensor and linear shapes."""
-    block = model.build_block(0)
-    shapes = {k: tuple(v.shape) for k, v in block.state_dict().items()}
-    modules = dict(block.named_modules())
-    linears = {n: (modules[n].out_features, modules[n].in_features) for n in linear_names(block)}
+    """The block's tensor and linear shapes come from the model's block 0 built on meta (built once per model,
+    as the engine builds every block)."""
     config = model.config
     return ModelShape(name, config, model.family, int(config.num_hidden_layers), int(config.hidden_size),
-                      int(config.vocab_size), storage, shapes, linears, tied)
+                      int(config.vocab_size), storage, dict(model.block_shapes), dict(model.linear_shapes), tied)
 
 
 def shape_of(model: StreamedModel) -> ModelShape:

@@ -10,6 +10,7 @@ so the next block sees the pruned model as saved.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,22 +39,32 @@ def prune_linear(job: LinearJob, method: Method, stored: torch.Tensor, device: t
     return written
 
 
-def prune_linears(block: nn.Module, prefix: str, method: Method, pattern: Pattern, options: MethodOptions,
-                  stats: dict[str, dict], nsamples: int, gradients: Mapping | None, stored: dict[str, torch.Tensor],
-                  device: torch.device, dtype: torch.dtype) -> None:
-    """Prune every linear of ``block`` (weights named ``prefix`` + name + ``.weight``); ``stored[name]``
-    is replaced by the bytes to write. stats: linear name -> {statistic: accumulator} (cleared here);
-    gradients: full weight name -> G [out, in] (GBLM)."""
-    modules = dict(block.named_modules())
-    for name in linear_names(block):
-        full = f"{prefix}{name}.weight"
-        finished = {s: acc.result(nsamples) for s, acc in stats.get(name, {}).items()}
-        if method.needs_gradients:
-            finished["gradient"] = gradients[full].to(device)
-        stats.get(name, {}).clear()
-        job = LinearJob(full, modules[name].weight.data, finished, pattern, options)
-        stored[full] = prune_linear(job, method, stored[full], device, dtype)
-        del finished, job
+@dataclass(frozen=True)
+class BlockPruner:
+    """How every linear of a block is pruned: the method with its pattern and options, on ``device`` in
+    ``dtype`` (the block's compute dtype)."""
+
+    method: Method
+    pattern: Pattern
+    options: MethodOptions
+    device: torch.device
+    dtype: torch.dtype
+
+    def prune(self, block: nn.Module, prefix: str, stats: dict[str, dict], nsamples: int,
+              gradients: Mapping | None, stored: dict[str, torch.Tensor]) -> None:
+        """Prune every linear of ``block`` (weights named ``prefix`` + name + ``.weight``); ``stored[name]``
+        is replaced by the bytes to write. stats: linear name -> {statistic: accumulator} (cleared here);
+        gradients: full weight name -> G [out, in] (GBLM)."""
+        modules = dict(block.named_modules())
+        for name in linear_names(block):
+            full = f"{prefix}{name}.weight"
+            finished = {s: acc.result(nsamples) for s, acc in stats.get(name, {}).items()}
+            if self.method.needs_gradients:
+                finished["gradient"] = gradients[full].to(self.device)
+            stats.get(name, {}).clear()
+            job = LinearJob(full, modules[name].weight.data, finished, self.pattern, self.options)
+            stored[full] = prune_linear(job, self.method, stored[full], self.device, self.dtype)
+            del finished, job
 
 
 def linear_report(written: torch.Tensor) -> dict:
