@@ -160,3 +160,33 @@ def test_stored_tensors_are_the_stored_bytes(tmp_path, stored, compute):
         # copies, never views of the block's weights (the sweep writes into those)
         weights = {p.data_ptr() for p in block.parameters()}
         assert not weights & {t.data_ptr() for t in got.values()}
+
+
+def test_each_block_is_freed_before_its_shard_is_written(tiny_model, calib_text, tmp_path, monkeypatch):
+    """The prune sweep holds one block at a time: by the time a block's shard is serialized the block (its
+    weights: as large as the shard in the compute dtype) is gone, as the planner's host terms assume."""
+    import importlib
+    import weakref
+
+    from lowmem_gblm.io.prefetch import BlockReader
+
+    prune_mod = importlib.import_module("lowmem_gblm.engine.prune")  # the module (the package exports the function)
+
+    blocks, checked = [], []
+    take, save = BlockReader.next, prune_mod.save_tensors_atomic
+
+    def next_block(self, i):
+        block = take(self, i)
+        blocks.append(weakref.ref(block))
+        return block
+
+    def save_shard(path, tensors):
+        if blocks:  # a block's shard (the embedding / norm / head shard is written before any block is read)
+            checked.append(path.name)
+            assert all(ref() is None for ref in blocks), f"a block is still alive while {path.name} is written"
+        return save(path, tensors)
+
+    monkeypatch.setattr(BlockReader, "next", next_block)
+    monkeypatch.setattr(prune_mod, "save_tensors_atomic", save_shard)
+    run(tiny_model, tmp_path / "out", calib_text, method="wanda", sparsity=0.5, prefetch=False)
+    assert len(checked) == 3

@@ -112,14 +112,18 @@ class _PruneSweep:
         with BlockReader(run.model, schedule, run.device, run.dtype, run.config.prefetch) as reader, \
                 PhaseProgress("prune", run.model.num_blocks, run.nsamples, run.config.progress) as progress:
             for i in range(run.model.num_blocks):
-                linears.update(self.block(i, reader.next(i), src, dst, progress))
+                linears.update(self.block(i, reader, src, dst, progress))
                 src, dst = dst, src
         for buf in (src, dst):
             buf.release()
         return linears
 
-    def block(self, i: int, block, src: ActivationBuffer, dst: ActivationBuffer, progress: PhaseProgress) -> dict:
+    def block(self, i: int, reader: BlockReader, src: ActivationBuffer, dst: ActivationBuffer,
+              progress: PhaseProgress) -> dict:
+        """Block i pruned (or replayed), its outputs in ``dst``; returns its per-linear report. The block is
+        freed before its shard is serialized (this frame holds the only reference)."""
         run, key = self.run, f"block.{i}"
+        block = reader.next(i)
         if self.manifest.is_done(key):
             forward(block, run.ctx, src, dst, run.device, run.dtype, self.config.batch_size, progress.windows)
             progress.block("replayed from its shard", replayed=True)
