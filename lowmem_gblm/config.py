@@ -18,6 +18,8 @@ from pathlib import Path
 from lowmem_gblm.errors import UsageError
 from lowmem_gblm.mask import Pattern
 from lowmem_gblm.methods import Method, MethodOptions, get_method, registered
+from lowmem_gblm.runtime import COMPUTE_DTYPES, GRAD_FILE_DTYPES
+from lowmem_gblm.stream.store import STORE_DTYPES
 from lowmem_gblm.units import parse_size
 
 
@@ -28,28 +30,13 @@ class Choice(str, Enum):
         return self.value
 
 
-class Dtype(Choice):
-    AUTO = "auto"
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
+def _choices(name: str, values) -> type[Choice]:
+    return Choice(name, {v.upper(): v for v in values})
 
 
-class StoreDtype(Choice):
-    """Activation store: auto (= compute dtype, exact), a float dtype, or int8 (blockwise 8-bit, lossy)."""
-
-    AUTO = "auto"
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
-    INT8 = "int8"
-
-
-class GradDtype(Choice):
-    """GBLM gradient files (accumulation is fp32 either way)."""
-
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
+Dtype = _choices("Dtype", ("auto", *COMPUTE_DTYPES))  # compute dtype
+StoreDtype = _choices("StoreDtype", STORE_DTYPES)  # activation store: auto (= compute, exact), a float, int8 (lossy)
+GradDtype = _choices("GradDtype", GRAD_FILE_DTYPES)  # GBLM gradient files (accumulation is fp32 either way)
 
 
 class Offload(Choice):
@@ -70,7 +57,7 @@ class MagnitudeScope(Choice):
     MATRIX = "matrix"
 
 
-MethodName = Choice("MethodName", {name.upper(): name for name in sorted(registered())})
+MethodName = _choices("MethodName", sorted(registered()))
 
 # Options that do not change the output bytes; left out of the resume fingerprint.
 _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "prefetch", "plan_check",

@@ -23,6 +23,7 @@ BY_NAME: dict[str, torch.dtype] = {name: dt for name, _, dt in _TABLE}
 BY_SAFETENSORS: dict[str, torch.dtype] = {code: dt for _, code, dt in _TABLE}
 SAFETENSORS_CODE: dict[torch.dtype, str] = {dt: code for _, code, dt in _TABLE}
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # what blocks may compute in
+GRAD_FILE_DTYPES = ("float32", "bfloat16")  # GBLM gradient files (accumulation is fp32 either way)
 STORAGE_FLOATS = frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16})  # checkpoint weights
 
 

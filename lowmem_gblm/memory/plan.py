@@ -23,12 +23,11 @@ from lowmem_gblm.io.checkpoint import FINITE_CHUNK, ROW_CHUNK
 from lowmem_gblm.memory.probe import ACC_BYTES, Probe, baseline_rss, cublas_workspace_bytes, cuda_host_bytes, probe
 from lowmem_gblm.memory.shape import ModelShape
 from lowmem_gblm.methods import get_method
-from lowmem_gblm.runtime import COMPUTE_DTYPES, auto_dtype, dtype_bytes, dtype_name, named_dtype
+from lowmem_gblm.runtime import COMPUTE_DTYPES, GRAD_FILE_DTYPES, auto_dtype, dtype_bytes, dtype_name, named_dtype
 from lowmem_gblm.stream.store import store_nbytes
 from lowmem_gblm.units import fmt_budget, fmt_size, parse_size
 
 HEAD_CHUNKS = (None, 512, 128)  # head_chunk="auto": tokens per head call, tried in this order (None: the window)
-GRAD_DTYPES = ("float32", "bfloat16")
 OFFLOADS = ("cpu", "disk")
 
 
@@ -59,7 +58,7 @@ class PlanSettings:
         compute = auto_dtype(self.device, storage)[0] if compute in (None, "auto") else compute
         store = _dtype(self.store_dtype, "--store-dtype", (None, "auto", "int8"))
         store = compute if store in (None, "auto") else store
-        if dtype_name(self.grad_dtype) not in GRAD_DTYPES:
+        if dtype_name(self.grad_dtype) not in GRAD_FILE_DTYPES:
             raise UsageError(f"--grad-dtype must be float32 or bfloat16, got {self.grad_dtype!r}")
         if self.offload not in (None, "auto", *OFFLOADS):
             raise UsageError(f"--offload must be cpu or disk, got {self.offload!r}")
