@@ -46,9 +46,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Memory-lean, block-streamed pruning of Hugging Face causal LMs (GBLM, Wanda, SparseGPT).")
 log = logging.getLogger("lowmem_gblm")
 
+def _folder(text: str) -> Path:
+    """A folder argument; an empty one (an unset shell variable) is refused rather than read as '.'."""
+    if not text.strip():
+        raise typer.BadParameter("an empty path (an unset variable?); name the folder, e.g. ./out")
+    return Path(text)
+
+
 _METHODS = "; ".join(f"{m.name}: {m.summary}" for m in sorted(registered().values(), key=lambda m: m.name))
 
-ModelDir = Annotated[Path, typer.Argument(help="local Hugging Face checkpoint folder (safetensors)")]
+ModelDir = Annotated[Path, typer.Argument(parser=_folder, help="local Hugging Face checkpoint folder (safetensors)")]
 Method = Annotated[str, typer.Option("--method", help=f"pruning method ({_METHODS})")]
 Calib = Annotated[str | None, typer.Option(
     "--calib", help="calibration text: a .txt/.jsonl file, a folder of .txt, wiki-offline[:calib|:eval], c4, "
@@ -128,7 +135,8 @@ def _calib(calib: str | None, calib_ids: Path | None, nsamples: int, seqlen: int
 @app.command()
 def prune(
     model_dir: ModelDir,
-    out_dir: Annotated[Path, typer.Argument(help="output folder: a new sharded checkpoint (rerun to resume)")],
+    out_dir: Annotated[Path, typer.Argument(parser=_folder,
+                                            help="output folder: a new sharded checkpoint (rerun to resume)")],
     method: Method = "wanda",
     sparsity: Annotated[float | None, typer.Option(
         "--sparsity", help="fraction of each row removed, in (0, 1) (default 0.5; N:M patterns imply it)")] = None,
@@ -187,7 +195,8 @@ def prune(
 @app.command()
 def gradients(
     model_dir: ModelDir,
-    grad_dir: Annotated[Path, typer.Argument(help="gradient folder to write (reuse with prune --gradients)")],
+    grad_dir: Annotated[Path, typer.Argument(parser=_folder,
+                                             help="gradient folder to write (reuse with prune --gradients)")],
     grad_norm: GradNormOpt = "l1",
     calib: Calib = None,
     calib_ids: CalibIds = None,

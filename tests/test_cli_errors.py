@@ -101,8 +101,8 @@ def test_non_empty_foreign_out_dir(runner, tmp_path, tiny_model, calib_text):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    check(runner, prune_args(tiny_model, out, calib_text), "--overwrite")
-    assert (out / "notes.txt").read_text() == "mine"
+    check(runner, prune_args(tiny_model, out, calib_text), "holds no lowmem-gblm run")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # nothing written, not even a lock
 
 
 def test_changed_options_on_resume(runner, tmp_path, tiny_model, calib_text):

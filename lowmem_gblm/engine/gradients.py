@@ -60,6 +60,9 @@ REUSE_KEYS = ("format_version", "model", "calibration_sha256", "nsamples", "seql
               "grad_dtype", "head_chunk")
 
 
+_OWN = (STATE_DIR, CALIB_IDS_NAME)  # what a gradient folder holds besides its state file and block files
+
+
 def gradient_identity(run: Run) -> dict:
     cfg = run.config
     optional = {"store_dtype": str(cfg.store_dtype) if cfg.store_dtype != "auto" else None,  # changes the gradients
@@ -82,7 +85,7 @@ def gradient_sweep(run: Run, path: Path) -> GradientFolder:
     path.mkdir(parents=True, exist_ok=True)
     with OutputLock(path):
         state = RunState.open(path, GRADIENTS_JSON, gradient_identity(run), what="gradient folder",
-                              fix="choose another folder", own=(STATE_DIR, CALIB_IDS_NAME))
+                              fix="choose another folder", own=_OWN)
         folder = GradientFolder(path, GRADIENTS_JSON, state.data)
         if folder.complete:
             log.info("gradient folder %s is complete; reusing it", path)
@@ -273,6 +276,7 @@ def compute_gradients(config: GradientConfig) -> dict:
     """``lowmem-gblm gradients``: the sweep alone into ``config.out_dir``."""
     model = open_model(config.model_dir)
     run = open_run(config, model, "gblm", ("gradient_sweep",))
+    RunState.refuse_foreign(run.out, GRADIENTS_JSON, "gradient folder", _OWN)  # before anything is written
     prepare_out_dir(run.out, model.root)
     with run.phase("gradient_sweep") as tracker:
         folder = gradient_sweep(run, run.out)

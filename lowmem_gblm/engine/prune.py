@@ -17,6 +17,7 @@ from lowmem_gblm.config import PruneConfig
 from lowmem_gblm.engine.gradients import GradientFeed, gradient_feed
 from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import Run, open_model, open_run
+from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.checkpoint import INDEX_NAME
 from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.io.prefetch import BlockReader
@@ -30,7 +31,7 @@ from lowmem_gblm.io.runstate import (
     prepare_out_dir,
     remove_stale_temps,
 )
-from lowmem_gblm.io.writer import atomic_write_text, copy_side_files, save_tensors_atomic, shard_name
+from lowmem_gblm.io.writer import atomic_write_text, copy_side_files, save_tensors_atomic, shard_name, side_files
 from lowmem_gblm.methods import Method
 from lowmem_gblm.methods.apply import BlockPruner, linear_report, statistics_needed
 from lowmem_gblm.runtime import dtype_name
@@ -54,13 +55,18 @@ def prune(config: PruneConfig) -> dict:
     phases = ("gradient_sweep", "prune_sweep") if config.runs_gradient_sweep else ("prune_sweep",)
     run = open_run(config, model, method.name, phases)
     out = run.out
+    # refuse before anything is written (a refused run leaves nothing behind)
+    if config.overwrite:
+        _previous_run_files(out, config, model.root)
+    else:
+        RunState.refuse_foreign(out, f"{STATE_DIR}/{MANIFEST_NAME}", "OUT_DIR")
     prepare_out_dir(out, model.root)
     with OutputLock(out):
         stale = remove_stale_temps(out)
         if stale:
             log.info("removed %d temporary file(s) left by an interrupted run: %s", len(stale), ", ".join(stale))
         if config.overwrite:
-            _clear_out_dir(out)
+            _remove_previous_run(out, config, model.root)
         identity = {"config": config.fingerprint_dict(), "model": model.index.fingerprint(),
                     "calibration_sha256": run.ids_sha256, "device_type": run.device.type,
                     "compute_dtype": str(run.dtype)}
@@ -178,7 +184,7 @@ def _finalize(run: Run, config: PruneConfig, manifest: RunState, linears: dict, 
             weight_map[name] = entry["file"]
         total_size += model.index.nbytes(entry["names"])
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    copy_side_files(model.root, out)
+    manifest.data["side_files"] = copy_side_files(model.root, out)  # --overwrite may remove these later
     zeros = sum(r["zeros"] for r in linears.values())
     numel = sum(prod(r["shape"]) for r in linears.values())
     report = {
@@ -200,16 +206,51 @@ def _finalize(run: Run, config: PruneConfig, manifest: RunState, linears: dict, 
     return report
 
 
-def _clear_out_dir(out: Path) -> None:
-    for child in out.iterdir():
-        if child.name == STATE_DIR:
-            for sub in child.iterdir():
-                if sub.name != "lock":
-                    shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
-        elif child.is_dir():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+def _previous_run_files(out: Path, config: PruneConfig, model_dir: Path) -> list[str]:
+    """``--overwrite``: the names in OUT_DIR that a previous lowmem-gblm run wrote (to delete), or a refusal.
+
+    Refused (InputError, nothing deleted) when OUT_DIR holds the input model, the ``--gradients`` folder or
+    the ``--calib-ids`` file, when it holds files no lowmem-gblm run wrote, or when it holds no run at all
+    (an empty or missing folder is fine). A run's files are the ones its manifest lists, its index, report
+    and calibration ids, and the side files it copies from the model folder (config, tokenizer, ...).
+    Only reads: called before anything is written, and again under the lock just before deleting.
+    """
+    out_r = out.resolve()
+    inputs = {"MODEL_DIR": str(model_dir), "--gradients": config.gradients, "--calib-ids": config.calib.ids_file}
+    for flag, path in inputs.items():
+        if path is not None and (Path(path).resolve() == out_r or out_r in Path(path).resolve().parents):
+            raise InputError(f"--overwrite would delete {flag} {path}, which is inside OUT_DIR {out}; "
+                             "choose another OUT_DIR (nothing was deleted)")
+    if not out.is_dir():
+        return []
+    entries = {p.name for p in out.iterdir()} - {STATE_DIR}
+    manifest = RunState.load(out, f"{STATE_DIR}/{MANIFEST_NAME}")
+    if manifest is None:
+        if entries:
+            raise InputError(f"OUT_DIR {out} holds no lowmem-gblm run ({', '.join(sorted(entries)[:3])}...); "
+                             "--overwrite only replaces a previous run's output: choose an empty folder "
+                             "(nothing was deleted)")
+        return []
+    ours = {entry.get("file") for entry in manifest.done.values() if isinstance(entry, dict)}
+    ours |= {INDEX_NAME, REPORT_NAME, CALIB_IDS_NAME, *manifest.data.get("side_files", []), *side_files(model_dir)}
+    ours = {name for name in ours if isinstance(name, str) and name and Path(name).name == name}  # plain names only
+    foreign = sorted(entries - ours)
+    if foreign:
+        raise InputError(f"OUT_DIR {out} holds files no lowmem-gblm run wrote ({', '.join(foreign[:3])}"
+                         f"{'...' if len(foreign) > 3 else ''}); --overwrite leaves them alone: move them or "
+                         "choose another OUT_DIR (nothing was deleted)")
+    return sorted(entries & ours)
+
+
+def _remove_previous_run(out: Path, config: PruneConfig, model_dir: Path) -> None:
+    """Delete what ``_previous_run_files`` allows, and the state folder but its lock (we hold it)."""
+    for name in _previous_run_files(out, config, model_dir):
+        path = out / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    for sub in (out / STATE_DIR).iterdir():
+        if sub.name != "lock":
+            shutil.rmtree(sub) if sub.is_dir() and not sub.is_symlink() else sub.unlink()
 
 
 def _cleanup_state(out: Path) -> None:

@@ -82,13 +82,9 @@ class RunState:
         ``what`` names the folder in messages ("OUT_DIR", "gradient folder"); ``fix`` says what to do on a
         mismatch; ``own``: entries an empty folder may already hold (the state folder, ids written early).
         """
+        cls.refuse_foreign(folder, name, what, own)
         state = cls.load(folder, name)
         if state is None:
-            leftovers = sorted(p.name for p in Path(folder).iterdir() if p.name not in own)
-            if leftovers:
-                raise InputError(f"{what} {folder} is not empty and holds no lowmem-gblm run "
-                                 f"({', '.join(leftovers[:3])}...); choose an empty folder" +
-                                 (" or pass --overwrite" if what == "OUT_DIR" else ""))
             state = cls(folder, name, {"identity": identity, "done": {}, "complete": False})
             state.save()
             return state
@@ -102,6 +98,18 @@ class RunState:
             raise ResumeMismatch(f"{what} {folder} holds a run with other settings ({'; '.join(diffs[:4])}); "
                                  f"rerun with the same options to resume, or {fix}")
         return state
+
+    @classmethod
+    def refuse_foreign(cls, folder: Path, name: str, what: str, own: tuple[str, ...] = (STATE_DIR,)) -> None:
+        """Refuse a folder that is not empty (but for ``own``) and holds no run; call it before writing there,
+        so a refused run leaves nothing behind (not even a lock)."""
+        if not Path(folder).is_dir() or cls.load(folder, name) is not None:
+            return
+        leftovers = sorted(p.name for p in Path(folder).iterdir() if p.name not in own)
+        if leftovers:
+            raise InputError(f"{what} {folder} is not empty and holds no lowmem-gblm run "
+                             f"({', '.join(leftovers[:3])}{'...' if len(leftovers) > 3 else ''}); "
+                             "choose an empty folder")
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -93,14 +93,18 @@ def shard_name(k: int, total: int) -> str:
     return f"model-{k + 1:05d}-of-{total:05d}.safetensors"
 
 
+def side_files(model_dir: Path) -> list[str]:
+    """The model folder's files an output folder gets a copy of: config, generation config, tokenizer and
+    every other non-weight file."""
+    return [src.name for src in sorted(Path(model_dir).iterdir())
+            if src.is_file() and src.name != INDEX_NAME and not src.name.endswith(_WEIGHT_SUFFIXES)]
+
+
 def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
-    """Copy config, generation config, tokenizer and every other non-weight file."""
-    copied = []
-    for src in sorted(model_dir.iterdir()):
-        if not src.is_file() or src.name == INDEX_NAME or src.name.endswith(_WEIGHT_SUFFIXES):
-            continue
-        atomic_write_bytes(out_dir / src.name, src.read_bytes())
-        copied.append(src.name)
-    return copied
+    """Copy ``side_files(model_dir)`` into ``out_dir``; return their names."""
+    names = side_files(model_dir)
+    for name in names:
+        atomic_write_bytes(out_dir / name, (Path(model_dir) / name).read_bytes())
+    return names
 
 
