@@ -40,6 +40,7 @@ from lowmem_gblm.io.runstate import (
     STATE_DIR,
     OutputLock,
     RunState,
+    check_out_dir,
     diff_dicts,
     prepare_out_dir,
 )
@@ -276,7 +277,8 @@ def compute_gradients(config: GradientConfig) -> dict:
     """``lowmem-gblm gradients``: the sweep alone into ``config.out_dir``."""
     model = open_model(config.model_dir)
     run = open_run(config, model, "gblm", ("gradient_sweep",))
-    RunState.refuse_foreign(run.out, GRADIENTS_JSON, "gradient folder", _OWN)  # before anything is written
+    check_out_dir(run.out, model.root)  # refuse before anything is written
+    RunState.refuse_foreign(run.out, GRADIENTS_JSON, "gradient folder", _OWN)
     prepare_out_dir(run.out, model.root)
     with run.phase("gradient_sweep") as tracker:
         folder = gradient_sweep(run, run.out)

@@ -28,6 +28,7 @@ from lowmem_gblm.io.runstate import (
     STATE_DIR,
     OutputLock,
     RunState,
+    check_out_dir,
     prepare_out_dir,
     remove_stale_temps,
 )
@@ -56,6 +57,7 @@ def prune(config: PruneConfig) -> dict:
     run = open_run(config, model, method.name, phases)
     out = run.out
     # refuse before anything is written (a refused run leaves nothing behind)
+    check_out_dir(out, model.root)
     if config.overwrite:
         _previous_run_files(out, config, model.root)
     else:

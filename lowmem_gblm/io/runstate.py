@@ -184,13 +184,18 @@ class OutputLock:
             self._fd = None
 
 
-def prepare_out_dir(out_dir: Path, model_dir: Path) -> None:
-    """Validate OUT_DIR (not the model folder, not inside it, writable) and create it."""
+def check_out_dir(out_dir: Path, model_dir: Path) -> None:
+    """OUT_DIR is not the model folder, not inside it, and not a file (reads only)."""
     out_r, model_r = out_dir.resolve(), model_dir.resolve()
     if out_r == model_r or model_r in out_r.parents:
         raise InputError(f"OUT_DIR {out_dir} is MODEL_DIR or inside it; choose a folder outside {model_dir}")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"OUT_DIR {out_dir} exists and is not a folder")
+
+
+def prepare_out_dir(out_dir: Path, model_dir: Path) -> None:
+    """Validate OUT_DIR (``check_out_dir``), create it and check it is writable."""
+    check_out_dir(out_dir, model_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-probe-{os.getpid()}"
