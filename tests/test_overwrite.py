@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -114,3 +115,15 @@ def test_a_crafted_manifest_cannot_point_outside_out_dir(tiny_model, calib_text,
     manifest_path.write_text(json.dumps(manifest))
     assert _prune(tiny_model, out, calib_text, "--sparsity", "0.4", "--overwrite").exit_code == 0
     assert victim.read_text() == "keep me"
+
+
+def test_sparsity_nan_with_a_pattern_is_refused_and_a_sparsity_that_prunes_nothing_says_so(
+        tiny_model, calib_text, tmp_path, caplog):
+    _refused(_prune(tiny_model, tmp_path / "a", calib_text, "--pattern", "2:4", "--sparsity", "nan"), "--sparsity")
+    assert not (tmp_path / "a").exists()
+    with caplog.at_level(logging.WARNING, logger="lowmem_gblm"):
+        assert _prune(tiny_model, tmp_path / "b", calib_text, "--sparsity", "1e-9").exit_code == 0
+        assert "asked for sparsity 1e-09" in caplog.text
+        caplog.clear()
+        assert _prune(tiny_model, tmp_path / "c", calib_text, "--sparsity", "0.5").exit_code == 0
+        assert "asked for sparsity" not in caplog.text

@@ -96,6 +96,9 @@ def prune(config: PruneConfig) -> dict:
     s = report["sparsity"]
     log.info("done: %s, sparsity %.4f over %d linears, peak RSS %s", out, s["overall"], len(linears),
              fmt_size(max(p.peak_rss_bytes for p in run.phases)))
+    if s["overall"] < pattern.sparsity / 2:  # e.g. --sparsity 1e-9: int(in * sparsity) = 0 weights per row
+        log.warning("asked for sparsity %g, got %.6f: the pattern removes (almost) no weight of these linears; "
+                    "raise --sparsity", pattern.sparsity, s["overall"])
     return report
 
 

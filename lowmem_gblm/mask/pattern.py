@@ -42,7 +42,7 @@ class Pattern:
         if not 0 < n < m:
             raise UsageError(f"--pattern {pattern}: need 0 < N < M (N weights kept in every M), got N={n} M={m}")
         implied = 1.0 - n / m
-        if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
+        if sparsity is not None and not abs(float(sparsity) - implied) <= 1e-9:  # NaN is refused too
             raise UsageError(
                 f"--pattern {n}:{m} keeps {n} of {m} weights (sparsity {implied:g}); "
                 f"--sparsity {sparsity} contradicts it: drop --sparsity or set it to {implied:g}"
