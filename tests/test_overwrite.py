@@ -127,3 +127,17 @@ def test_sparsity_nan_with_a_pattern_is_refused_and_a_sparsity_that_prunes_nothi
         caplog.clear()
         assert _prune(tiny_model, tmp_path / "c", calib_text, "--sparsity", "0.5").exit_code == 0
         assert "asked for sparsity" not in caplog.text
+
+
+def test_rerunning_a_finished_run_redoes_a_missing_shard(tiny_model, calib_text, tmp_path, caplog):
+    out = tmp_path / "out"
+    assert _prune(tiny_model, out, calib_text).exit_code == 0
+    before = _snapshot(out)
+    shard = out / "model-00002-of-00004.safetensors"
+    shard.unlink()
+    with caplog.at_level(logging.WARNING, logger="lowmem_gblm"):
+        assert _prune(tiny_model, out, calib_text).exit_code == 0
+    assert shard.name in caplog.text
+    after = _snapshot(out)
+    assert {k: v for k, v in after.items() if k.endswith(".safetensors") or k.endswith("index.json")} == \
+        {k: v for k, v in before.items() if k.endswith(".safetensors") or k.endswith("index.json")}

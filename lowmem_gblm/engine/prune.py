@@ -74,9 +74,16 @@ def prune(config: PruneConfig) -> dict:
                     "compute_dtype": str(run.dtype)}
         manifest = RunState.open(out, f"{STATE_DIR}/{MANIFEST_NAME}", identity, what="OUT_DIR",
                                  fix="pass --overwrite to start over")
-        if manifest.complete and (out / INDEX_NAME).is_file():
+        missing = sorted(entry["file"] for key, entry in manifest.done.items() if not manifest.is_done(key))
+        if manifest.complete and (out / INDEX_NAME).is_file() and (out / REPORT_NAME).is_file() and not missing:
             log.info("%s is already complete (same options and model); nothing to do", out)
             return json.loads((out / REPORT_NAME).read_text())
+        if manifest.complete:  # finished once, but a shard (or the index/report) went missing or changed size
+            log.warning("%s was complete but %s is missing or changed size; redoing what is missing", out,
+                        ", ".join(missing) or f"{INDEX_NAME} / {REPORT_NAME}")
+            (out / INDEX_NAME).unlink(missing_ok=True)  # ours; written again last, when the run is whole
+            manifest.data["complete"] = False
+            manifest.save()
         done = sum(1 for k in manifest.done if k.startswith("block."))
         if done:
             log.info("resuming: %d blocks already done in %s", done, out)
