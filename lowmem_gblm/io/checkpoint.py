@@ -43,7 +43,14 @@ def read_header(path: Path) -> dict:
 
 
 def _parse_header(path: Path) -> tuple[dict, int]:
-    """(validated header, offset of the data section)."""
+    """(validated header, offset of the data section).
+
+    Checked as the safetensors library checks before it reads a byte of data: the header is a JSON
+    object of tensor entries (and an optional ``__metadata__`` object of strings); each entry has a
+    known dtype, a shape of non-negative integers and two integer offsets; sorted by offset the tensors
+    tile the data section exactly (no gap, no overlap, nothing past the end, nothing left over), and
+    each one's byte length is its dtype's width times its element count.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -53,31 +60,70 @@ def _parse_header(path: Path) -> tuple[dict, int]:
         if n > _MAX_HEADER or 8 + n > size:
             raise InputError(f"{path}: broken safetensors header (claims {n} bytes, file has {size})")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise InputError(f"{path}: broken safetensors header ({exc}); re-download the shard") from exc
-    end, last = 0, None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: broken safetensors header (a JSON {type(header).__name__}, not an object); "
+                         "re-download the shard")
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise InputError(f"{path}: broken safetensors header (__metadata__ must map names to strings)")
             continue
-        try:
-            begin, stop = info["data_offsets"]
-            count = 1
-            for d in info["shape"]:
-                count *= int(d)
-            width = _DTYPE_BYTES.get(info["dtype"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{path}: tensor {name!r} has a malformed header entry") from exc
-        if width is not None and stop - begin != count * width:
-            raise InputError(f"{path}: tensor {name!r} header size does not match its shape {info['shape']}")
-        if stop > end:
-            end, last = stop, name
-    if 8 + n + end > size:
+        spans.append((*_entry_span(path, name, info), name))
+    data = size - 8 - n
+    end, last = 0, None
+    for begin, stop, name in sorted(spans):
+        if begin < end:
+            raise InputError(f"{path}: broken safetensors header: tensor {name!r} (bytes {begin}..{stop}) "
+                             f"overlaps tensor {last!r} (ends at {end}); re-download the shard")
+        if begin > end:
+            raise InputError(f"{path}: broken safetensors header: {begin - end} unaccounted byte(s) before "
+                             f"tensor {name!r}; re-download the shard")
+        end, last = stop, name
+    if end > data:
         raise InputError(
             f"{path}: truncated: tensor {last!r} needs bytes up to {8 + n + end}, file has {size}; "
             "re-download the shard"
         )
+    if end < data:
+        raise InputError(f"{path}: broken safetensors file: {data - end} byte(s) after the last tensor "
+                         f"({last!r}) belong to no tensor; re-download the shard")
     return header, 8 + n
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _entry_span(path: Path, name: str, info) -> tuple[int, int]:
+    """(begin, end) byte offsets of one header entry, after checking its dtype, shape and size."""
+    def bad(why: str) -> InputError:
+        return InputError(f"{path}: tensor {name!r} has a malformed header entry ({why}); re-download the shard")
+
+    if not isinstance(info, dict):
+        raise bad(f"a JSON {type(info).__name__}, not an object")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(code, str):
+        raise bad(f"dtype {code!r}")
+    width = _DTYPE_BYTES.get(code)
+    if width is None:
+        raise InputError(f"{path}: tensor {name!r} has dtype {code!r}, which lowmem-gblm does not read "
+                         f"(it reads {', '.join(sorted(_DTYPE_BYTES))})")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad(f"shape {shape!r}: a list of non-negative integers is needed")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"data_offsets {offsets!r}: two integers 0 <= begin <= end are needed")
+    count = 1
+    for d in shape:
+        count *= d
+    if offsets[1] - offsets[0] != count * width:
+        raise InputError(f"{path}: tensor {name!r} header size does not match its shape {shape} "
+                         f"({offsets[1] - offsets[0]} bytes for {count} x {code})")
+    return offsets[0], offsets[1]
 
 
 ROW_CHUNK = 4096  # rows per read when reading part of a matrix (read_rows)
@@ -175,6 +221,31 @@ def _check_finite(path: Path, name: str, t: torch.Tensor) -> None:
         )
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a safetensors index file (tensor name -> shard file name), validated."""
+    try:
+        doc = json.loads(index.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{index}: not a valid safetensors index ({exc})") from exc
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index}: not a valid safetensors index (needs a JSON object with a 'weight_map' object "
+                         "of tensor name -> shard file)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or "\0" in shard:
+            raise InputError(f"{index}: weight_map gives tensor {name!r} the shard {shard!r}; a file name is needed")
+    return weight_map
+
+
+def hf_cache_repo(folder: Path) -> Path | None:
+    """``.../models--ORG--NAME`` when resolved ``folder`` is a Hugging Face cache snapshot in it, else None."""
+    snapshots = folder.parent
+    repo = snapshots.parent
+    if snapshots.name == "snapshots" and repo.name.startswith(("models--", "datasets--")):
+        return repo
+    return None
+
+
 class CheckpointIndex:
     """name -> TensorInfo for a local checkpoint folder (single file or sharded with an index)."""
 
@@ -191,32 +262,33 @@ class CheckpointIndex:
             header = read_header(self.root / shard)
             self.headers[shard] = header
             for name, info in header.items():
-                if name != "__metadata__":
-                    self.tensors[name] = TensorInfo(shard, info["dtype"], tuple(info["shape"]))
+                if name == "__metadata__":
+                    continue
+                if name in self.tensors:
+                    raise InputError(f"{self.root}: tensor {name!r} is stored twice, in {self.tensors[name].shard} "
+                                     f"and in {shard}; re-download the checkpoint")
+                self.tensors[name] = TensorInfo(shard, info["dtype"], tuple(info["shape"]))
         if self.weight_map is not None:
             for name, shard in self.weight_map.items():
-                if name not in self.tensors:
-                    raise InputError(f"{INDEX_NAME} names {name!r} in {shard}, but that shard does not hold it")
+                if name not in self.tensors or self.tensors[name].shard != shard:
+                    raise InputError(f"{self.root / INDEX_NAME} names {name!r} in {shard}, but that shard does not "
+                                     "hold it; re-download the checkpoint")
 
     def _find_shards(self) -> list[str]:
         self.weight_map = None
         index = self.root / INDEX_NAME
         if index.is_file():
-            try:
-                self.weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise InputError(f"{index}: not a valid safetensors index ({exc})") from exc
+            self.weight_map = read_weight_map(index)
             shards = sorted(set(self.weight_map.values()))
             for shard in shards:
-                path = (self.root / shard).resolve()
-                if self.root.resolve() not in path.parents:
-                    raise InputError(f"{index}: shard path {shard!r} points outside the model folder; refusing")
+                path = self._inside(shard, f"{index}: shard path")
                 if not path.is_file():
                     first = next(k for k, v in self.weight_map.items() if v == shard)
                     raise InputError(f"{index} names shard {shard} (holding {first!r}, ...), which is missing; "
                                      "re-download the checkpoint")
             return shards
         if (self.root / SINGLE_NAME).is_file():
+            self._inside(SINGLE_NAME, f"{self.root}:")
             return [SINGLE_NAME]
         if any(self.root.glob("*.bin")) or any(self.root.glob("*.pt")) or any(self.root.glob("*.pth")):
             raise InputError(
@@ -224,6 +296,25 @@ class CheckpointIndex:
                 "Convert it once: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)"
             )
         raise InputError(f"MODEL_DIR {self.root} has no model.safetensors or {INDEX_NAME}")
+
+    def _inside(self, shard: str, where: str) -> Path:
+        """The resolved path of ``shard``, refused unless it names a file inside the model folder.
+
+        Symlinks may point elsewhere inside the model folder, or, when the folder is a Hugging Face cache
+        snapshot (``models--ORG--NAME/snapshots/REV``), into that repository's ``blobs`` folder, where the
+        cache keeps the bytes; anything else is refused.
+        """
+        root, base = self.root.resolve(), Path(os.path.normpath(self.root.absolute()))
+        lexical = Path(os.path.normpath(base / shard))
+        path = (self.root / shard).resolve()
+        allowed = [root]
+        repo = hf_cache_repo(root)
+        if repo is not None:
+            allowed.append(repo / "blobs")
+        if (Path(shard).is_absolute() or base not in lexical.parents
+                or not any(a in path.parents for a in allowed)):
+            raise InputError(f"{where} {shard!r} points outside the model folder; refusing")
+        return path
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -43,7 +43,10 @@ class StreamedModel:
     root: Path
     config: object
     family: Family
-    index: CheckpointIndex
+    index: CheckpointIndex | None
+
+    def __post_init__(self) -> None:
+        self.family.check_sizes(self.config, f"{self.root / 'config.json'}")
 
     @classmethod
     def open(cls, model_dir: str | Path) -> StreamedModel:
@@ -69,11 +72,11 @@ class StreamedModel:
 
     def block_names(self, i: int) -> list[str]:
         prefix = self.family.block_prefix(i)
-        return [n for n in self.index.names() if n.startswith(prefix)]
+        return [n for n in self.index.names() if n.startswith(prefix) and not self.family.ignored(n)]
 
     def non_block_names(self) -> list[str]:
         pattern = re.compile(re.escape(self.family.layers_prefix) + r"\.\d+\.")
-        return [n for n in self.index.names() if not pattern.match(n)]
+        return [n for n in self.index.names() if not pattern.match(n) and not self.family.ignored(n)]
 
     def _check_tensors(self) -> None:
         for name in (self.family.embed, self.family.final_norm):
@@ -90,17 +93,33 @@ class StreamedModel:
         for name, shape in expected.items():
             if name not in self.index:
                 raise InputError(f"{self.root}: tensor {name!r} is missing; the checkpoint is incomplete")
-            got = self.index.tensors[name].shape
-            if tuple(got) != shape:
+            info = self.index.tensors[name]
+            if tuple(info.shape) != shape:
                 raise InputError(
-                    f"{self.root}: tensor {name!r} in {self.index.tensors[name].shard} has shape "
-                    f"{list(got)}, config.json implies {list(shape)}"
+                    f"{self.root}: tensor {name!r} in {info.shard} has shape "
+                    f"{list(info.shape)}, config.json implies {list(shape)}"
                 )
+            storage_dtype(info.dtype, f"tensor {name!r} in {self.root / info.shard}")
+        ignored = [n for n in self.index.names() if self.family.ignored(n)]
+        if ignored:
+            log.info("skipping %d buffer(s) transformers recomputes (%s, ...)", len(ignored), ignored[0])
+        extra = [n for n in self.index.names() if n not in expected and not self.family.ignored(n)]
+        if extra:
+            shown = ", ".join(repr(n) for n in extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+            raise InputError(
+                f"{self.root}: {len(extra)} tensor(s) that config.json ({self.family.name}, num_hidden_layers="
+                f"{self.num_blocks}) does not explain: {shown} (in {self.index.tensors[extra[0]].shard}); "
+                "the config does not match the weights"
+            )
 
     @cached_property
     def _meta_block(self) -> nn.Module:
         """Block 0 on the meta device, built once: shapes without weights."""
-        return self.build_block(0)
+        try:
+            return self.build_block(0)
+        except Exception as exc:  # transformers' own checks of the config's sizes
+            raise InputError(f"{self.root / 'config.json'}: transformers cannot build a "
+                             f"{self.family.layer_class} from it ({type(exc).__name__}: {exc})") from exc
 
     @cached_property
     def block_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -177,7 +196,7 @@ class StreamedModel:
         otherwise (e.g. an fp32 checkpoint computed in bf16) they are read from the checkpoint again.
         """
         names = self.block_names(i)
-        stored = {n: storage_dtype(self.index.tensors[n].dtype, n) for n in names}
+        stored = {n: storage_dtype(self.index.tensors[n].dtype, f"tensor {n!r}") for n in names}
         if not all(s == dtype or s in _EXACT_WIDENING.get(dtype, ()) for s in stored.values()):
             return self.index.read(names)
         prefix = self.family.block_prefix(i)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from lowmem_gblm.errors import InputError
+from lowmem_gblm.errors import InputError, UsageError
 from lowmem_gblm.io.checkpoint import CheckpointIndex
 from lowmem_gblm.io.layout import family_for
 from lowmem_gblm.io.model import StreamedModel
@@ -71,11 +71,11 @@ def load_shape(path: str | Path) -> ModelShape:
     if not cfg_file.is_file():
         raise InputError(f"{path}: no config.json here; pass a model folder or a config.json file")
     try:
-        raw = json.loads(cfg_file.read_text())
+        raw = json.loads(cfg_file.read_bytes().decode("utf-8"))
         kind = raw.pop("model_type")
         config = AutoConfig.for_model(kind, **raw)
-    except (json.JSONDecodeError, KeyError, ValueError) as exc:
-        raise InputError(f"{cfg_file}: not a usable Hugging Face config.json ({exc})") from exc
+    except Exception as exc:  # parsing the user's file: any failure is a bad config, as in load_hf_config
+        raise InputError(f"{cfg_file}: not a usable Hugging Face config.json ({type(exc).__name__}: {exc})") from exc
     config._attn_implementation = "sdpa"  # as the engine (io.model.load_hf_config)
     shell = StreamedModel(cfg_file.parent, config, family_for(config), index=None)
     storage = _config_dtype(raw) or torch.float16
@@ -95,5 +95,5 @@ def _checkpoint_dtype(folder: Path) -> torch.dtype | None:
         index = CheckpointIndex(folder)
         name = next(n for n in index.names() if ".layers." in n)
         return storage_dtype(index.tensors[name].dtype)
-    except (InputError, StopIteration):
+    except (UsageError, StopIteration):
         return None
