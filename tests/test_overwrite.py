@@ -113,8 +113,26 @@ def test_a_crafted_manifest_cannot_point_outside_out_dir(tiny_model, calib_text,
     manifest = json.loads(manifest_path.read_text())
     manifest["done"]["evil"] = {"file": "../victim.txt", "sha256": "0", "size": 7}
     manifest_path.write_text(json.dumps(manifest))
-    assert _prune(tiny_model, out, calib_text, "--sparsity", "0.4", "--overwrite").exit_code == 0
-    assert victim.read_text() == "keep me"
+    before = _snapshot(out)
+    _refused(_prune(tiny_model, out, calib_text, "--sparsity", "0.4", "--overwrite"), "manifest.json is damaged")
+    assert victim.read_text() == "keep me" and _snapshot(out) == before  # which files are ours is unknown
+
+
+@pytest.mark.parametrize("damage", ["done a list", "entry lacks file", "not JSON"])
+def test_a_damaged_manifest_is_neither_resumed_nor_overwritten(tiny_model, calib_text, tmp_path, damage):
+    out = tmp_path / "out"
+    assert _prune(tiny_model, out, calib_text).exit_code == 0
+    manifest_path = out / ".lowmem" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if damage == "done a list":
+        manifest["done"] = list(manifest["done"].values())
+    elif damage == "entry lacks file":
+        del manifest["done"]["block.1"]["file"]
+    manifest_path.write_text("{" if damage == "not JSON" else json.dumps(manifest))
+    before = _snapshot(out)
+    for extra in ((), ("--overwrite",)):
+        _refused(_prune(tiny_model, out, calib_text, *extra), "manifest.json is damaged")
+        assert _snapshot(out) == before
 
 
 def test_sparsity_nan_with_a_pattern_is_refused_and_a_sparsity_that_prunes_nothing_says_so(

@@ -37,6 +37,7 @@ from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.runstate import (
     CALIB_IDS_NAME,
     GRADIENTS_JSON,
+    OWN_GRADIENTS,
     STATE_DIR,
     OutputLock,
     RunState,
@@ -47,7 +48,7 @@ from lowmem_gblm.io.runstate import (
 from lowmem_gblm.io.writer import save_tensors_atomic
 from lowmem_gblm.runtime import dtype_name, named_dtype
 from lowmem_gblm.stream.backward import block_sample, finish, grad_accumulators, head_sample
-from lowmem_gblm.stream.store import load_buffer, save_buffer
+from lowmem_gblm.stream.store import load_buffer, save_buffer, scratch
 from lowmem_gblm.stream.sweep import embed, forward
 from lowmem_gblm.testing_hooks import crash_point
 
@@ -91,7 +92,8 @@ def gradient_sweep(run: Run, path: Path) -> GradientFolder:
         if folder.complete:
             log.info("gradient folder %s is complete; reusing it", path)
             return folder
-        _Sweep(run, folder).sweep()
+        with scratch(path / STATE_DIR / "store"):
+            _Sweep(run, folder).sweep()
         shutil.rmtree(path / STATE_DIR / "store", ignore_errors=True)
         (path / STATE_DIR / INCOMING_NAME).unlink(missing_ok=True)
         folder.finish()
@@ -259,7 +261,7 @@ def gradient_feed(run: Run, manifest: RunState, gradients: str | None) -> Gradie
                  folder.identity["grad_norm"], folder.identity.get("compute_dtype"), folder.identity.get("device_type"))
     else:
         with run.phase("gradient_sweep"):
-            folder = gradient_sweep(run, run.out / STATE_DIR / "gradients")
+            folder = gradient_sweep(run, run.out / STATE_DIR / OWN_GRADIENTS)
     record = {"identity": {k: folder.identity[k] for k in REUSE_KEYS if k in folder.identity},
               "sha256": {k: v["sha256"] for k, v in sorted(folder.done.items())}}
     old = manifest.data.get("gradients")

@@ -18,12 +18,13 @@ from lowmem_gblm.engine.gradients import GradientFeed, gradient_feed
 from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import Run, open_model, open_run
 from lowmem_gblm.errors import InputError
-from lowmem_gblm.io.checkpoint import INDEX_NAME
+from lowmem_gblm.io.checkpoint import INDEX_NAME, ShardChanged
 from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.runstate import (
     CALIB_IDS_NAME,
     MANIFEST_NAME,
+    OWN_GRADIENTS,
     REPORT_NAME,
     STATE_DIR,
     OutputLock,
@@ -37,7 +38,7 @@ from lowmem_gblm.methods import Method
 from lowmem_gblm.methods.apply import BlockPruner, linear_report, statistics_needed
 from lowmem_gblm.runtime import dtype_name
 from lowmem_gblm.stream.stats import STATISTICS, collect_inputs
-from lowmem_gblm.stream.store import ActivationBuffer
+from lowmem_gblm.stream.store import ActivationBuffer, scratch
 from lowmem_gblm.stream.sweep import embed, forward
 from lowmem_gblm.testing_hooks import crash_point
 from lowmem_gblm.units import fmt_size, prod
@@ -94,7 +95,7 @@ def prune(config: PruneConfig) -> dict:
                  model.num_blocks, model.family.name, n, t, method.name, pattern, run.offload)
         grads = gradient_feed(run, manifest, config.gradients) if method.needs_gradients else None
         _write_non_block_shard(run, manifest)
-        with run.phase("prune_sweep"):
+        with run.phase("prune_sweep"), scratch(out / STATE_DIR / "store"):
             linears = _PruneSweep(run, config, method, manifest, grads).sweep()
         report = _finalize(run, config, manifest, linears, {"seconds_total": time.perf_counter() - t_start,
                                                              "offload": run.offload,
@@ -124,8 +125,7 @@ class _PruneSweep:
         src, dst = store.new(run.boundary_shape, run.dtype, "h_a"), store.new(run.boundary_shape, run.dtype, "h_b")
         embed(run.model, run.ids, src, run.dtype)
         # finished blocks replay from their own shards; the rest read from the input checkpoint
-        schedule = [(i, run.out / shard_name(i, self.total_shards) if self.manifest.is_done(f"block.{i}") else None)
-                    for i in range(run.model.num_blocks)]
+        schedule = [(i, self._replay_source(i)) for i in range(run.model.num_blocks)]
         linears: dict[str, dict] = {}
         with BlockReader(run.model, schedule, run.device, run.dtype, run.config.prefetch) as reader, \
                 PhaseProgress("prune", run.model.num_blocks, run.nsamples, run.config.progress) as progress:
@@ -136,12 +136,26 @@ class _PruneSweep:
             buf.release()
         return linears
 
+    def _replay_source(self, i: int) -> tuple[Path, str] | None:
+        """(shard, recorded sha256) when block i is done: replayed from its shard, its bytes checked as read."""
+        key = f"block.{i}"
+        if not self.manifest.is_done(key):
+            return None
+        entry = self.manifest.entry(key)
+        return self.run.out / entry["file"], entry["sha256"]
+
     def block(self, i: int, reader: BlockReader, src: ActivationBuffer, dst: ActivationBuffer,
               progress: PhaseProgress) -> dict:
         """Block i pruned (or replayed), its outputs in ``dst``; returns its per-linear report. The block is
         freed before its shard is serialized (this frame holds the only reference)."""
         run, key = self.run, f"block.{i}"
-        block = reader.next(i)
+        try:
+            block = reader.next(i)
+        except ShardChanged as exc:  # a finished shard was changed since: its damage must not reach later blocks
+            log.warning("%s; redoing block %d from the input model", exc, i)
+            del self.manifest.done[key]
+            self.manifest.save()
+            block = run.model.load_block(i, run.device, run.dtype)
         if self.manifest.is_done(key):
             forward(block, run.ctx, src, dst, run.device, run.dtype, self.config.batch_size, progress.windows)
             progress.block("replayed from its shard", replayed=True)
@@ -267,7 +281,7 @@ def _remove_previous_run(out: Path, config: PruneConfig, model_dir: Path) -> Non
 
 def _cleanup_state(out: Path) -> None:
     shutil.rmtree(out / STATE_DIR / "store", ignore_errors=True)
-    shutil.rmtree(out / STATE_DIR / "gradients", ignore_errors=True)  # model-sized: keep with `gradients`
+    shutil.rmtree(out / STATE_DIR / OWN_GRADIENTS, ignore_errors=True)  # model-sized: keep with `gradients`
 
 
 def _versions() -> dict:

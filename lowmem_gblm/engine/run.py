@@ -16,6 +16,7 @@ from lowmem_gblm.calib.data import ids_sha256, resolve_windows
 from lowmem_gblm.config import RunConfig
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.model import StreamedModel
+from lowmem_gblm.io.runstate import GRADIENTS_JSON, MANIFEST_NAME, OWN_GRADIENTS, STATE_DIR, written_bytes
 from lowmem_gblm.memory.budget import machine_budgets, plan_run
 from lowmem_gblm.memory.plan import Plan, PlanSettings
 from lowmem_gblm.memory.shape import shape_of
@@ -78,6 +79,14 @@ class Run:
                  fmt_size(s.device_peak_allocated_bytes))
 
 
+def reusable_bytes(out: Path) -> int:
+    """Bytes of files a previous run in ``out`` recorded as done: a prune output folder (its shards, its own
+    gradient folder) or a gradient folder. A resume keeps them, --overwrite deletes them: either way the
+    disk check counts them as space the run has."""
+    return (written_bytes(out, f"{STATE_DIR}/{MANIFEST_NAME}") + written_bytes(out, GRADIENTS_JSON)
+            + written_bytes(out / STATE_DIR / OWN_GRADIENTS, GRADIENTS_JSON))
+
+
 def open_model(model_dir: str | Path) -> StreamedModel:
     limit_heap_retention()  # before anything large is allocated
     return StreamedModel.open(model_dir)
@@ -100,5 +109,7 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
     budgets = machine_budgets(device, out, config.cpu_memory, config.gpu_memory)
     if config.disk_space is not None:
         budgets = dataclasses.replace(budgets, disk_free=parse_size(config.disk_space))
+    if budgets.disk_free is not None:  # what an earlier run here already wrote is kept or freed, not needed again
+        budgets = dataclasses.replace(budgets, disk_free=budgets.disk_free + reusable_bytes(out))
     plan = plan_run(shape_of(model), settings, budgets, check=config.plan_check)
     return Run(config, model, ids, device, dtype, out, plan)

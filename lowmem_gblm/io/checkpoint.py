@@ -30,6 +30,10 @@ _DTYPE_BYTES = {code: dtype_bytes(dt) for code, dt in BY_SAFETENSORS.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+class ShardChanged(InputError):
+    """A finished output shard whose bytes are not the ones its run recorded."""
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shard: str
@@ -130,22 +134,40 @@ ROW_CHUNK = 4096  # rows per read when reading part of a matrix (read_rows)
 FINITE_CHUNK = 1 << 24  # elements per finiteness check (its bool mask stays small)
 
 
-def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, names: list[str], sha256: str | None = None) -> dict[str, torch.Tensor]:
     """The one read path: read ``names`` out of one safetensors file and check they are finite.
 
     Plain reads straight into freshly allocated tensors: no memory map, so nothing but the tensors
     themselves becomes resident (a mapped file's pages count in RSS while the copy is made).
+    With ``sha256`` the whole file is read front to back (the header's offsets tile it exactly) and hashed
+    on the way; a different digest raises :class:`ShardChanged` before any tensor is returned.
     """
     header, data = _parse_header(path)
     out = {}
     with open(path, "rb") as f:
-        for name in names:
-            info = _info(path, header, name)
-            t = torch.empty(info["shape"], dtype=_dtype(path, name, info))
-            _read_into(f, path, name, t, data + info["data_offsets"][0])
-            _check_finite(path, name, t)
-            out[name] = t
-    return out
+        if sha256 is None:
+            for name in names:
+                info = _info(path, header, name)
+                t = torch.empty(info["shape"], dtype=_dtype(path, name, info))
+                _read_into(f, path, name, t, data + info["data_offsets"][0])
+                out[name] = t
+        else:
+            for name in names:
+                _info(path, header, name)
+            h = hashlib.sha256(f.read(data))
+            order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+            for name in order:
+                info = header[name]
+                t = torch.empty(info["shape"], dtype=_dtype(path, name, info))
+                _read_into(f, path, name, t, data + info["data_offsets"][0])
+                h.update(memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else b"")
+                if name in names:
+                    out[name] = t
+            if h.hexdigest() != sha256:
+                raise ShardChanged(f"{path} changed since this run wrote it (its sha256 differs from the manifest)")
+    for name, t in out.items():
+        _check_finite(path, name, t)
+    return {name: out[name] for name in names}
 
 
 def read_rows(path: Path, name: str, rows: torch.Tensor) -> torch.Tensor:
@@ -363,15 +385,22 @@ class CheckpointIndex:
 
 
 class ShardFile:
-    """A single finished safetensors file read like a checkpoint (used to replay finished blocks)."""
+    """A single finished safetensors file read like a checkpoint (used to replay finished blocks).
 
-    def __init__(self, path: str | os.PathLike):
+    With ``sha256`` (the digest its run recorded) every read checks the file is still those bytes.
+    """
+
+    def __init__(self, path: str | os.PathLike, sha256: str | None = None):
         self.path = Path(path)
-        self.header = read_header(self.path)
+        self.sha256 = sha256
+        try:
+            self.header = read_header(self.path)
+        except InputError as exc:
+            raise ShardChanged(str(exc)) from exc
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         names = list(names)
         missing = [n for n in names if n not in self.header]
         if missing:
-            raise InputError(f"{self.path}: tensor {missing[0]!r} is missing; rerun with --overwrite")
-        return read_tensors(self.path, names)
+            raise ShardChanged(f"{self.path}: tensor {missing[0]!r} is missing")
+        return read_tensors(self.path, names, self.sha256)

@@ -31,7 +31,8 @@ class BlockReader:
     """Blocks in schedule order; with ``prefetch`` the next one is read while the current one computes.
 
     A schedule entry's source is None (the model's checkpoint), a checkpoint-like object with
-    ``read(names)``, or the path of a finished shard (opened when that block is read).
+    ``read(names)``, the path of a finished shard, or (path, sha256) of a finished shard whose bytes are
+    checked as they are read (opened when that block is read).
     """
 
     def __init__(self, model, schedule: Sequence[tuple[int, object | None]], device: torch.device,
@@ -47,6 +48,8 @@ class BlockReader:
         i, source = self.schedule[k]
         if isinstance(source, (str, os.PathLike)):
             source = ShardFile(source)
+        elif isinstance(source, tuple):
+            source = ShardFile(*source)
         return self.model.read_block(i, self.device, self.dtype, source)
 
     def _submit(self, k: int) -> None:

@@ -8,19 +8,22 @@ with the differences named.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 from pathlib import Path
 
-from lowmem_gblm.errors import InputError, ResumeMismatch
+from lowmem_gblm.errors import InputError, OutOfSpace, ResumeMismatch
 from lowmem_gblm.io.writer import TMP_MARK, atomic_write_text
+from lowmem_gblm.testing_hooks import crash_point
 
 STATE_DIR = ".lowmem"  # inside a run folder: lock, temporary stores, the prune manifest
 MANIFEST_NAME = "manifest.json"  # the prune output folder's state file (under STATE_DIR)
 GRADIENTS_JSON = "gradients.json"  # a gradient folder's state file
 CALIB_IDS_NAME = "calibration_ids.safetensors"  # the windows a run used, beside its outputs
 REPORT_NAME = "prune_report.json"
+OWN_GRADIENTS = "gradients"  # a GBLM prune run's own gradient folder, under STATE_DIR
 
 
 def diff_dicts(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -61,17 +64,20 @@ class RunState:
 
     @classmethod
     def load(cls, folder: Path, name: str) -> RunState | None:
-        """The state in ``folder``, or None when there is none (or it is unreadable: the file is only ever
-        replaced atomically, so an unreadable one is not ours)."""
+        """The state in ``folder``, or None when there is none. One that is there but damaged (not JSON, ``done``
+        not a mapping of entries with file, size and sha256) is refused: which files are the run's is then
+        unknown, so the folder is neither resumed nor overwritten."""
         path = Path(folder) / name
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        if not isinstance(data, dict) or not isinstance(data.get("done"), dict):
-            return None
+            data = json.loads(path.read_bytes().decode("utf-8"))
+            problem = _state_problem(data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            problem = str(exc)
+        if problem:
+            raise InputError(f"{path} is damaged ({problem}): which files are this run's is unknown, so it is "
+                             "neither resumed nor overwritten; move the folder aside or choose another one")
         return cls(folder, name, data)
 
     @classmethod
@@ -137,6 +143,37 @@ class RunState:
         self.save()
 
 
+def _state_problem(data) -> str | None:
+    """What is wrong with a state file's JSON, or None."""
+    if not isinstance(data, dict) or not isinstance(data.get("identity"), dict):
+        return "no identity object"
+    if not isinstance(data.get("done"), dict):
+        return "'done' is not an object"
+    for key, entry in data["done"].items():
+        if not isinstance(entry, dict):
+            return f"entry {key!r} is not an object"
+        file, size, sha = entry.get("file"), entry.get("size"), entry.get("sha256")
+        if not isinstance(file, str) or not file or os.path.isabs(file) or ".." in Path(file).parts:
+            return f"entry {key!r} has file {file!r}"
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(sha, str):
+            return f"entry {key!r} lacks a size or sha256"
+    return None
+
+
+def written_bytes(folder: Path, name: str) -> int:
+    """Bytes of the files a run in ``folder`` recorded as done and that are still there: space a rerun keeps
+    (resumed) or frees (--overwrite), so the disk check must not count it twice."""
+    state = RunState.load(folder, name) if Path(folder).is_dir() else None
+    if state is None:
+        return 0
+    total = 0
+    for entry in state.done.values():
+        path = Path(folder) / entry["file"]
+        if path.is_file() and not path.is_symlink():
+            total += path.stat().st_size
+    return total
+
+
 def remove_stale_temps(out_dir: Path) -> list[str]:
     """Delete temporary files a killed run left in OUT_DIR and its state folder (call under the lock)."""
     removed = []
@@ -161,8 +198,11 @@ class OutputLock:
         self._fd = None
 
     def __enter__(self) -> OutputLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _lock_error(self.path, exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -172,8 +212,14 @@ class OutputLock:
                 f"another lowmem-gblm run (pid {holder or '?'}) is writing {self.path.parent.parent}; "
                 "wait for it or pick another OUT_DIR"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:  # the holder's pid, for the message above (the flock itself is the lock)
+            crash_point("lock_write")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise _lock_error(self.path, exc) from exc
         self._fd = fd
         return self
 
@@ -182,6 +228,13 @@ class OutputLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _lock_error(path: Path, exc: OSError) -> InputError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutOfSpace(f"no space left on the device for the lock file {path} ({exc.strerror}); free space "
+                          "and run the same command again")
+    return InputError(f"cannot create the lock file {path} ({exc.strerror or exc}); is the folder writable?")
 
 
 def check_out_dir(out_dir: Path, model_dir: Path) -> None:

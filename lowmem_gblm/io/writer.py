@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_save
 
-from lowmem_gblm.errors import OutOfSpace
+from lowmem_gblm.errors import InputError, OutOfSpace
 from lowmem_gblm.io.checkpoint import INDEX_NAME
 from lowmem_gblm.testing_hooks import crash_point
 
@@ -60,7 +60,7 @@ def atomic_write_bytes(path: Path, data: bytes, point: str = "write") -> None:
                 f"no space left on the device while writing {path} ({exc.strerror}); nothing half-written was "
                 "kept. Free space and run the same command again to resume (finished blocks are kept)"
             ) from exc
-        raise
+        raise InputError(f"cannot write {path} ({exc.strerror or exc}); nothing half-written was kept") from exc
 
 
 def atomic_write_text(path: Path, text: str, point: str = "write") -> None:

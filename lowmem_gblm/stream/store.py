@@ -12,8 +12,10 @@ sample as bitsandbytes blockwise 8-bit codes (dynamic map, one fp32 absmax per
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -218,6 +220,17 @@ class ActivationStore:
         if sdt == "int8":
             return Int8Buffer(shape, dtype, path)
         return ActivationBuffer(shape, dtype if sdt == "auto" else BY_NAME[sdt], path)
+
+
+@contextlib.contextmanager
+def scratch(folder: Path):
+    """``folder`` holds a disk store: scratch that a resumed run rebuilds. When the work inside fails (a full
+    disk above all) it is removed, so the space it took is free again for the rerun."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
