@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -53,13 +54,27 @@ def test_refuses_non_empty_out_dir_and_bad_dtype(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old-00001-of-00009.safetensors").write_bytes(b"x")
-    with pytest.raises(InputError, match="not empty"):
-        import_gguf(gguf_file, out)
+    for overwrite in (False, True):  # not an import's folder: its files are never deleted
+        with pytest.raises(InputError, match="not empty and holds no earlier import"):
+            import_gguf(gguf_file, out, overwrite=overwrite)
+    assert (out / "old-00001-of-00009.safetensors").read_bytes() == b"x"
     with pytest.raises(UsageError, match="--dtype"):
         import_gguf(gguf_file, tmp_path / "o2", dtype="int8")
-    import_gguf(gguf_file, out, dtype="bfloat16", overwrite=True)
-    assert not (out / "old-00001-of-00009.safetensors").exists()
-    assert all(t.dtype == torch.bfloat16 for t in _state(out).values())
+    again = tmp_path / "again"
+    import_gguf(gguf_file, again)
+    with pytest.raises(InputError, match="pass --overwrite"):
+        import_gguf(gguf_file, again)
+    (again / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="files no import wrote \\(notes.txt\\)"):
+        import_gguf(gguf_file, again, overwrite=True)
+    (again / "notes.txt").unlink()
+    (again / "model-00009-of-00009.safetensors").write_bytes(b"stale")  # as if the last import had more shards
+    mark = json.loads((again / ".lowmem-import.json").read_text())
+    mark["files"].append("model-00009-of-00009.safetensors")
+    (again / ".lowmem-import.json").write_text(json.dumps(mark))
+    import_gguf(gguf_file, again, dtype="bfloat16", overwrite=True)
+    assert not (again / "model-00009-of-00009.safetensors").exists()
+    assert all(t.dtype == torch.bfloat16 for t in _state(again).values())
 
 
 @pytest.mark.slow

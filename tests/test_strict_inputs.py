@@ -232,3 +232,36 @@ def test_symlink_out_of_the_cache_repository_is_refused(tiny_model, calib_text, 
     shard.unlink()
     os.symlink(elsewhere, shard)
     _refused(snap, tmp_path / "out", calib_text, "outside the model folder", shard.name)
+
+
+@pytest.mark.parametrize("suffix,body", [
+    (".txt", b"plain words \xff\xfe more words " * 50),
+    (".jsonl", b'{"text": "caf\xe9 au lait"}\n' * 50),
+    ("dir", b"latin-1 caf\xe9 " * 50),
+])
+def test_calibration_text_that_is_not_utf8(tiny_model, tmp_path, suffix, body):
+    if suffix == "dir":
+        calib = tmp_path / "texts"
+        calib.mkdir()
+        (calib / "a.txt").write_text("fine text " * 50)
+        bad = calib / "b.txt"
+    else:
+        calib = bad = tmp_path / f"calib{suffix}"
+    bad.write_bytes(body)
+    err = _refused(tiny_model, tmp_path / "out", calib, "is not UTF-8", bad.name)
+    assert not (tmp_path / "out").exists()
+    assert "offset" in err
+
+
+def test_non_finite_statistics_are_refused_naming_the_linear(tiny_model, calib_text, tmp_path):
+    """Huge (finite) q/k weights overflow the attention logits: the o_proj inputs hold NaN, so every Wanda score
+    of that linear would be NaN and the mask arbitrary. Refused, naming the linear; magnitude needs no statistic."""
+    from tests.faults import edit_tensor
+
+    model = copy_model(tiny_model, tmp_path / "m")
+    for name in (Q1, Q1.replace("q_proj", "k_proj")):
+        edit_tensor(model, name, lambda t: t * 1e20)
+    result = runner.invoke(app, cli_args(model, tmp_path / "out", calib_text, method="wanda"))
+    assert result.exit_code == 2, result.output
+    assert "model.layers.1.self_attn.o_proj.weight: its scaler_row statistic holds NaN/Inf" in result.stderr
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()

@@ -14,6 +14,7 @@ For ``c4``: per window a random document with more than T tokens and a random of
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import random
@@ -67,11 +68,31 @@ def load_documents(source: str) -> list[str]:
             raise InputError(f"--calib {source}: the folder holds no .txt files")
         from datasets import load_dataset
 
+        for file in files:
+            _check_utf8(file, source)
         ds = load_dataset("text", data_files=[str(p) for p in files], sample_by="document", split="train")
         return [t for t in ds["text"] if t.strip()]
+    _check_utf8(path, source)
     if path.suffix == ".jsonl":
         return _jsonl_documents(path, source)
     return [path.read_text(encoding="utf-8")]
+
+
+def _check_utf8(path: Path, source: str) -> None:
+    """Refuse a text file that is not UTF-8, naming the file and the first bad byte's offset."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--calib {source}: {path} is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} "
+                         f"near offset {offset + exc.start}); convert it, e.g. iconv -t UTF-8") from exc
+    except OSError as exc:
+        raise InputError(f"--calib {source}: cannot read {path} ({exc.strerror or exc})") from exc
 
 
 def _jsonl_documents(path: Path, source: str) -> list[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowmem_gblm.errors import UsageError
 from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.mask import Pattern
 from lowmem_gblm.methods import LinearJob, Method, MethodOptions
@@ -62,9 +63,21 @@ class BlockPruner:
             if self.method.needs_gradients:
                 finished["gradient"] = gradients[full].to(self.device)
             stats.get(name, {}).clear()
+            for statistic, value in finished.items():
+                _require_finite(value, f"{full}: its {statistic} statistic", self.dtype)
             job = LinearJob(full, modules[name].weight.data, finished, self.pattern, self.options)
             stored[full] = prune_linear(job, self.method, stored[full], self.device, self.dtype)
+            if self.method.updates_weights:
+                _require_finite(stored[full], f"{full}: the updated weight", self.dtype)
             del finished, job
+
+
+def _require_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    """Scores built from a NaN/Inf statistic would pick an arbitrary mask: refuse, naming the linear."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        fix = ("rerun with --dtype float32" if dtype != torch.float32
+               else "the model's activations overflow float32 on this text; check the checkpoint")
+        raise UsageError(f"{what} holds NaN/Inf, so its scores are not finite (computing in {dtype}); {fix}")
 
 
 def linear_report(written: torch.Tensor) -> dict:
