@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from lowmem_gblm.errors import InputError
-from lowmem_gblm.io.checkpoint import INDEX_NAME, read_header, read_tensors
-from lowmem_gblm.io.runstate import MANIFEST_NAME, REPORT_NAME, STATE_DIR
+from lowmem_gblm.io.checkpoint import INDEX_NAME, read_header, read_tensors, read_weight_map
+from lowmem_gblm.io.runstate import MANIFEST_NAME, REPORT_NAME, STATE_DIR, state_problem
 from lowmem_gblm.io.writer import file_sha256
 
 _BLOCK_MATRIX = re.compile(r"\.layers\.\d+\..+\.weight$")
@@ -38,28 +38,37 @@ def _fail(problems: list[str], limit: int = 3) -> str:
     return "; ".join(problems[:limit]) + more
 
 
-def _load_json(path: Path, what: str) -> dict:
+def _read_json(path: Path):
+    """The JSON in ``path``; ValueError (with the reason) when it cannot be read as JSON."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read the {what} ({exc})") from exc
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(str(exc)) from exc
 
 
-def _sha256(path: Path) -> str:
+def _exists(path: Path) -> bool:
+    """A regular file (not a symlink) at ``path``; False for a name the OS refuses."""
+    try:
+        return path.is_file() and not path.is_symlink()
+    except OSError:
+        return False
 
-    return file_sha256(path)
+
+def _plain(name: str) -> bool:
+    """A file name directly inside OUT_DIR (what the prune writes), nothing else."""
+    return bool(name) and Path(name).name == name and name not in (".", "..")
 
 
 def check_index(root: Path, weight_map: dict, total_size: int | None) -> tuple[Check, dict[str, dict]]:
     """Every weight_map entry in its shard, no extra tensors, total_size = sum of tensor bytes."""
     problems, headers, nbytes = [], {}, 0
     for shard in sorted(set(weight_map.values())):
-        path = (root / shard).resolve()
-        if root.resolve() not in path.parents:
-            problems.append(f"shard path {shard!r} points outside {root}")
+        path = root / shard
+        if not _plain(shard):
+            problems.append(f"shard path {shard[:80]!r} is not a file name inside {root}")
             continue
-        if not path.is_file():
-            problems.append(f"shard {shard} is missing")
+        if not _exists(path):
+            problems.append(f"shard {shard[:80]} is missing or not a regular file")
             continue
         try:
             header = read_header(path)
@@ -85,22 +94,25 @@ def check_checksums(root: Path, weight_map: dict) -> Check:
     if not path.is_file():
         return Check("checksums", False, f"no manifest at {path}; cannot check shard checksums")
     try:
-        manifest = json.loads(path.read_text())
-        entries = {e["file"]: e for e in manifest["done"].values()}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        return Check("checksums", False, f"{path}: unreadable manifest ({exc})")
+        manifest = _read_json(path)
+        problem = state_problem(manifest)
+    except ValueError as exc:
+        problem = str(exc)
+    if problem:
+        return Check("checksums", False, f"{path}: unreadable manifest ({problem})")
+    entries = {e["file"]: e for e in manifest["done"].values()}
     problems = []
     for shard in sorted(set(weight_map.values())):
         entry, file = entries.get(shard), root / shard
         if entry is None:
             problems.append(f"{shard} is not in the manifest")
-        elif not file.is_file():
+        elif not _plain(shard) or not _exists(file):
             problems.append(f"{shard} is missing")
         elif file.stat().st_size != entry["size"]:
             problems.append(f"{shard}: {file.stat().st_size} bytes, manifest says {entry['size']}")
-        elif _sha256(file) != entry["sha256"]:
+        elif file_sha256(file) != entry["sha256"]:
             problems.append(f"{shard}: sha256 differs from the manifest")
-    if not manifest.get("complete"):
+    if manifest.get("complete") is not True:
         problems.append("the manifest does not mark the run complete")
     n = len(set(weight_map.values()))
     return Check("checksums", not problems, _fail(problems) if problems else f"{n} shards match sha256 and size")
@@ -108,10 +120,22 @@ def check_checksums(root: Path, weight_map: dict) -> Check:
 
 def _nm_violations(w: torch.Tensor, n: int, m: int) -> int:
     """Groups of M consecutive input columns (per row) with more than N nonzeros."""
-    if w.ndim != 2 or w.shape[1] % m:
+    if w.ndim != 2 or m <= 0 or w.shape[1] % m:
         return -1
     nonzero = (w != 0).reshape(w.shape[0], w.shape[1] // m, m).sum(-1)  # [out, in/M]
     return int((nonzero > n).sum())
+
+
+def _report_problem(per_linear) -> str | None:
+    if not isinstance(per_linear, dict):
+        return "sparsity.per_linear is not an object"
+    for name, want in per_linear.items():
+        shape, zeros = want.get("shape") if isinstance(want, dict) else None, None
+        if isinstance(want, dict):
+            zeros = want.get("zeros")
+        if not isinstance(shape, list) or not isinstance(zeros, int) or isinstance(zeros, bool):
+            return f"entry {name!r} needs a shape list and a zeros count"
+    return None
 
 
 def check_sparsity(root: Path, weight_map: dict, headers: dict) -> list[Check]:
@@ -120,21 +144,24 @@ def check_sparsity(root: Path, weight_map: dict, headers: dict) -> list[Check]:
     if not path.is_file():
         return [Check("sparsity", False, f"no {REPORT_NAME}; cannot compare sparsity")]
     try:
-        report = json.loads(path.read_text())
+        report = _read_json(path)
         per_linear = report["sparsity"]["per_linear"]
         pattern = str(report.get("pattern", "unstructured"))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        return [Check("sparsity", False, f"{path}: unreadable report ({exc})")]
+        problem = _report_problem(per_linear)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        problem = str(exc) or type(exc).__name__
+    if problem:
+        return [Check("sparsity", False, f"{path}: unreadable report ({problem})")]
     nm = _NM.match(pattern)
     problems, nm_problems, zeros, numel = [], [], 0, 0
     matrices = {k for k, s in weight_map.items()
-                if _BLOCK_MATRIX.search(k) and s in headers and len(headers[s][k]["shape"]) == 2}
+                if _BLOCK_MATRIX.search(k) and k in headers.get(s, {}) and len(headers[s][k]["shape"]) == 2}
     problems += [f"{k} is a block matrix missing from the report" for k in sorted(matrices - set(per_linear))]
     by_shard: dict[str, list[str]] = {}
     for name in sorted(per_linear):
         if name not in weight_map:
             problems.append(f"report lists {name!r}, the index does not")
-        elif weight_map[name] in headers:
+        elif name in headers.get(weight_map[name], {}):
             by_shard.setdefault(weight_map[name], []).append(name)
     for shard, names in sorted(by_shard.items()):
         try:
@@ -189,7 +216,7 @@ def check_keys(root: Path, weight_map: dict, headers: dict) -> Check:
     problems += [f"index holds {k!r}, which the model does not load" for k in sorted(set(weight_map) - set(state))]
     for k in sorted(needed & set(weight_map)):
         shard = weight_map[k]
-        if shard in headers and tuple(headers[shard][k]["shape"]) != state[k]:
+        if k in headers.get(shard, {}) and tuple(headers[shard][k]["shape"]) != state[k]:
             problems.append(f"{k}: shape {headers[shard][k]['shape']}, the model expects {list(state[k])}")
     tied = sorted(set(state) - needed)
     detail = f"{type(model).__name__}: all {len(needed)} keys found" + (f" ({', '.join(tied)} tied)" if tied else "")
@@ -205,11 +232,11 @@ def verify(out_dir: str | Path) -> list[Check]:
         raise InputError(f"{root} has no {INDEX_NAME}: not a finished run (rerun the prune command to finish it)")
     if not (root / "config.json").is_file():
         raise InputError(f"{root} has no config.json: not a Hugging Face checkpoint")
-    index = _load_json(index_path, "index")
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise InputError(f"{index_path}: no weight_map")
-    total_size = (index.get("metadata") or {}).get("total_size")
+    weight_map = read_weight_map(index_path)  # unreadable: InputError (exit 2)
+    if not weight_map:
+        raise InputError(f"{index_path}: an empty weight_map")
+    metadata = _read_json(index_path).get("metadata")
+    total_size = metadata.get("total_size") if isinstance(metadata, dict) else None
     index_check, headers = check_index(root, weight_map, total_size)
     checks = [index_check, check_checksums(root, weight_map)]
     checks += check_sparsity(root, weight_map, headers)

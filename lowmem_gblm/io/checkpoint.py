@@ -55,18 +55,22 @@ def _parse_header(path: Path) -> tuple[dict, int]:
     tile the data section exactly (no gap, no overlap, nothing past the end, nothing left over), and
     each one's byte length is its dtype's width times its element count.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise InputError(f"{path}: truncated safetensors file ({size} bytes); re-download or re-export it")
-        (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise InputError(f"{path}: broken safetensors header (claims {n} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise InputError(f"{path}: broken safetensors header ({exc}); re-download the shard") from exc
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise InputError(f"{path}: truncated safetensors file ({size} bytes); re-download or re-export it")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise InputError(f"{path}: broken safetensors header (claims {n} bytes, file has {size})")
+            blob = f.read(n)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        header = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: broken safetensors header ({exc}); re-download the shard") from exc
     if not isinstance(header, dict):
         raise InputError(f"{path}: broken safetensors header (a JSON {type(header).__name__}, not an object); "
                          "re-download the shard")
@@ -259,6 +263,14 @@ def read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, but a name the OS refuses (too long, a loop) is an input error, not a crash."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
 def hf_cache_repo(folder: Path) -> Path | None:
     """``.../models--ORG--NAME`` when resolved ``folder`` is a Hugging Face cache snapshot in it, else None."""
     snapshots = folder.parent
@@ -275,7 +287,7 @@ class CheckpointIndex:
         self.root = Path(model_dir)
         if not self.root.is_dir():
             raise InputError(f"MODEL_DIR {self.root} is not a folder; pass a local Hugging Face checkpoint folder")
-        if not (self.root / "config.json").is_file():
+        if not _is_file(self.root / "config.json"):
             raise InputError(f"MODEL_DIR {self.root} has no config.json; it is not a Hugging Face checkpoint")
         self.shards = self._find_shards()
         self.tensors: dict[str, TensorInfo] = {}
@@ -299,17 +311,17 @@ class CheckpointIndex:
     def _find_shards(self) -> list[str]:
         self.weight_map = None
         index = self.root / INDEX_NAME
-        if index.is_file():
+        if _is_file(index):
             self.weight_map = read_weight_map(index)
             shards = sorted(set(self.weight_map.values()))
             for shard in shards:
                 path = self._inside(shard, f"{index}: shard path")
-                if not path.is_file():
+                if not _is_file(path):
                     first = next(k for k, v in self.weight_map.items() if v == shard)
                     raise InputError(f"{index} names shard {shard} (holding {first!r}, ...), which is missing; "
                                      "re-download the checkpoint")
             return shards
-        if (self.root / SINGLE_NAME).is_file():
+        if _is_file(self.root / SINGLE_NAME):
             self._inside(SINGLE_NAME, f"{self.root}:")
             return [SINGLE_NAME]
         if any(self.root.glob("*.bin")) or any(self.root.glob("*.pt")) or any(self.root.glob("*.pth")):
@@ -326,15 +338,17 @@ class CheckpointIndex:
         snapshot (``models--ORG--NAME/snapshots/REV``), into that repository's ``blobs`` folder, where the
         cache keeps the bytes; anything else is refused.
         """
-        root, base = self.root.resolve(), Path(os.path.normpath(self.root.absolute()))
-        lexical = Path(os.path.normpath(base / shard))
-        path = (self.root / shard).resolve()
+        if Path(shard).is_absolute() or any(part in ("..", ".") for part in Path(shard).parts):
+            raise InputError(f"{where} {shard!r} points outside the model folder; refusing")
+        try:
+            root, path = self.root.resolve(), (self.root / shard).resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise InputError(f"{where} {shard!r}: cannot follow it ({exc})") from exc
         allowed = [root]
         repo = hf_cache_repo(root)
         if repo is not None:
             allowed.append(repo / "blobs")
-        if (Path(shard).is_absolute() or base not in lexical.parents
-                or not any(a in path.parents for a in allowed)):
+        if not any(a in path.parents for a in allowed):
             raise InputError(f"{where} {shard!r} points outside the model folder; refusing")
         return path
 

@@ -55,6 +55,7 @@ class StreamedModel:
         family = family_for(config)
         model = cls(Path(model_dir), config, family, index)
         model._check_tensors()
+        model._check_rotary()
         return model
 
     # -- layout --------------------------------------------------------------------------------
@@ -111,6 +112,20 @@ class StreamedModel:
                 f"{self.num_blocks}) does not explain: {shown} (in {self.index.tensors[extra[0]].shard}); "
                 "the config does not match the weights"
             )
+
+    def _check_rotary(self) -> None:
+        """The rotary embedding config.json describes can be built and gives finite values (a bad
+        ``rope_parameters`` would otherwise fail deep in the first block call)."""
+        try:
+            rotary = self.family.cls("rotary_class")(config=self.config)
+            with torch.no_grad():
+                cos, sin = rotary(torch.zeros(1, 2, 1), torch.arange(2).unsqueeze(0))
+            ok = bool(torch.isfinite(cos).all() and torch.isfinite(sin).all())
+        except Exception as exc:  # transformers' own reading of the rope settings
+            raise InputError(f"{self.root / 'config.json'}: its rotary embedding settings do not work "
+                             f"({type(exc).__name__}: {exc})") from exc
+        if not ok:
+            raise InputError(f"{self.root / 'config.json'}: its rotary embedding settings give NaN/Inf")
 
     @cached_property
     def _meta_block(self) -> nn.Module:

@@ -72,7 +72,7 @@ class RunState:
             return None
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))
-            problem = _state_problem(data)
+            problem = state_problem(data)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             problem = str(exc)
         if problem:
@@ -143,7 +143,7 @@ class RunState:
         self.save()
 
 
-def _state_problem(data) -> str | None:
+def state_problem(data) -> str | None:
     """What is wrong with a state file's JSON, or None."""
     if not isinstance(data, dict) or not isinstance(data.get("identity"), dict):
         return "no identity object"
