@@ -59,6 +59,8 @@ class MagnitudeScope(Choice):
 
 MethodName = _choices("MethodName", sorted(registered()))
 
+ALPHA_MAX = 3.4028234663852886e38  # float32's largest value: --alpha multiplies float32 scores, beyond it is inf
+
 # Options that do not change the output bytes; left out of the resume fingerprint.
 _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "prefetch", "plan_check",
                                 "cpu_memory", "gpu_memory", "disk_space"})
@@ -170,8 +172,8 @@ class PruneConfig(RunConfig):
         get_method(str(self.method.value if isinstance(self.method, Enum) else self.method))  # the registry's error
         super().__post_init__()
         Pattern.parse(self.pattern, self.sparsity)
-        if not 0.0 <= self.alpha < float("inf"):
-            raise UsageError(f"--alpha must be a finite number >= 0, got {self.alpha}")
+        if not 0.0 <= self.alpha <= ALPHA_MAX:
+            raise UsageError(f"--alpha must be a number in [0, {ALPHA_MAX:g}] (float32's range), got {self.alpha}")
         if not 0.0 <= self.percdamp <= 10.0:
             raise UsageError(f"--percdamp must be in [0, 10], got {self.percdamp}")
         if self.blocksize < 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from lowmem_gblm.errors import UsageError
 
@@ -43,6 +44,11 @@ def named_dtype(name: str | torch.dtype) -> torch.dtype:
     if str(name) not in BY_NAME:
         raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
     return BY_NAME[str(name)]
+
+
+def concrete(t: torch.Tensor) -> bool:
+    """True for a tensor with values (not meta, not a planner probe's fake tensor): only those can be checked."""
+    return t.device.type != "meta" and not is_fake(t)
 
 
 def storage_dtype(code: str, where: str = "") -> torch.dtype:

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from lowmem_gblm.config import CalibConfig, PruneConfig
 from lowmem_gblm.errors import UsageError
 from lowmem_gblm.mask import Pattern, select_keep
+from lowmem_gblm.methods import LinearJob, MethodOptions, get_method
 from lowmem_gblm.score import gblm_score, magnitude_score, wanda_score
 
 
@@ -112,3 +114,16 @@ def test_gblm_score_is_the_formula_bit_for_bit():
     assert torch.equal(gblm_score(w, s, grad, 100.0), want)
     assert torch.equal(gblm_score(w.bfloat16(), s, grad, 3.0),
                        w.bfloat16().float().abs() * torch.sqrt(s) + 3.0 * (w.bfloat16().float().abs() * grad))
+
+
+def test_scores_that_overflow_are_refused_naming_the_linear():
+    """alpha * |W| * G past float32's range is inf: a mask chosen from it would be arbitrary (the first k columns)."""
+    w = torch.tensor([[0.5, -2.0, 1.0, 0.25]])
+    stats = {"scaler_row": torch.ones(4), "gradient": torch.full((1, 4), 10.0)}
+    job = LinearJob("model.layers.0.mlp.up_proj.weight", w, stats, Pattern.parse("unstructured", 0.5),
+                    MethodOptions(alpha=3e38))
+    with pytest.raises(UsageError, match=r"model\.layers\.0\.mlp\.up_proj\.weight: 4 score\(s\) are NaN/Inf"):
+        get_method("gblm").prune(job)
+    assert torch.equal(w, torch.tensor([[0.5, -2.0, 1.0, 0.25]]))  # refused before anything was masked
+    with pytest.raises(UsageError, match="--alpha"):
+        PruneConfig(model_dir="m", out_dir="o", calib=CalibConfig(source="c.txt"), method="gblm", alpha=1e308)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from lowmem_gblm.errors import UsageError
 from lowmem_gblm.mask import select_keep
 from lowmem_gblm.methods import LinearJob, Method, register
+from lowmem_gblm.runtime import concrete
 from lowmem_gblm.score import gblm_score, magnitude_score, wanda_score
 
 
 def _apply(job: LinearJob, score: torch.Tensor, scope: str = "row") -> torch.Tensor:
+    if concrete(score) and not bool(torch.isfinite(score).all()):  # the mask would be arbitrary
+        raise UsageError(f"{job.name}: {int((~torch.isfinite(score)).sum())} score(s) are NaN/Inf (an overflow in "
+                         f"{score.dtype}: lower --alpha, or compute in float32)")
     keep = select_keep(score, job.pattern, scope)
     job.weight.masked_fill_(~keep, 0)
     return keep
