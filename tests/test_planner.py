@@ -50,31 +50,38 @@ def test_parse_size():
         parse_size("lots")
 
 
-def test_head_chunks_are_exact():
+def test_head_chunks_and_batches_are_exact():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from lowmem_gblm.stream.backward import head_sample
+    from lowmem_gblm.stream.backward import head_windows
     from lowmem_gblm.stream.head import window_nll
 
     torch.manual_seed(0)
     norm = LlamaRMSNorm(16)
     w = torch.randn(40, 16, dtype=torch.float64)
     norm = norm.double()
-    h = torch.randn(1, 11, 16, dtype=torch.float64)
-    ids = torch.randint(40, (1, 11))
+    h = torch.randn(3, 11, 16, dtype=torch.float64)
+    ids = torch.randint(40, (3, 11))
     cpu = torch.device("cpu")
-    loss, grad = head_sample(norm, w, h, ids[0, 1:], cpu, torch.float64, chunk=None)
-    ref_h = h.clone().requires_grad_(True)
+    loss, grad = head_windows(norm, w, h[:1], ids[:1, 1:], cpu, torch.float64, chunk=None)
+    ref_h = h[:1].clone().requires_grad_(True)
     ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(norm(ref_h), w)[0, :-1].float(), ids[0, 1:])
     (ref_g,) = torch.autograd.grad(ref, ref_h)
-    assert torch.allclose(loss, ref.detach(), atol=1e-6)
+    assert loss.shape == (1,) and torch.allclose(loss[0], ref.detach(), atol=1e-6)
     assert torch.allclose(grad, ref_g, atol=1e-6)
     norm32 = LlamaRMSNorm(16)
     nll = window_nll(norm32, w.float(), h[0], ids[0, 1:], None)
     for chunk in (1, 3, 10):
-        loss_c, grad_c = head_sample(norm, w, h, ids[0, 1:], cpu, torch.float64, chunk=chunk)
+        loss_c, grad_c = head_windows(norm, w, h[:1], ids[:1, 1:], cpu, torch.float64, chunk=chunk)
         assert torch.allclose(loss_c, loss, atol=1e-6) and torch.allclose(grad_c, grad, atol=1e-9)
         assert abs(window_nll(norm32, w.float(), h[0], ids[0, 1:], chunk) - nll) <= 1e-4 * abs(nll)
+    # three windows in one call: each window's loss and gradient are its own (the losses are not mixed)
+    for chunk in (None, 4):
+        batched_loss, batched_grad = head_windows(norm, w, h, ids[:, 1:], cpu, torch.float64, chunk=chunk)
+        for n in range(3):
+            alone_loss, alone_grad = head_windows(norm, w, h[n:n + 1], ids[n:n + 1, 1:], cpu, torch.float64, chunk)
+            assert torch.allclose(batched_loss[n], alone_loss[0], atol=1e-12)
+            assert torch.allclose(batched_grad[n], alone_grad[0], atol=1e-12)
 
 
 def test_knobs_and_advice(tmp_path):

@@ -7,10 +7,11 @@ gradient of the published method, computed without holding the model:
 
 1. forward: embed the windows and run every block under no_grad, keeping each block's *input*
    (the boundaries) in the activation store (RAM or disk);
-2. head: final norm + lm_head per window (stream.backward.head_sample), fp32 logits and loss; the
-   gradient w.r.t. the last hidden state is the incoming gradient of the last block;
-3. reverse walk: load block i, recompute its forward from the stored input, backpropagate the incoming
-   gradient one window per backward call into fp32 accumulators (stream.backward.block_sample);
+2. head: final norm + lm_head, --batch-size windows per call (stream.backward.head_windows), fp32 logits
+   and losses; the gradient w.r.t. the last hidden state is the incoming gradient of the last block;
+3. reverse walk: load block i, recompute its forward from the stored input and backpropagate the incoming
+   gradient, --batch-size windows per call; each window's own weight gradient d_n^T x_n is formed from the
+   linear's input and output gradient and folded into fp32 accumulators (stream.backward.block_windows);
    x.grad is the incoming gradient of block i-1.
 
 The folder (io.gradfiles.GradientFolder) is resumable per block: after block i's file is durable, the
@@ -47,9 +48,9 @@ from lowmem_gblm.io.runstate import (
 )
 from lowmem_gblm.io.writer import save_tensors_atomic
 from lowmem_gblm.runtime import dtype_name, named_dtype
-from lowmem_gblm.stream.backward import block_sample, finish, grad_accumulators, head_sample
+from lowmem_gblm.stream.backward import block_windows, finish, grad_accumulators, head_windows
 from lowmem_gblm.stream.store import load_buffer, save_buffer, scratch
-from lowmem_gblm.stream.sweep import embed, forward
+from lowmem_gblm.stream.sweep import embed, forward, windows
 from lowmem_gblm.testing_hooks import crash_point
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ class _Sweep:
         with PhaseProgress("gradient forward", last, run.nsamples, run.config.progress) as progress:
             for i in range(last):
                 block = reader.next(i)
-                forward(block, run.ctx, bounds[i], bounds[i + 1], run.device, run.dtype, on_windows=progress.windows)
+                forward(block, run.ctx, bounds[i], bounds[i + 1], run.device, run.dtype, run.config.batch_size,
+                        progress.windows)
                 del block
                 progress.block(f"block {i}")
         return bounds
@@ -164,12 +166,12 @@ class _Sweep:
         """Per-window loss and dL/d(last hidden state) into g_in."""
         run = self.run
         norm, head = run.model.load_head(run.device, run.dtype)  # head: [V, D]
-        losses = []
-        for n in range(run.nsamples):
-            loss, grad = head_sample(norm, head, top.get(n), run.ids[n, 1:].to(run.device), run.device, run.dtype,
-                                     run.config.head_chunk)
+        losses: list[float] = []
+        for n, count in windows(run.nsamples, run.config.batch_size):
+            loss, grad = head_windows(norm, head, top.get(n, count), run.ids[n:n + count, 1:].to(run.device),
+                                      run.device, run.dtype, run.config.head_chunk)
             self.g_in.put(n, grad)
-            losses.append(float(loss))
+            losses += loss.tolist()
             del loss, grad
         del norm, head
         top.release()
@@ -182,12 +184,12 @@ class _Sweep:
             for i in range(start - 1, -1, -1):
                 block = reader.next(i)
                 names = linear_names(block)
-                weights, accs = grad_accumulators(block, names, run.device)
-                for n in range(run.nsamples):
-                    self.g_out.put(n, block_sample(block, run.ctx, weights, accs, bounds[i].get(n), self.g_in.get(n),
-                                                   grad_norm, run.device, run.dtype))
-                    progress.windows(n + 1)
-                del weights, block  # the weights go before the accumulators are finished and written
+                linears, accs = grad_accumulators(block, names, run.device)
+                for n, count in windows(run.nsamples, run.config.batch_size):
+                    self.g_out.put(n, block_windows(block, run.ctx, linears, accs, bounds[i].get(n, count),
+                                                    self.g_in.get(n, count), grad_norm, run.device, run.dtype))
+                    progress.windows(n + count)
+                del linears, block  # the weights go before the accumulators are finished and written
                 self.write_block(i, names, accs)
                 bounds[i].release()
                 self.g_in, self.g_out = self.g_out, self.g_in

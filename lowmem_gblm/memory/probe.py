@@ -3,8 +3,8 @@
 One decoder block of the real transformers class is built from the model's config (on meta, as the
 engine does), given fake weights, and run under ``FakeTensorMode`` for one sample through the engine's
 own step functions: the prune sweep's forward with the real statistics hooks and ``methods.apply.
-prune_linear`` on every linear, the gradient sweep's ``stream.backward.block_sample`` with fp32
-accumulators, the head's ``stream.backward.head_sample`` and eval's ``stream.head.window_nll``. A
+prune_linear`` on every linear, the gradient sweep's ``stream.backward.block_windows`` with fp32
+accumulators, the head's ``stream.backward.head_windows`` and eval's ``stream.head.window_nll``. A
 dispatch mode counts the bytes of every live (fake) storage and keeps the peak. Nothing is allocated
 for real.
 """
@@ -123,8 +123,9 @@ def _fake_head(shape: ModelShape, dtype: torch.dtype, device: torch.device):
 
 def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamples: int,
           head_chunk: int | None, batch: int = 1) -> Probe:
-    """Run one block's steps on fake tensors and return their device peaks. ``batch``: the prune
-    sweep's forward micro-batch; ``head_chunk``: predicted positions per head call (None: the window)."""
+    """Run one block's steps on fake tensors and return their device peaks. ``batch``: windows per call
+    (--batch-size: the sweeps' forwards, the gradient sweep's head and backward); ``head_chunk``: predicted
+    positions per head call (None: the window)."""
     # A fake CPU device: this torch may have no CUDA, and autograd needs a real device guard.
     # CPU SDPA (flash for CPU) keeps O(T) memory like CUDA's flash / memory-efficient kernels.
     device = torch.device("cpu")
@@ -180,30 +181,30 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
         del x, y
         forward_step = mem.peak
 
-        # -- gradient sweep: its own per-sample step (stream.backward.block_sample): recompute forward,
-        # backward of the incoming gradient, fold into fp32 accumulators. Two samples, as the loop runs
-        # them. The stored sample and incoming gradient live in the store (host): not counted here.
-        weights, accum = backward.grad_accumulators(block, names, device)
-        sample = torch.empty(1, seqlen, d, dtype=dtype, device=device)
-        incoming = torch.empty(1, seqlen, d, dtype=dtype, device=device)
-        in_store = 2 * seqlen * d * dtype_bytes(dtype)
+        # -- gradient sweep: its own step (stream.backward.block_windows) on a batch of windows: recompute
+        # forward, backward of the incoming gradient, fold each window's gradient into fp32 accumulators. Two
+        # calls, as the loop runs them. The stored windows and incoming gradient live in the store (host).
+        linears, accum = backward.grad_accumulators(block, names, device)
+        sample = torch.empty(batch, seqlen, d, dtype=dtype, device=device)
+        incoming = torch.empty(batch, seqlen, d, dtype=dtype, device=device)
+        in_store = 2 * batch * seqlen * d * dtype_bytes(dtype)
         mem.reset_peak()
         for _ in range(2):
-            g = backward.block_sample(block, ctx, weights, accum, sample, incoming, "l1", device, dtype)
+            g = backward.block_windows(block, ctx, linears, accum, sample, incoming, "l1", device, dtype)
             del g  # g_out.put copies it to the store
         grad_step = mem.peak - in_store
         del sample, incoming
-        del block, ctx, weights, accum, modules, stored
+        del block, ctx, linears, accum, modules, stored
         gc.collect()
         leftover = mem.now  # nothing of the block steps should stay; do not charge it to the head
 
-        # -- the gradient sweep's head (stream.backward.head_sample), two samples as its loop runs them
+        # -- the gradient sweep's head (stream.backward.head_windows), two batches as its loop runs them
         norm, head = _fake_head(shape, dtype, device)
-        sample = torch.empty(1, seqlen, d, dtype=dtype, device=device)  # in the store: not counted
-        labels = torch.zeros(seqlen - 1, dtype=torch.long, device=device)
+        sample = torch.empty(batch, seqlen, d, dtype=dtype, device=device)  # in the store: not counted
+        labels = torch.zeros(batch, seqlen - 1, dtype=torch.long, device=device)
         mem.reset_peak()
         for _ in range(2):
-            loss, grad = backward.head_sample(norm, head, sample, labels, device, dtype, chunk=head_chunk)
+            loss, grad = backward.head_windows(norm, head, sample, labels, device, dtype, chunk=head_chunk)
             del loss, grad  # g_in.put copies the gradient to the store
         head_grad = mem.peak - leftover - prod(sample.shape) * dtype_bytes(dtype)
         del sample, labels, norm, head

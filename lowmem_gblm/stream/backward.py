@@ -1,5 +1,6 @@
-"""The gradient sweep's device-side steps, one window at a time: the head's loss and its gradient, and
-one block's recomputed forward and backward with each weight gradient folded into an fp32 accumulator.
+"""The gradient sweep's device-side steps, B windows per call: the head's losses and their gradients, and
+one block's recomputed forward and backward with each window's weight gradient folded into an fp32
+accumulator (exact per window: the batch never sums the windows' gradients).
 
 The engine (engine/gradients.py) walks the blocks with these; the planner (memory/probe.py) runs the
 same functions on fake tensors to predict their peaks.
@@ -39,50 +40,66 @@ def as_leaf(sample: torch.Tensor, device: torch.device, dtype: torch.dtype) -> t
     return sample.to(device=device, dtype=dtype, copy=True).requires_grad_(True)
 
 
-def head_sample(norm: nn.Module, head: torch.Tensor, sample: torch.Tensor, labels: torch.Tensor,
-                device: torch.device, dtype: torch.dtype,
-                chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One window through the final norm and the head. sample: [1, T, D] (stored), labels: [T-1] (on device).
+def head_windows(norm: nn.Module, head: torch.Tensor, samples: torch.Tensor, labels: torch.Tensor,
+                 device: torch.device, dtype: torch.dtype,
+                 chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """B windows through the final norm and the head. samples: [B, T, D] (stored), labels: [B, T-1] (on device).
 
-    Returns (mean next-token loss, fp32 scalar; dL/dh [1, T, D] in ``dtype``). ``chunk``: predicted
-    positions per head call (None: the whole window): the fp32 logits [1, c, V], their log-softmax and
-    gradients are then bounded by the chunk; the loss is the chunks' sums over T-1. Everything but the
-    two results is freed when this returns.
+    Returns (each window's mean next-token loss [B], fp32; dL_n/dh_n [B, T, D] in ``dtype``). The windows are
+    independent, so the gradient of the summed losses is each window's own gradient. ``chunk``: predicted
+    positions per head call (None: the whole window): the fp32 logits [B, c, V], their log-softmax and
+    gradients are then bounded by the chunk. Everything but the two results is freed when this returns.
     """
-    h = as_leaf(sample, device, dtype)  # [1, T, D]
-    predicted = h.shape[1] - 1
+    h = as_leaf(samples, device, dtype)  # [B, T, D]
+    b, predicted = h.shape[0], h.shape[1] - 1
     with torch.enable_grad():
         if chunk is None or chunk >= predicted:
-            logits = F.linear(norm(h), head).to(ACC_DTYPE)  # [1, T, V] fp32
-            loss = F.cross_entropy(logits[0, :-1], labels)  # mean over the T-1 predicted positions
+            logits = F.linear(norm(h), head).to(ACC_DTYPE)  # [B, T, V] fp32
+            per_token = F.cross_entropy(logits[:, :-1].reshape(b * predicted, -1), labels.reshape(-1),
+                                        reduction="none")
             del logits
-            loss.backward()
-            return loss.detach(), h.grad
-        loss = torch.zeros((), dtype=ACC_DTYPE, device=device)
+            losses = per_token.view(b, predicted).mean(dim=1)  # each window's mean over its T-1 positions
+            del per_token
+            losses.sum().backward()
+            return losses.detach(), h.grad
+        losses = torch.zeros(b, dtype=ACC_DTYPE, device=device)
         for s in range(0, predicted, chunk):
             e = min(s + chunk, predicted)
-            logits = F.linear(norm(h[:, s:e]), head).to(ACC_DTYPE)  # [1, c, V] fp32
-            part = F.cross_entropy(logits[0], labels[s:e], reduction="sum") / predicted
+            logits = F.linear(norm(h[:, s:e]), head).to(ACC_DTYPE)  # [B, c, V] fp32
+            part = F.cross_entropy(logits.reshape(b * (e - s), -1), labels[:, s:e].reshape(-1),
+                                   reduction="none").view(b, e - s).sum(dim=1) / predicted
             del logits
-            part.backward()  # h.grad gathers each chunk's positions (zeros elsewhere)
-            loss += part.detach()
+            part.sum().backward()  # h.grad gathers each chunk's positions (zeros elsewhere)
+            losses += part.detach()
             del part
-    return loss, h.grad
+    return losses, h.grad
 
 
-def block_sample(block: nn.Module, ctx: BlockContext, weights: dict[str, torch.Tensor],
-                 accs: dict[str, torch.Tensor], sample: torch.Tensor, incoming: torch.Tensor, grad_norm: str,
-                 device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Recompute one sample's block forward (gradient checkpointing), backpropagate ``incoming``
-    (dL/d output [1, T, D]), fold each weight's gradient into its fp32 accumulator.
+def block_windows(block: nn.Module, ctx: BlockContext, linears: dict[str, nn.Linear],
+                  accs: dict[str, torch.Tensor], samples: torch.Tensor, incoming: torch.Tensor, grad_norm: str,
+                  device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Recompute B windows' block forward (gradient checkpointing), backpropagate ``incoming`` (dL/d output
+    [B, T, D]) in one batched call, and fold every window's own weight gradient into the fp32 accumulators.
 
-    Each weight's gradient is folded and dropped as soon as backward has produced it (a post-accumulate
-    hook), so at most one linear's gradient is alive at a time, not the whole block's.
-    weights / accs: linear name -> weight (requires grad) / accumulator. Returns dL/d input [1, T, D].
+    GBLM needs sum_n |g_n| or sum_n g_n^2, which the batch's summed gradient would destroy, so autograd
+    computes no weight gradient at all: each linear's input x [B, T, in] is kept by a forward hook, and when
+    backward reaches the linear's output gradient d [B, T, out], g_n = d_n^T x_n is formed one window at a
+    time (the matmul autograd does for one window) and folded in window order, then dropped: at most one
+    [out, in] gradient is alive at a time. linears / accs: by linear name. Returns dL/d input [B, T, D].
     """
-    x = as_leaf(sample, device, dtype)  # [1, T, D]
-    hooks = [w.register_post_accumulate_grad_hook(partial(_fold, accs[name], grad_norm))
-             for name, w in weights.items()]
+    x = as_leaf(samples, device, dtype)  # [B, T, D]
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep_input(name: str, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        inputs[name] = args[0].detach()
+        out.register_hook(partial(fold_windows, name))
+
+    def fold_windows(name: str, grad_out: torch.Tensor) -> None:
+        inp, acc = inputs.pop(name), accs[name]
+        for n in range(inp.shape[0]):
+            accumulate(acc, window_grad(grad_out[n], inp[n]), grad_norm)
+
+    hooks = [m.register_forward_hook(partial(keep_input, name)) for name, m in linears.items()]
     try:
         with torch.enable_grad():
             y = run_block(block, ctx, x)  # recompute
@@ -91,18 +108,20 @@ def block_sample(block: nn.Module, ctx: BlockContext, weights: dict[str, torch.T
     finally:
         for hook in hooks:
             hook.remove()
+        inputs.clear()
     return x.grad
 
 
-def _fold(acc: torch.Tensor, grad_norm: str, weight: torch.Tensor) -> None:
-    accumulate(acc, weight.grad, grad_norm)
-    weight.grad = None
+def window_grad(grad_out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """One window's weight gradient of a linear: d^T x, [T, out] x [T, in] -> [out, in] (leading dims folded)."""
+    return torch.mm(grad_out.reshape(-1, grad_out.shape[-1]).t(), inp.reshape(-1, inp.shape[-1]))
 
 
 def grad_accumulators(block: nn.Module, names: list[str], device: torch.device
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(weights that now require grad, zeroed fp32 accumulators of their shapes), by linear name."""
+                      ) -> tuple[dict[str, nn.Linear], dict[str, torch.Tensor]]:
+    """(the linears, zeroed fp32 accumulators of their weights' shapes), by linear name. The weights keep
+    requires_grad False: block_windows forms each window's gradient itself."""
     modules = dict(block.named_modules())
-    weights = {name: modules[name].weight.requires_grad_(True) for name in names}
-    accs = {name: torch.zeros(w.shape, dtype=ACC_DTYPE, device=device) for name, w in weights.items()}
-    return weights, accs
+    linears = {name: modules[name] for name in names}
+    accs = {name: torch.zeros(m.weight.shape, dtype=ACC_DTYPE, device=device) for name, m in linears.items()}
+    return linears, accs

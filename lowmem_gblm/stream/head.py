@@ -3,7 +3,7 @@
 RMSNorm, the head matmul and cross-entropy act on each token separately, so splitting a window's
 T-1 predicted positions into chunks bounds the logits ([chunk, vocab] fp32) instead of [T, vocab]:
 for LLaMA (vocab 32000) at T = 2048 a whole window's fp32 logits are 262 MB. (The gradient sweep's
-head, with its backward, is ``stream.backward.head_sample``.)
+head, with its backward, is ``stream.backward.head_windows``.)
 """
 
 from __future__ import annotations

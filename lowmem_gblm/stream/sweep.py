@@ -21,13 +21,17 @@ def embed(model, ids: torch.Tensor, dst, dtype: torch.dtype) -> None:
     del table
 
 
+def windows(total: int, batch_size: int) -> list[tuple[int, int]]:
+    """(first window, count) of each call when ``total`` windows go ``batch_size`` at a time."""
+    return [(n, min(batch_size, total - n)) for n in range(0, total, batch_size)]
+
+
 @torch.no_grad()
 def forward(block: nn.Module, ctx: BlockContext, src, dst, device: torch.device, dtype: torch.dtype,
             batch_size: int = 1, on_windows: Callable[[int], None] | None = None) -> None:
     """Run every sample of ``src`` through ``block``, ``batch_size`` windows per call; write the outputs to
     ``dst`` (None: statistics hooks only; ``src`` itself: in place). ``on_windows(k)``: k windows are done."""
-    for n in range(0, len(src), batch_size):
-        count = min(batch_size, len(src) - n)
+    for n, count in windows(len(src), batch_size):
         x = src.get(n, count).to(device=device, dtype=dtype)  # [B, T, D]
         y = run_block(block, ctx, x)
         if dst is not None:
