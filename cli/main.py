@@ -75,7 +75,8 @@ GradDtypeOpt = Annotated[GradDtype, typer.Option(
 GradNormOpt = Annotated[GradNorm, typer.Option("--grad-norm", help="GBLM: norm of the per-sample gradients")]
 HeadChunk = Annotated[int | None, typer.Option(
     "--head-chunk", help="tokens per head call: bounds the fp32 logits to chunk x vocab (default: the whole window)")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="windows per block call in forward-only passes")]
+BatchSize = Annotated[int, typer.Option(
+    "--batch-size", help="windows per block call: every forward, and the gradient sweep's head and backward")]
 Prefetch = Annotated[bool, typer.Option(
     "--prefetch/--no-prefetch", help="read the next block on a background thread (same output)")]
 OffloadOpt = Annotated[Offload, typer.Option(

@@ -124,7 +124,7 @@ class RunConfig:
     dtype: Dtype = Dtype.AUTO
     grad_norm: GradNorm = GradNorm.L1
     offload: Offload = Offload.AUTO
-    batch_size: int = 1  # windows per block call in the prune sweep's forwards (statistics are per token)
+    batch_size: int = 1  # windows per block call in every sweep (statistics and gradients stay per window)
     store_dtype: StoreDtype = StoreDtype.AUTO
     grad_dtype: GradDtype = GradDtype.FLOAT32
     head_chunk: int | None = None  # tokens per head call in the gradient sweep (None: the whole window)

@@ -43,7 +43,7 @@ class PlanSettings:
     store_dtype: str | torch.dtype | None = None  # None/"auto": compute dtype; "int8" stays a name
     offload: str | None = None  # None or "auto": chosen
     head_chunk: int | None | str = None  # "auto": tried (None, 512, 128) in that order
-    batch_size: int = 1  # the prune sweep's forward micro-batch
+    batch_size: int = 1  # windows per call in every sweep (forwards, the gradient sweep's head and backward)
     grad_dtype: str | torch.dtype = "float32"
     prefetch: bool = True  # one more block read ahead in host memory
     phases: tuple[str, ...] | None = None  # only these phases count
