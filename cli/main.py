@@ -75,6 +75,10 @@ GradDtypeOpt = Annotated[GradDtype, typer.Option(
 GradNormOpt = Annotated[GradNorm, typer.Option("--grad-norm", help="GBLM: norm of the per-sample gradients")]
 HeadChunk = Annotated[int | None, typer.Option(
     "--head-chunk", help="tokens per head call: bounds the fp32 logits to chunk x vocab (default: the whole window)")]
+CheckpointEvery = Annotated[int | None, typer.Option(
+    "--checkpoint-every", help="gradient sweep: keep every K-th block input and recompute the rest in the reverse "
+    "walk (fewer boundaries in RAM/on disk, about one more forward pass; same gradients). Default: 1 if it "
+    "fits, else the smallest K that does")]
 BatchSize = Annotated[int, typer.Option(
     "--batch-size", help="windows per block call: every forward, and the gradient sweep's head and backward")]
 Prefetch = Annotated[bool, typer.Option(
@@ -161,6 +165,7 @@ def prune(
         "--percdamp", help="SparseGPT: Hessian dampening, a fraction of mean(diag H)")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT: columns per lazy-update block")] = 128,
     batch_size: BatchSize = 1,
+    checkpoint_every: CheckpointEvery = None,
     store_dtype: StoreDtypeOpt = "auto",
     grad_dtype: GradDtypeOpt = "float32",
     head_chunk: HeadChunk = None,
@@ -182,7 +187,8 @@ def prune(
             calib=_calib(calib, calib_ids, nsamples, seqlen, seed), method=method, sparsity=sparsity,
             pattern=pattern, magnitude_scope=magnitude_scope, device=device, dtype=dtype, alpha=alpha,
             grad_norm=grad_norm, gradients=None if gradients is None else str(gradients), offload=offload,
-            percdamp=percdamp, blocksize=blocksize, batch_size=batch_size, store_dtype=store_dtype,
+            percdamp=percdamp, blocksize=blocksize, batch_size=batch_size, checkpoint_every=checkpoint_every,
+            store_dtype=store_dtype,
             grad_dtype=grad_dtype, head_chunk=head_chunk, prefetch=prefetch, overwrite=overwrite,
             progress=not quiet, plan_check=plan_check, cpu_memory=cpu_memory, gpu_memory=gpu_memory,
             disk_space=disk_space,
@@ -210,6 +216,8 @@ def gradients(
     store_dtype: StoreDtypeOpt = "auto",
     grad_dtype: GradDtypeOpt = "float32",
     head_chunk: HeadChunk = None,
+    batch_size: BatchSize = 1,
+    checkpoint_every: CheckpointEvery = None,
     prefetch: Prefetch = True,
     plan_check: PlanCheck = True,
     cpu_memory: CpuMemory = None,
@@ -223,8 +231,9 @@ def gradients(
         config = GradientConfig(
             model_dir=str(model_dir), out_dir=str(grad_dir), calib=_calib(calib, calib_ids, nsamples, seqlen, seed),
             grad_norm=grad_norm, device=device, dtype=dtype, offload=offload, store_dtype=store_dtype,
-            grad_dtype=grad_dtype, head_chunk=head_chunk, prefetch=prefetch, progress=not quiet,
-            plan_check=plan_check, cpu_memory=cpu_memory, gpu_memory=gpu_memory, disk_space=disk_space,
+            grad_dtype=grad_dtype, head_chunk=head_chunk, batch_size=batch_size, checkpoint_every=checkpoint_every,
+            prefetch=prefetch, progress=not quiet, plan_check=plan_check, cpu_memory=cpu_memory,
+            gpu_memory=gpu_memory, disk_space=disk_space,
         )
         report = compute_gradients(config)
     typer.echo(f"gradients of {model_dir} -> {grad_dir}: {report['blocks']} blocks, {config.grad_norm} norm, "
@@ -281,6 +290,7 @@ def plan(
     head_chunk: Annotated[int | None, typer.Option(
         "--head-chunk", help="tokens per head call (default: the whole window, else 512, else 128, as fits)")] = None,
     batch_size: BatchSize = 1,
+    checkpoint_every: CheckpointEvery = None,
     prefetch: Prefetch = True,
     as_json: AsJson = False,
 ) -> None:
@@ -293,7 +303,8 @@ def plan(
                                 device="cuda" if budgets.gpu_memory else "cpu", compute_dtype=str(dtype),
                                 store_dtype=str(store_dtype), offload=str(offload),
                                 head_chunk="auto" if head_chunk is None else head_chunk, batch_size=batch_size,
-                                grad_dtype=str(grad_dtype), prefetch=prefetch)
+                                grad_dtype=str(grad_dtype), prefetch=prefetch,
+                                checkpoint_every=checkpoint_every or "auto")
         result = make_plan(load_shape(model), settings, budgets)
     typer.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else result.table())
 

@@ -63,7 +63,7 @@ ALPHA_MAX = 3.4028234663852886e38  # float32's largest value: --alpha multiplies
 
 # Options that do not change the output bytes; left out of the resume fingerprint.
 _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "prefetch", "plan_check",
-                                "cpu_memory", "gpu_memory", "disk_space"})
+                                "cpu_memory", "gpu_memory", "disk_space", "checkpoint_every"})
 # Fingerprinted only when not at this default, so runs started before the option existed still resume.
 _FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chunk": None}
 _CHOICES = {"dtype": Dtype, "store_dtype": StoreDtype, "grad_dtype": GradDtype, "offload": Offload,
@@ -128,6 +128,7 @@ class RunConfig:
     store_dtype: StoreDtype = StoreDtype.AUTO
     grad_dtype: GradDtype = GradDtype.FLOAT32
     head_chunk: int | None = None  # tokens per head call in the gradient sweep (None: the whole window)
+    checkpoint_every: int | None = None  # gradient sweep keeps every k-th block input (None: the planner's choice)
     prefetch: bool = True  # read the next block on a background thread (same bytes either way)
     progress: bool = True
     plan_check: bool = True  # refuse before heavy work when the planner says the run cannot fit
@@ -143,6 +144,8 @@ class RunConfig:
         _check_head_chunk(self.head_chunk)
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise UsageError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         for size in (self.cpu_memory, self.gpu_memory, self.disk_space):
             parse_size(size)  # raises UsageError naming the bad size
 

@@ -17,11 +17,17 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cli.main import app
+from lowmem_gblm import testing_hooks
 from lowmem_gblm.config import CalibConfig, GradientConfig, PruneConfig
 from lowmem_gblm.engine import prune
 from lowmem_gblm.engine.gradients import INCOMING_NAME, compute_gradients
+from lowmem_gblm.errors import OutOfSpace
 from lowmem_gblm.io.gradfiles import block_file
 from lowmem_gblm.io.runstate import GRADIENTS_JSON, STATE_DIR
+from lowmem_gblm.memory.plan import Budgets, PlanSettings, plan
+from lowmem_gblm.memory.shape import load_shape
+from lowmem_gblm.stream.segments import boundaries_held, kept_boundaries, recomputed_blocks, segments
+from tests.tiny import make_tiny_llama
 
 N, T = 4, 16  # calibration windows x tokens
 VOCAB = 320  # tests.tiny default
@@ -382,3 +388,45 @@ def test_batched_gradient_sweep_is_exact_per_window(tmp_path, tiny_model, ids_fi
     _prune(tiny_model, tmp_path / "batched", ids_file, grad_norm=norm, batch_size=n)
     one, batched = _weights(tmp_path / "one"), _weights(tmp_path / "batched")
     assert all(torch.equal(one[k] != 0, batched[k] != 0) for k in one)
+
+
+@pytest.fixture(scope="module")
+def five_blocks(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("five") / "model", layers=5, seed=3, tokenizer=False)
+
+
+def test_segment_checkpoints_give_the_same_gradient_files(tmp_path, five_blocks, ids_file, monkeypatch):
+    """--checkpoint-every K keeps one block input in K and recomputes the rest in the reverse walk: the files are
+    the same bytes for every K, with either store, and a sweep stopped half-way resumes with another K."""
+    _gradients(five_blocks, tmp_path / "k1", ids_file, checkpoint_every=1)
+    ref = _grad_files(tmp_path / "k1")
+    assert len(ref) == 5
+    for k, offload in ((2, "cpu"), (3, "disk"), (5, "cpu")):
+        _gradients(five_blocks, tmp_path / f"k{k}", ids_file, checkpoint_every=k, offload=offload, batch_size=3)
+        assert _grad_files(tmp_path / f"k{k}") == ref, k
+    folder = tmp_path / "stopped"
+    testing_hooks.reset()
+    monkeypatch.setenv(testing_hooks.ENOSPC_ENV, "shard_write:4")  # blocks 4, 3, 2 written; block 1 fails
+    with pytest.raises(OutOfSpace):
+        _gradients(five_blocks, folder, ids_file, checkpoint_every=2)
+    monkeypatch.delenv(testing_hooks.ENOSPC_ENV)
+    assert sorted(json.loads((folder / GRADIENTS_JSON).read_text())["done"]) == ["2", "3", "4"]
+    _gradients(five_blocks, folder, ids_file, checkpoint_every=3)  # not part of the folder's identity
+    assert _grad_files(folder) == ref
+    assert not (folder / STATE_DIR / "store").exists()
+
+
+def test_planner_picks_segment_checkpoints_when_the_boundaries_do_not_fit(five_blocks):
+    assert kept_boundaries(40, 6) == [0, 6, 12, 18, 24, 30, 36, 40]
+    assert segments(40, kept_boundaries(40, 6))[:2] == [(36, 40), (30, 36)]
+    assert boundaries_held(40, 1) == (41, 40) and boundaries_held(40, 6) == (8, 11)
+    assert recomputed_blocks(40, 1) == 0 and recomputed_blocks(40, 6) == 33
+    shape = load_shape(five_blocks)
+    settings = PlanSettings(method="gblm", nsamples=64, seqlen=128, offload="disk", checkpoint_every="auto")
+    boundary = 64 * 128 * 64 * 4
+    roomy = plan(shape, settings, Budgets(disk_free=1 << 40, disk_dir=Path("/tmp")), baseline=1)
+    assert roomy.settings["checkpoint_every"] == 1
+    tight = plan(shape, settings, Budgets(disk_free=roomy.disk_bytes - 2 * boundary, disk_dir=Path("/tmp")),
+                 baseline=1)
+    assert tight.fits and tight.settings["checkpoint_every"] > 1
+    assert any("recomputes" in note for note in tight.notes)

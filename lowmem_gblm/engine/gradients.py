@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ from lowmem_gblm.io.runstate import (
 from lowmem_gblm.io.writer import save_tensors_atomic
 from lowmem_gblm.runtime import dtype_name, named_dtype
 from lowmem_gblm.stream.backward import block_windows, finish, grad_accumulators, head_windows
+from lowmem_gblm.stream.segments import kept_boundaries, segments
 from lowmem_gblm.stream.store import load_buffer, save_buffer, scratch
 from lowmem_gblm.stream.sweep import embed, forward, windows
 from lowmem_gblm.testing_hooks import crash_point
@@ -138,28 +140,46 @@ class _Sweep:
         if start < nblocks:
             log.info("resuming the gradient sweep at block %d in %s", start - 1, self.folder.folder)
         last = nblocks if start == nblocks else start - 1  # highest boundary needed
-        # blocks 0..last-1 forward, then start-1..0 in reverse; the next one is read while one computes
-        schedule = [(i, None) for i in range(last)] + [(i, None) for i in range(start - 1, -1, -1)]
+        k = run.checkpoint_every
+        kept = kept_boundaries(last, k)
+        walk = segments(start, kept)
+        if k > 1:
+            log.info("gradient sweep: keeping every %d-th block input (%d of %d); the reverse walk recomputes %d "
+                     "block forwards", k, len(kept), last + 1, sum(e - c - 1 for c, e in walk))
+        # blocks 0..last-1 forward; then per segment (top first) its recompute forward and its reverse walk;
+        # the next block is read while one computes
+        schedule = [(i, None) for i in range(last)]
+        for c, e in walk:
+            schedule += [(i, None) for i in range(c, e - 1)] + [(i, None) for i in range(e - 1, c - 1, -1)]
         with BlockReader(run.model, schedule, run.device, run.dtype, run.config.prefetch) as reader:
-            bounds = self.forward(reader, last)
+            bounds = self.forward(reader, last, set(kept))
             if start == nblocks:
-                self.head(bounds[nblocks])
-            self.reverse(reader, bounds, start)
+                self.head(bounds.pop(nblocks))
+            with PhaseProgress("gradients", start, run.nsamples, run.config.progress) as progress:
+                for c, e in walk:
+                    self.segment(reader, bounds, c, e, progress)
         self.g_in.release()
         self.g_out.release()
 
-    def forward(self, reader: BlockReader, last: int) -> list:
-        """bounds[i] = input of block i for i <= last (bounds[L]: the head's input)."""
+    def forward(self, reader: BlockReader, last: int, kept: set[int]) -> dict:
+        """{i: input of block i} for the kept i <= last (bounds[L]: the head's input); the inputs not kept
+        pass through two scratch buffers."""
         run = self.run
-        bounds = [self.store.new(run.boundary_shape, run.dtype, f"h{i:05d}") for i in range(last + 1)]
+        new = partial(self.store.new, run.boundary_shape, run.dtype)
+        bounds = {i: new(f"h{i:05d}") for i in sorted(kept)}
+        scratch = [new("scratch_a"), new("scratch_b")] if len(kept) < last + 1 else []
         embed(run.model, run.ids, bounds[0], run.dtype)
+        src = bounds[0]
         with PhaseProgress("gradient forward", last, run.nsamples, run.config.progress) as progress:
             for i in range(last):
                 block = reader.next(i)
-                forward(block, run.ctx, bounds[i], bounds[i + 1], run.device, run.dtype, run.config.batch_size,
-                        progress.windows)
+                dst = bounds[i + 1] if i + 1 in bounds else next(b for b in scratch if b is not src)
+                forward(block, run.ctx, src, dst, run.device, run.dtype, run.config.batch_size, progress.windows)
                 del block
+                src = dst
                 progress.block(f"block {i}")
+        for buf in scratch:
+            buf.release()
         return bounds
 
     def head(self, top) -> None:
@@ -178,22 +198,29 @@ class _Sweep:
         self.folder.data["mean_loss"] = sum(losses) / len(losses)
         log.info("gradient sweep: mean calibration loss %.4f", self.folder.data["mean_loss"])
 
-    def reverse(self, reader: BlockReader, bounds: list, start: int) -> None:
+    def segment(self, reader: BlockReader, bounds: dict, c: int, e: int, progress: PhaseProgress) -> None:
+        """Blocks e-1..c in reverse: first the inputs of blocks c+1..e-1 are recomputed from block c's kept
+        input, then each block's recomputed forward and backward (block_windows), its file written."""
+        run = self.run
+        for i in range(c, e - 1):
+            block = reader.next(i)
+            bounds[i + 1] = self.store.new(run.boundary_shape, run.dtype, f"h{i + 1:05d}")
+            forward(block, run.ctx, bounds[i], bounds[i + 1], run.device, run.dtype, run.config.batch_size)
+            del block
         run, grad_norm = self.run, str(self.run.config.grad_norm)
-        with PhaseProgress("gradients", start, run.nsamples, run.config.progress) as progress:
-            for i in range(start - 1, -1, -1):
-                block = reader.next(i)
-                names = linear_names(block)
-                linears, accs = grad_accumulators(block, names, run.device)
-                for n, count in windows(run.nsamples, run.config.batch_size):
-                    self.g_out.put(n, block_windows(block, run.ctx, linears, accs, bounds[i].get(n, count),
-                                                    self.g_in.get(n, count), grad_norm, run.device, run.dtype))
-                    progress.windows(n + count)
-                del linears, block  # the weights go before the accumulators are finished and written
-                self.write_block(i, names, accs)
-                bounds[i].release()
-                self.g_in, self.g_out = self.g_out, self.g_in
-                progress.block(f"block {i} written")
+        for i in range(e - 1, c - 1, -1):
+            block = reader.next(i)
+            names = linear_names(block)
+            linears, accs = grad_accumulators(block, names, run.device)
+            for n, count in windows(run.nsamples, run.config.batch_size):
+                self.g_out.put(n, block_windows(block, run.ctx, linears, accs, bounds[i].get(n, count),
+                                                self.g_in.get(n, count), grad_norm, run.device, run.dtype))
+                progress.windows(n + count)
+            del linears, block  # the weights go before the accumulators are finished and written
+            self.write_block(i, names, accs)
+            bounds.pop(i).release()
+            self.g_in, self.g_out = self.g_out, self.g_in
+            progress.block(f"block {i} written")
 
     def write_block(self, i: int, names: list[str], accs: dict[str, torch.Tensor]) -> None:
         """Block i's finished norms to its file, the incoming gradient of block i-1 persisted, then block i

@@ -48,6 +48,11 @@ class Run:
         return self.plan.settings["offload"]
 
     @property
+    def checkpoint_every(self) -> int:
+        """The gradient sweep keeps every k-th block input (``--checkpoint-every``, or the plan's choice)."""
+        return int(self.plan.settings.get("checkpoint_every") or 1)
+
+    @property
     def nsamples(self) -> int:
         return int(self.ids.shape[0])
 
@@ -105,7 +110,8 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
     settings = PlanSettings(method=method, nsamples=n, seqlen=t, device=device.type, compute_dtype=dtype,
                             store_dtype=str(config.store_dtype), offload=str(config.offload),
                             head_chunk=config.head_chunk, batch_size=config.batch_size,
-                            grad_dtype=str(config.grad_dtype), prefetch=config.prefetch, phases=phases)
+                            grad_dtype=str(config.grad_dtype), prefetch=config.prefetch, phases=phases,
+                            checkpoint_every=config.checkpoint_every or "auto")
     budgets = machine_budgets(device, out, config.cpu_memory, config.gpu_memory)
     if config.disk_space is not None:
         budgets = dataclasses.replace(budgets, disk_free=parse_size(config.disk_space))

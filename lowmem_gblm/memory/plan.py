@@ -24,6 +24,7 @@ from lowmem_gblm.memory.probe import ACC_BYTES, Probe, baseline_rss, cublas_work
 from lowmem_gblm.memory.shape import ModelShape
 from lowmem_gblm.methods import get_method
 from lowmem_gblm.runtime import COMPUTE_DTYPES, GRAD_FILE_DTYPES, auto_dtype, dtype_bytes, dtype_name, named_dtype
+from lowmem_gblm.stream.segments import boundaries_held, candidates, recomputed_blocks
 from lowmem_gblm.stream.store import store_nbytes
 from lowmem_gblm.units import fmt_budget, fmt_size, parse_size
 
@@ -47,6 +48,7 @@ class PlanSettings:
     grad_dtype: str | torch.dtype = "float32"
     prefetch: bool = True  # one more block read ahead in host memory
     phases: tuple[str, ...] | None = None  # only these phases count
+    checkpoint_every: int | str = 1  # gradient sweep: keep every k-th block input; "auto": the first k that fits
 
     def resolved(self, storage: torch.dtype) -> PlanSettings:
         """Validated, with torch dtypes (store_dtype: a float dtype or "int8"); offload and head_chunk
@@ -66,6 +68,14 @@ class PlanSettings:
 
     def offloads(self) -> list[str]:
         return list(OFFLOADS) if self.offload in (None, "auto") else [self.offload]
+
+    def checkpoint_choices(self, num_blocks: int) -> list[int]:
+        if self.checkpoint_every in (None, "auto"):
+            return candidates(num_blocks) if get_method(self.method).needs_gradients else [1]
+        k = int(self.checkpoint_every)
+        if k < 1:
+            raise UsageError(f"--checkpoint-every must be >= 1, got {k}")
+        return [min(k, max(num_blocks, 1))]
 
     def head_chunks(self) -> list[int | None]:
         if self.head_chunk == "auto":
@@ -197,18 +207,18 @@ def plan(shape: ModelShape, settings: PlanSettings, budgets: Budgets, *, baselin
     base = baseline if baseline is not None else baseline_rss()
     cache: dict = {} if probe_cache is None else probe_cache
     tried = []
-    for off, chunk in itertools.product(s.offloads(), s.head_chunks()):
-        phases, pr = predict(shape, replace(s, offload=off, head_chunk=chunk), base, cache)
+    for k, off, chunk in itertools.product(s.checkpoint_choices(shape.num_blocks), s.offloads(), s.head_chunks()):
+        phases, pr = predict(shape, replace(s, offload=off, head_chunk=chunk, checkpoint_every=k), base, cache)
         phases = [p for p in phases if s.phases is None or p.name in s.phases]
         short = _shortfalls(phases, budgets, off)
-        tried.append((sum(short.values()), off, chunk, phases, pr, short))
+        tried.append((sum(short.values()), k, off, chunk, phases, pr, short))
         if not short:
             break
-    _, off, chunk, phases, pr, short = tried[-1] if not tried[-1][-1] else min(tried, key=lambda r: r[0])
+    _, k, off, chunk, phases, pr, short = tried[-1] if not tried[-1][-1] else min(tried, key=lambda r: r[0])
     chosen = {"device": s.device, "compute_dtype": dtype_name(s.compute_dtype),
               "store_dtype": dtype_name(s.store_dtype), "storage_dtype": dtype_name(shape.storage_dtype),
               "offload": off, "head_chunk": chunk,
-              "forward_microbatch": s.batch_size, "grad_dtype": dtype_name(s.grad_dtype)}
+              "forward_microbatch": s.batch_size, "grad_dtype": dtype_name(s.grad_dtype), "checkpoint_every": k}
     if off == "disk":
         chosen["disk_dir"] = str(budgets.disk_dir) if budgets.disk_dir is not None else None
     notes = list(pr.notes)
@@ -216,6 +226,11 @@ def plan(shape: ModelShape, settings: PlanSettings, budgets: Budgets, *, baselin
                  f"{shape.family.layer_class}, SDPA; stores added analytically")
     if off == "disk":
         notes.append("disk store: memory-mapped pages count in RSS while cached but the kernel can reclaim them")
+    if k > 1 and any(p.name == "gradient_sweep" for p in phases):
+        L = shape.num_blocks
+        notes.append(f"gradient sweep keeps one block input in {k} ({boundaries_held(L, k)[0]} of {L + 1}); the "
+                     f"reverse walk recomputes {recomputed_blocks(L, k)} block forwards, about "
+                     f"{recomputed_blocks(L, k) / L:.0%} of one more forward pass (gradients unchanged)")
     result = Plan(shape.name, s.method, s.nsamples, s.seqlen, budgets.as_dict(), chosen, phases, not short, [],
                   notes, short)
     result.advice = advice(result)
@@ -414,9 +429,10 @@ def _gradient_phase(shape: ModelShape, pr: Probe, s: PlanSettings, *, ram: bool,
     head_stage = dict(common)
     # the next block is read (storage-dtype bytes, then converted) on the prefetch thread meanwhile
     walk_stage = dict(common) | {"block read (storage dtype)": read_host, "next block prefetched": ahead}
+    held_head, held_walk = boundaries_held(L, int(s.checkpoint_every))
     if ram:
-        head_stage |= {f"boundaries {L + 1} x [N,T,D]": (L + 1) * stored, "incoming-gradient buffer": boundary}
-        walk_stage |= {f"boundaries {L} x [N,T,D]": L * stored, "two gradient buffers": 2 * boundary}
+        head_stage |= {f"boundaries {held_head} x [N,T,D]": held_head * stored, "incoming-gradient buffer": boundary}
+        walk_stage |= {f"boundaries {held_walk} x [N,T,D]": held_walk * stored, "two gradient buffers": 2 * boundary}
     head_dev = {"head step (norm + lm_head + 1-window fp32 loss/grad)": pr.head_grad}
     block_dev = {"block step (weights + fp32 accumulators + 1-sample fwd/bwd)": pr.grad_step}
     if on_cpu:
@@ -429,14 +445,15 @@ def _gradient_phase(shape: ModelShape, pr: Probe, s: PlanSettings, *, ram: bool,
         dev = {}
     else:  # the incoming gradient is copied to the device; backward runs on autograd's own thread
         walk_stage["accumulators copied to the host (+ serialized copy)"] = 2 * grad_file
-        block_dev["incoming gradient on the device"] = t * d * dtype_bytes(s.compute_dtype)
+        block_dev["incoming gradient on the device"] = s.batch_size * t * d * dtype_bytes(s.compute_dtype)
         ws = {"cuBLAS workspaces (forward + autograd threads)": 2 * cublas_workspace_bytes()}
         dev = (head_dev if pr.head_grad >= sum(block_dev.values()) else block_dev) | ws
     stages = {"head": sum(head_stage.values()), "reverse walk": sum(walk_stage.values())}
     host = head_stage if stages["head"] >= stages["reverse walk"] else walk_stage
     disk = {f"gradient files ({'fp32' if grad_file == acc_block else 'bf16'}, all blocks)": L * grad_file}
     if not ram:
-        disk |= {f"boundaries {L + 1} x [N,T,D]": (L + 1) * stored, "two gradient buffers": 2 * boundary}
+        disk |= {f"boundaries {max(held_head, held_walk)} x [N,T,D]": max(held_head, held_walk) * stored,
+                 "two gradient buffers": 2 * boundary}
     p = PhasePlan("gradient_sweep", sum(dev.values()), max(stages.values()), sum(disk.values()),
                   {"device": dev, "host": host, "disk": disk})
     p.terms["device_steps"] = {"block": sum(block_dev.values()), "head": pr.head_grad}
