@@ -26,7 +26,9 @@ from lowmem_gblm.engine.run import open_model
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.model import StreamedModel
 from lowmem_gblm.io.prefetch import BlockReader
+from lowmem_gblm.memory.shape import shape_of
 from lowmem_gblm.memory.tracker import PhaseTracker
+from lowmem_gblm.memory.work import achieved, eval_work, measured_peak
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.stream.context import BlockContext
 from lowmem_gblm.stream.head import HEAD_DTYPE, window_nll
@@ -117,5 +119,16 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
                                      config.head_chunk, config.progress)
     result["sparsity"] = checkpoint_sparsity(model)["overall"]
     result["data"] = config.data
-    result["phases"] = [tracker.stats.to_dict()]
+    result["phases"] = [tracker.stats.to_dict() | _work(model, ids, device, dtype, tracker.stats.seconds)]
     return result
+
+
+def _work(model, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, seconds: float) -> dict:
+    """{"work": counted matmul FLOPs and bytes, achieved fraction of the measured peak} (memory.work); empty if
+    it cannot be counted: the report loses a field, never the result."""
+    try:
+        work = eval_work(shape_of(model), int(ids.shape[0]), int(ids.shape[1]), dtype)
+        return {"work": achieved(work, seconds, measured_peak(device, dtype))}
+    except Exception as exc:  # noqa: BLE001 (accounting only)
+        log.warning("eval: could not count the work (%s: %s)", type(exc).__name__, exc)
+        return {}

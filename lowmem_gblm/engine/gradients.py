@@ -94,6 +94,7 @@ def gradient_sweep(run: Run, path: Path) -> GradientFolder:
         folder = GradientFolder(path, GRADIENTS_JSON, state.data)
         if folder.complete:
             log.info("gradient folder %s is complete; reusing it", path)
+            run.done_blocks = run.model.num_blocks
             return folder
         with scratch(path / STATE_DIR / "store"):
             _Sweep(run, folder).sweep()
@@ -131,6 +132,7 @@ class _Sweep:
     def sweep(self) -> None:
         run, nblocks = self.run, self.run.model.num_blocks
         start = self._start()
+        run.done_blocks = nblocks - start
         if start == 0:
             return
         n, t = run.ids.shape
@@ -311,11 +313,11 @@ def compute_gradients(config: GradientConfig) -> dict:
     check_out_dir(run.out, model.root)  # refuse before anything is written
     RunState.refuse_foreign(run.out, GRADIENTS_JSON, "gradient folder", _OWN)
     prepare_out_dir(run.out, model.root)
-    with run.phase("gradient_sweep") as tracker:
+    with run.phase("gradient_sweep"):
         folder = gradient_sweep(run, run.out)
     calib_path = run.out / CALIB_IDS_NAME
     if not calib_path.is_file():
         save_tensors_atomic(calib_path, {"input_ids": run.ids.contiguous()})
     return {"folder": str(run.out), "identity": folder.identity, "blocks": len(folder.done),
-            "mean_loss": folder.data.get("mean_loss"), "phase": tracker.stats.to_dict(),
+            "mean_loss": folder.data.get("mean_loss"), "phase": run.phase_dicts()[0],
             "offload": run.offload, "predicted": run.plan.summary()}

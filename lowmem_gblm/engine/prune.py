@@ -95,6 +95,7 @@ def prune(config: PruneConfig) -> dict:
                  model.num_blocks, model.family.name, n, t, method.name, pattern, run.offload)
         grads = gradient_feed(run, manifest, config.gradients) if method.needs_gradients else None
         _write_non_block_shard(run, manifest)
+        run.done_blocks = done
         with run.phase("prune_sweep"), scratch(out / STATE_DIR / "store"):
             linears = _PruneSweep(run, config, method, manifest, grads).sweep()
         report = _finalize(run, config, manifest, linears, {"seconds_total": time.perf_counter() - t_start,
@@ -221,7 +222,7 @@ def _finalize(run: Run, config: PruneConfig, manifest: RunState, linears: dict, 
         "compute_dtype": dtype_name(run.dtype),
         "calibration": {"windows": list(run.ids.shape), "sha256": run.ids_sha256},
         "sparsity": {"overall": zeros / max(numel, 1), "zeros": zeros, "numel": numel, "per_linear": linears},
-        "phases": [p.to_dict() for p in run.phases],
+        "phases": run.phase_dicts(),
         "versions": _versions(),
         **extra,
     }

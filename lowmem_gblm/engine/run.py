@@ -21,6 +21,7 @@ from lowmem_gblm.memory.budget import machine_budgets, plan_run
 from lowmem_gblm.memory.plan import Plan, PlanSettings
 from lowmem_gblm.memory.shape import shape_of
 from lowmem_gblm.memory.tracker import PhaseStats, PhaseTracker, limit_heap_retention
+from lowmem_gblm.memory.work import achieved, measured_peak, phase_work
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.stream.context import BlockContext
 from lowmem_gblm.stream.store import ActivationStore
@@ -40,7 +41,10 @@ class Run:
     dtype: torch.dtype
     out: Path
     plan: Plan
+    settings: PlanSettings | None = None  # what the plan was made for (the work counts use it)
     phases: list[PhaseStats] = field(default_factory=list)
+    work: dict[str, dict] = field(default_factory=dict)  # phase -> counted work and achieved fraction of peak
+    done_blocks: int = 0  # blocks of the next phase an earlier, interrupted run already did
 
     @property
     def offload(self) -> str:
@@ -82,6 +86,30 @@ class Run:
         s = tracker.stats
         log.info("%s: %.1f s, peak RSS %s, device peak %s", name, s.seconds, fmt_size(s.peak_rss_bytes),
                  fmt_size(s.device_peak_allocated_bytes))
+        self.count_work(name, s.seconds)  # after the phase: the peak benchmark is in neither its time nor peaks
+
+    def count_work(self, name: str, seconds: float) -> None:
+        """The phase's matmul FLOPs and bytes (memory.work), and the fraction of this machine's measured
+        matmul peak it achieved, into ``work``. A failure here costs the report a field, never the run."""
+        if self.settings is None:
+            return
+        try:
+            settings = dataclasses.replace(self.settings, offload=self.offload,
+                                           checkpoint_every=self.checkpoint_every)
+            done, self.done_blocks = self.done_blocks, 0
+            counted = phase_work(shape_of(self.model), settings, name, done=done)
+            result = achieved(counted, seconds, measured_peak(self.device, self.dtype))
+        except Exception as exc:  # noqa: BLE001 (accounting only)
+            log.warning("%s: could not count the work (%s: %s)", name, type(exc).__name__, exc)
+            return
+        self.work[name] = result
+        if result.get("fraction_of_peak") is not None:
+            log.info("%s: %.4g GFLOP of matmuls, %.1f GFLOP/s, %.1f%% of this machine's measured peak", name,
+                     result["flops"] / 1e9, result["achieved_flops_per_s"] / 1e9, 100 * result["fraction_of_peak"])
+
+    def phase_dicts(self) -> list[dict]:
+        """Each phase's measured stats with its counted work, for a report."""
+        return [p.to_dict() | ({"work": self.work[p.phase]} if p.phase in self.work else {}) for p in self.phases]
 
 
 def reusable_bytes(out: Path) -> int:
@@ -118,4 +146,4 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
     if budgets.disk_free is not None:  # what an earlier run here already wrote is kept or freed, not needed again
         budgets = dataclasses.replace(budgets, disk_free=budgets.disk_free + reusable_bytes(out))
     plan = plan_run(shape_of(model), settings, budgets, check=config.plan_check)
-    return Run(config, model, ids, device, dtype, out, plan)
+    return Run(config, model, ids, device, dtype, out, plan, settings=settings)

@@ -1,0 +1,452 @@
+"""The work of each phase, counted: FLOPs of its matrix products and factorizations, bytes it reads and
+writes; and the machine's own measured matmul peak, so a report can say what fraction of it a phase got.
+
+What is counted, and why so:
+
+* **FLOPs** are those of matrix products (``2 * m * n * k`` for ``[m, k] @ [k, n]``, the convention of
+  ``torch.utils.flop_counter``; a rank-1 or GEMM *update* ``A -= X @ Y`` is the product alone, as BLAS
+  ``ger`` / ``gemm`` count it) and of the SparseGPT factorizations. Elementwise work (norms, activations,
+  RoPE, softmax, the x^2 statistics, scores, the |g| folds) is left out: it is O(1/T) or O(1/d) of the
+  products and does not run at matmul speed, so leaving it out keeps "fraction of matmul peak" honest.
+  ``tests/test_work.py`` checks every product term against ``FlopCounterMode`` on the engine's own
+  functions.
+* **Attention** is counted as the **full T x T square**: per window and block, scores ``Q K^T`` and the
+  weighted sum ``P V`` are ``2 * 2 * T^2 * heads * head_dim`` (query heads: GQA shares K/V, not the
+  work). That is FlopCounterMode's SDPA formula ("we aren't accounting for causal attention") and the
+  PaLM MFU convention. The kernels do less: torch's CPU flash kernel
+  (``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp``: ``num_keys = is_causal ? min(m + qBlockSize,
+  kvSize) : kvSize``) and the CUDA flash / memory-efficient kernels skip key blocks above the diagonal, so
+  they execute about half of this (T^2/2 plus the diagonal blocks). Note also that FlopCounterMode counts
+  **nothing** for CPU SDPA (``_scaled_dot_product_flash_attention_for_cpu`` has no formula in torch
+  2.13); under ``sdpa_kernel(SDPBackend.MATH)`` it counts exactly the full square.
+* **Backward** = 2 x forward: every linear's input gradient (``2*out*in`` per token) plus its weight
+  gradient (same; the per-window weight gradient GBLM folds into its accumulators, counted as
+  ``weight_gradients``), and attention's four products (dV, dP, dQ, dK). Flash backward kernels also
+  recompute ``Q K^T`` (FlopCounterMode's flash-backward formula counts 5 products, not 4); not counted.
+  The head's weight is frozen: its backward is the input gradient only.
+* **Bytes** are the phase's traffic by source: checkpoint tensors read in their storage dtype, the
+  activation store (boundaries, incoming gradients; RAM copies or file I/O by ``--offload``), the
+  gradient files, and the shards written. Headers and the embedding reader's chunking are left out.
+
+Phases as the engine runs them (``engine/gradients.py``, ``engine/prune.py``, ``engine/evaluate.py``):
+
+* ``gradient_sweep``: embed; every block forward (boundaries stored, every k-th with
+  ``--checkpoint-every k``); the head per window (final norm + lm_head + cross-entropy, forward and input
+  gradient); per block in reverse: the recomputed forward and the backward (``--batch-size`` windows per
+  call), each window's weight gradient ``d_n^T x_n`` folded into fp32 accumulators; with k > 1 each
+  segment's inputs are first recomputed (``checkpoint_recompute``).
+* ``prune_sweep``: per block: a forward for statistics when the method needs any
+  (``methods.apply.statistics_needed``: magnitude needs none, so it has no statistics forward), SparseGPT's
+  Hessian and solve, then the pruned block's forward (always: it makes the next block's inputs).
+* ``eval``: every block forward, then the fp32 head per window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowmem_gblm.memory.plan import PlanSettings
+from lowmem_gblm.memory.probe import _CACHE
+from lowmem_gblm.memory.shape import ModelShape
+from lowmem_gblm.methods import get_method
+from lowmem_gblm.methods.apply import statistics_needed
+from lowmem_gblm.runtime import dtype_bytes, dtype_name
+from lowmem_gblm.stream.segments import kept_boundaries, segments
+from lowmem_gblm.stream.stats import STATISTICS
+from lowmem_gblm.stream.store import store_nbytes
+
+log = logging.getLogger(__name__)
+
+PHASES = ("gradient_sweep", "prune_sweep", "eval")
+# terms computed in fp32 whatever the compute dtype (their speed is the fp32 peak's, not the run dtype's):
+# eval's logits (stream.head.HEAD_DTYPE), the Hessian (stream.stats.ACC_DTYPE) and SparseGPT's solve
+FP32_TERMS = frozenset({"head_forward_fp32", "hessian", "sparsegpt_cholesky", "sparsegpt_inverse",
+                        "sparsegpt_obs_update"})
+
+CACHE_DIR = _CACHE  # ~/.cache/lowmem_gblm (XDG_CACHE_HOME honoured), where baseline_rss caches too
+PEAK_FILE = "matmul_peak.json"
+PEAK_SIZES = {"cpu": (256, 512, 1024, 2048), "cuda": (1024, 2048, 4096, 8192)}  # square n, tried upward
+PEAK_BUDGET_S = 1.0  # wall seconds the benchmark aims at (it stops growing n before; a loaded machine may overrun)
+PEAK_REPEATS = 3  # timed spans per size; the best counts
+PEAK_MIN_SPAN_S = 0.02  # a timed span holds enough calls to be measurable (a fast GPU does one in ~1 ms)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the analytic counts: small pure functions of the shape
+
+
+def heads_and_dim(shape: ModelShape) -> tuple[int, int]:
+    """(query heads, head_dim) as the decoder layer builds them (head_dim defaults to hidden / heads)."""
+    heads = int(shape.config.num_attention_heads)
+    head_dim = getattr(shape.config, "head_dim", None) or shape.hidden // heads
+    return heads, int(head_dim)
+
+
+def linear_flops(shape: ModelShape, tokens: int) -> dict[str, int]:
+    """Forward FLOPs of each linear of one block over ``tokens`` tokens: 2 * out * in * tokens."""
+    return {name: 2 * o * i * tokens for name, (o, i) in shape.linear_shapes.items()}
+
+
+def attention_flops(shape: ModelShape, seqlen: int, windows: int = 1) -> int:
+    """Forward FLOPs of one block's attention products over ``windows`` windows of ``seqlen`` tokens:
+    Q K^T and P V, each 2 * T^2 * head_dim per query head, the full square (see the module docstring)."""
+    heads, head_dim = heads_and_dim(shape)
+    return windows * 2 * 2 * seqlen * seqlen * heads * head_dim
+
+
+def matmul_flops(shape: ModelShape, seqlen: int, windows: int = 1) -> dict[str, int]:
+    """One block's forward over ``windows`` windows of ``seqlen`` tokens: {"linears", "attention"}.
+
+    The micro-batch size does not matter: linears are per token, attention per window."""
+    return {"linears": sum(linear_flops(shape, windows * seqlen).values()),
+            "attention": attention_flops(shape, seqlen, windows)}
+
+
+def head_flops(shape: ModelShape, positions: int) -> int:
+    """The lm_head product over ``positions`` positions: 2 * vocab * hidden each (its backward, the input
+    gradient, is as much again; the head weight gets no gradient)."""
+    return 2 * shape.vocab * shape.hidden * positions
+
+
+def grad_head_positions(seqlen: int, head_chunk: int | None) -> int:
+    """Positions the gradient sweep's head multiplies per window (``stream.backward.head_windows``): the
+    whole window, T (its last row's logits are computed and dropped), unless chunked, then the T-1
+    predicted ones. (Eval's ``window_nll`` always multiplies T-1.)"""
+    return seqlen if head_chunk is None or head_chunk >= seqlen - 1 else seqlen - 1
+
+
+def hessian_flops(in_features: int, tokens: int) -> int:
+    """H += X^T X over ``tokens`` rows (``stream.stats.Hessian.add``: an addmm, the full square)."""
+    return 2 * in_features * in_features * tokens
+
+
+def sparsegpt_flops(out_features: int, in_features: int) -> dict[str, int]:
+    """SparseGPT's solve of one [out, in] linear, as ``methods.sparsegpt.sparsegpt_prune`` runs it.
+
+    * ``sparsegpt_cholesky``: two Cholesky factorizations, of H and of H^-1 (``cholesky_ex`` twice), each
+      LAPACK potrf's n^3/3 + n^2/2 + n/6 = n(n+1)(2n+1)/6 FLOPs (LAPACK Working Note 41's counts, as
+      LAPACK++ / MAGMA ``fmuls_potrf + fadds_potrf``);
+    * ``sparsegpt_inverse``: H^-1 from its factor (``cholesky_inverse``: LAPACK potri = trtri + lauum),
+      2n^3/3 + n^2/2 + 5n/6 FLOPs (LAWN 41);
+    * ``sparsegpt_obs_update``: every pruned column's error spread over the columns at and after it, as
+      the rank-1 updates inside a column block plus the lazy GEMM update of the later blocks. Per row
+      that is 2 * sum_j (in - j) = in * (in + 1) FLOPs whatever ``--blocksize``, so out * in * (in + 1)
+      in all: the paper's O(d_row * d_col^2) term (Frantar & Alistarh 2023, Sec. 3, whose O(d_col^3)
+      term is the two lines above). It is not 2 * out * in^2: each column updates only the columns after
+      it (a triangle), not all of them.
+    """
+    n = in_features
+    return {"sparsegpt_cholesky": 2 * (n * (n + 1) * (2 * n + 1) // 6),
+            "sparsegpt_inverse": (4 * n**3 + 3 * n**2 + 5 * n) // 6,  # exact: always a multiple of 6
+            "sparsegpt_obs_update": out_features * n * (n + 1)}
+
+
+def block_bytes(shape: ModelShape) -> int:
+    """One block's tensors in the checkpoint's storage dtype (what a block read or a shard write moves)."""
+    return shape.block_numel * dtype_bytes(shape.storage_dtype)
+
+
+def head_bytes(shape: ModelShape) -> int:
+    """The final norm and the head matrix (the embedding when tied) in the storage dtype."""
+    return (shape.vocab * shape.hidden + shape.hidden) * dtype_bytes(shape.storage_dtype)
+
+
+def embedding_rows_bytes(shape: ModelShape, tokens: int) -> int:
+    """The embedding rows the windows use: at most min(vocab, tokens) distinct rows (an upper bound: the
+    ids are not known here; ``stream.sweep.embed`` reads only the distinct ones)."""
+    return min(shape.vocab, tokens) * shape.hidden * dtype_bytes(shape.storage_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a phase's work
+
+
+@dataclass(frozen=True)
+class Work:
+    """One phase's counted work. flops: term -> FLOPs; bytes_read / bytes_written: term -> bytes."""
+
+    phase: str
+    flops: dict[str, int] = field(default_factory=dict)
+    bytes_read: dict[str, int] = field(default_factory=dict)
+    bytes_written: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_flops(self) -> int:
+        return sum(self.flops.values())
+
+    @property
+    def total_bytes_read(self) -> int:
+        return sum(self.bytes_read.values())
+
+    @property
+    def total_bytes_written(self) -> int:
+        return sum(self.bytes_written.values())
+
+    def to_dict(self) -> dict:
+        return {"phase": self.phase, "flops": self.total_flops, "flops_by_term": dict(self.flops),
+                "bytes_read": self.total_bytes_read, "bytes_written": self.total_bytes_written,
+                "bytes_read_by_term": dict(self.bytes_read), "bytes_written_by_term": dict(self.bytes_written)}
+
+
+def _nonzero(terms: dict[str, int]) -> dict[str, int]:
+    return {k: int(v) for k, v in terms.items() if v}
+
+
+def phase_work(shape: ModelShape, settings: PlanSettings, phase: str, *, done: int = 0) -> Work:
+    """The work of ``phase`` ("gradient_sweep", "prune_sweep" or "eval") of a run with ``settings``.
+
+    ``settings`` as the engine builds them in ``engine.run.open_run`` (method, nsamples, seqlen, compute
+    and store dtypes, head_chunk, grad_dtype, checkpoint_every); "auto" dtypes are
+    resolved as the planner does. A head_chunk or checkpoint_every of "auto" is refused: pass what the run
+    uses (the plan's choice). batch_size and offload change no count (linears are per token, attention per
+    window; the store's bytes are the same in RAM or in files). For "eval", nsamples is the number of
+    evaluation windows and the method does not matter.
+
+    ``done``: blocks an earlier, interrupted run already finished, so this run did less. prune_sweep:
+    blocks replayed from their shards (forward only, read from the shard). gradient_sweep: the top
+    ``done`` blocks' files exist (the sweep then recomputes the boundaries below them, skips the head
+    and walks back from block L-done-1); ``done`` = num_blocks (a complete folder) is no work at all.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; one of {', '.join(PHASES)}")
+    if settings.head_chunk == "auto":
+        raise ValueError("head_chunk 'auto': pass the chunk the run uses (the plan's settings['head_chunk'])")
+    if not 0 <= done <= shape.num_blocks:
+        raise ValueError(f"done must be between 0 and {shape.num_blocks}, got {done}")
+    s = settings.resolved(shape.storage_dtype)
+    chunk = None if s.head_chunk in (None, 0) else int(s.head_chunk)
+    if phase == "eval":
+        return eval_work(shape, s.nsamples, s.seqlen, s.compute_dtype)
+    if phase == "gradient_sweep":
+        if not get_method(s.method).needs_gradients:
+            return Work(phase)
+        return _gradient_work(shape, s, chunk, done)
+    return _prune_work(shape, s, done)
+
+
+def _gradient_work(shape: ModelShape, s: PlanSettings, chunk: int | None, done: int) -> Work:
+    """engine.gradients._Sweep: forward blocks 0..last-1, the head (fresh runs), then per segment its
+    recomputed inputs and its reverse walk (every block's recomputed forward and backward, B windows per
+    call; each window's weight gradient d_n^T x_n formed on its own by stream.backward.window_grad)."""
+    L, n, t, d = shape.num_blocks, s.nsamples, s.seqlen, shape.hidden
+    if done == L:
+        return Work("gradient_sweep")
+    k = s.checkpoint_every
+    if k in (None, "auto"):
+        raise ValueError("checkpoint_every 'auto': pass the k the run uses (the plan's settings['checkpoint_every'])")
+    start = L - done  # blocks start..L-1 are done
+    fwd = L if done == 0 else start - 1  # blocks run forward: boundaries 0..fwd ("last" in the engine)
+    head = 1 if done == 0 else 0
+    rev = start  # blocks walked in reverse
+    # --checkpoint-every k: each reverse segment c..e-1 first runs blocks c..e-2 again from block c's kept input
+    again = sum(e - c - 1 for c, e in segments(start, kept_boundaries(fwd, max(int(k), 1))))
+    block = matmul_flops(shape, t, n)
+    positions = grad_head_positions(t, chunk) * n
+    flops = {
+        "forward": fwd * sum(block.values()),
+        "head_forward": head * head_flops(shape, positions),
+        "head_backward": head * head_flops(shape, positions),  # input gradient only
+        "checkpoint_recompute": again * sum(block.values()),  # segment inputs not kept by the forward
+        "recompute": rev * sum(block.values()),
+        "backward_input": rev * (block["linears"] + 2 * block["attention"]),  # linears' dX + attention's 4
+        "weight_gradients": rev * block["linears"],  # per window, folded into the fp32 accumulators
+    }
+    boundary = store_nbytes((n, t, d), s.store_dtype)  # stored inputs (int8 ok)
+    grads = n * t * d * dtype_bytes(s.compute_dtype)  # incoming-gradient buffers: always exact
+    read = {
+        "checkpoint: blocks": (fwd + again + rev) * block_bytes(shape),
+        "checkpoint: head": head * head_bytes(shape),
+        "checkpoint: embedding rows": embedding_rows_bytes(shape, n * t),
+        "store: boundaries": (fwd + head + again + rev) * boundary,
+        "store: incoming gradients": rev * grads,
+        "state: incoming gradient loaded": grads if done else 0,  # a resume starts from the persisted one
+    }
+    written = {
+        "store: boundaries": (fwd + 1 + again) * boundary,  # embed, every forward output (kept or scratch)
+        "store: incoming gradients": (head + rev) * grads,
+        "state: incoming gradient persisted": max(rev - 1, 0) * grads,  # after every block but block 0
+        "gradient files": rev * shape.linear_numel * dtype_bytes(s.grad_dtype),
+    }
+    return Work("gradient_sweep", _nonzero(flops), _nonzero(read), _nonzero(written))
+
+
+def _prune_work(shape: ModelShape, s: PlanSettings, done: int) -> Work:
+    """engine.prune._PruneSweep: per block statistics forward (if any), the method, the pruned forward.
+
+    The shard of the non-block tensors (embedding, final norm, head) is copied by engine.prune before the
+    ``prune_sweep`` phase opens, so it is not this phase's work (model_bytes() - L * block_bytes() each way).
+    """
+    L, n, t, d = shape.num_blocks, s.nsamples, s.seqlen, shape.hidden
+    meth = get_method(s.method)
+    wanted = statistics_needed(meth, STATISTICS)
+    todo = L - done  # blocks pruned here; the others are replayed (forward only)
+    block = sum(matmul_flops(shape, t, n).values())
+    flops = {"forward_statistics": todo * block if wanted else 0}
+    if "hessian" in wanted:
+        flops["hessian"] = todo * sum(hessian_flops(i, n * t) for _, i in shape.linear_shapes.values())
+    if s.method == "sparsegpt":
+        for o, i in shape.linear_shapes.values():
+            for term, value in sparsegpt_flops(o, i).items():
+                flops[term] = flops.get(term, 0) + todo * value
+    flops["forward"] = L * block  # every block, pruned or replayed, makes the next block's inputs
+    boundary = store_nbytes((n, t, d), s.store_dtype)
+    # io.model.StreamedModel.stored_tensors reads a block again when the compute dtype cannot hold its stored values
+    exact = s.compute_dtype == shape.storage_dtype or (
+        s.compute_dtype == torch.float32 and shape.storage_dtype in (torch.bfloat16, torch.float16))
+    read = {
+        "checkpoint: blocks": todo * block_bytes(shape),
+        "checkpoint: blocks again for their stored bytes": 0 if exact else todo * block_bytes(shape),
+        "output shards: replayed blocks": done * block_bytes(shape),
+        "checkpoint: embedding rows": embedding_rows_bytes(shape, n * t),
+        "gradient files": todo * shape.linear_numel * dtype_bytes(s.grad_dtype) if meth.needs_gradients else 0,
+        "store: boundaries": (L + (todo if wanted else 0)) * boundary,
+    }
+    written = {
+        "store: boundaries": (L + 1) * boundary,
+        "output shards": todo * block_bytes(shape),  # the non-block shard is written before the phase
+    }
+    return Work("prune_sweep", _nonzero(flops), _nonzero(read), _nonzero(written))
+
+
+def eval_work(shape: ModelShape, windows: int, seqlen: int, compute_dtype: torch.dtype) -> Work:
+    """engine.evaluate.streamed_perplexity: every block over all windows (in place in one RAM buffer of the
+    compute dtype), then the fp32 head over each window's T-1 predicted positions."""
+    L, t, d = shape.num_blocks, seqlen, shape.hidden
+    hidden = windows * t * d * dtype_bytes(compute_dtype)
+    flops = {"forward": L * sum(matmul_flops(shape, t, windows).values()),
+             "head_forward_fp32": head_flops(shape, windows * (t - 1))}
+    read = {"checkpoint: blocks": L * block_bytes(shape), "checkpoint: head": head_bytes(shape),
+            "checkpoint: embedding rows": embedding_rows_bytes(shape, windows * t),
+            "store: hidden states": (L + 1) * hidden}
+    written = {"store: hidden states": (L + 1) * hidden}
+    return Work("eval", _nonzero(flops), _nonzero(read), _nonzero(written))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the machine's peak
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{device.type}:{model}"
+
+
+def peak_key(device: torch.device | str, dtype: torch.dtype) -> str:
+    """What a cached peak is valid for: torch version, the device's name, the dtype, the thread count."""
+    device = torch.device(device)
+    return f"{torch.__version__}|{_device_label(device)}|{dtype_name(dtype)}|threads={torch.get_num_threads()}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _span(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, calls: int, device: torch.device) -> float:
+    """Seconds for ``calls`` products a @ b into c, the device drained before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        torch.mm(a, b, out=c)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def benchmark_matmul(device: torch.device, dtype: torch.dtype, budget_s: float | None = None) -> dict:
+    """Square matmuls of growing n on ``device`` in ``dtype``; the best FLOP/s of a few timed spans.
+
+    Before each size its cost (an untimed warm-up call, then at least one timed span) is predicted from the
+    best rate so far; n stops growing when that would overrun ``budget_s`` (None: PEAK_BUDGET_S), so a slow
+    dtype (bf16 on a CPU without bf16 instructions: ~1 GFLOP/s) stops at a small n instead of running for
+    minutes. Returns {"flops_per_s", "n", "seconds"}.
+    """
+    budget_s = PEAK_BUDGET_S if budget_s is None else budget_s
+    sizes = PEAK_SIZES.get(device.type, PEAK_SIZES["cpu"])
+    t0 = time.perf_counter()
+    best, best_n = 0.0, 0
+    with torch.inference_mode():
+        tiny = torch.ones(64, 64, device=device, dtype=dtype)
+        _span(tiny, tiny, torch.empty_like(tiny), 1, device)  # thread pool / cuBLAS handle up
+        for n in sizes:
+            if best:
+                guess = 2 * n**3 / best  # seconds of one call at the best rate so far (rates grow with n)
+                if time.perf_counter() - t0 + guess * (1 + math.ceil(PEAK_MIN_SPAN_S / guess)) > budget_s:
+                    break
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+            c = torch.empty(n, n, device=device, dtype=dtype)
+            one = max(_span(a, b, c, 1, device), 1e-9)  # warm-up at this size; sizes the spans
+            calls = max(1, math.ceil(PEAK_MIN_SPAN_S / one))
+            for k in range(PEAK_REPEATS):
+                if k and time.perf_counter() - t0 + calls * one > budget_s:
+                    break
+                rate = calls * 2 * n**3 / _span(a, b, c, calls, device)
+                if rate > best:
+                    best, best_n = rate, n
+            del a, b, c
+    if device.type == "cuda":  # hand the operands' cached blocks back: a phase's reserved peak must not see them
+        torch.cuda.empty_cache()
+    return {"flops_per_s": best, "n": best_n, "seconds": time.perf_counter() - t0}
+
+
+def _read_peaks(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def measured_peak(device: torch.device | str, dtype: torch.dtype, refresh: bool = False) -> float:
+    """The machine's own matmul FLOP/s on ``device`` in ``dtype`` (a short square-matmul benchmark, at most
+    PEAK_BUDGET_S), cached in CACHE_DIR / PEAK_FILE under ``peak_key``; ``refresh`` measures again.
+
+    Measured, not a datasheet number, because what a phase can reach is what this machine's BLAS reaches
+    with this thread count (and on a shared machine, with its neighbours: refresh on a quiet one)."""
+    device = torch.device(device)
+    key = peak_key(device, dtype)
+    path = CACHE_DIR / PEAK_FILE
+    if not refresh:
+        entry = _read_peaks(path).get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("flops_per_s"), (int, float)) \
+                and math.isfinite(entry["flops_per_s"]) and entry["flops_per_s"] > 0:
+            return float(entry["flops_per_s"])
+    result = benchmark_matmul(device, dtype)
+    log.info("matmul peak on %s in %s: %.1f GFLOP/s (n=%d, benchmark %.2f s)", key.split("|")[1],
+             dtype_name(dtype), result["flops_per_s"] / 1e9, result["n"], result["seconds"])
+    try:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        peaks = _read_peaks(path)
+        peaks[key] = result
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(peaks, indent=1, sort_keys=True))
+        os.replace(tmp, path)  # a concurrent writer may drop an entry: it is measured again next time
+    except OSError:
+        pass
+    return float(result["flops_per_s"])
+
+
+def achieved(work: Work, seconds: float, peak: float | None) -> dict:
+    """What a phase reached: its counted work, its seconds, FLOP/s and their fraction of ``peak``
+    (None where seconds or peak are not positive). JSON-ready, for prune_report.json's phase entries."""
+    rate = work.total_flops / seconds if seconds and seconds > 0 else None
+    fraction = rate / peak if rate is not None and peak and peak > 0 else None
+    fp32 = sum(v for k, v in work.flops.items() if k in FP32_TERMS)  # runs at the fp32 peak, not the run dtype's
+    return {**work.to_dict(), "fp32_flops": fp32, "seconds": seconds, "achieved_flops_per_s": rate,
+            "peak_flops_per_s": peak, "fraction_of_peak": fraction}
