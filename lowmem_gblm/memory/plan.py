@@ -225,7 +225,8 @@ def plan(shape: ModelShape, settings: PlanSettings, budgets: Budgets, *, baselin
     notes.append("device peaks measured on fake tensors (FakeTensorMode) through the real decoder layer "
                  f"{shape.family.layer_class}, SDPA; stores added analytically")
     if off == "disk":
-        notes.append("disk store: memory-mapped pages count in RSS while cached but the kernel can reclaim them")
+        notes.append("disk store: boundaries are read and written a sample at a time with positional I/O and "
+                     "dropped from the page cache; only the samples in use are in RAM")
     if k > 1 and any(p.name == "gradient_sweep" for p in phases):
         L = shape.num_blocks
         notes.append(f"gradient sweep keeps one block input in {k} ({boundaries_held(L, k)[0]} of {L + 1}); the "

@@ -1,4 +1,5 @@
-"""Measured peaks per phase: compute-device peak (CUDA counters), sampled process RSS, I/O bytes, seconds."""
+"""Measured peaks per phase: compute-device peak (CUDA counters), sampled process RSS (and its anonymous,
+file-backed and shared-memory parts), I/O bytes, seconds."""
 
 from __future__ import annotations
 
@@ -18,6 +19,25 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE
+
+
+RSS_PARTS = ("RssAnon", "RssFile", "RssShmem")  # /proc/self/status lines (kB); Linux 4.5+
+
+
+def rss_parts() -> dict[str, int]:
+    """Bytes of RSS by kind: RssAnon (heap, tensors), RssFile (mapped file pages: libraries, memory-mapped
+    checkpoints or stores), RssShmem. The total alone cannot tell a store's mapped pages, which the kernel
+    may reclaim, from live tensors, which it cannot. Zeros where /proc/self/status lacks the lines."""
+    out = dict.fromkeys(RSS_PARTS, 0)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in out:
+                    out[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
 
 
 MMAP_THRESHOLD_ENV = "LOWMEM_MMAP_THRESHOLD"
@@ -87,6 +107,10 @@ class PhaseStats:
     phase: str
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    # each part's own peak (they need not peak together, so they need not add up to peak_rss_bytes)
+    peak_rss_anon_bytes: int = 0
+    peak_rss_file_bytes: int = 0
+    peak_rss_shmem_bytes: int = 0
     device_peak_allocated_bytes: int = 0
     device_peak_reserved_bytes: int = 0
     bytes_read: int = 0
@@ -107,8 +131,17 @@ class PhaseTracker:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.stats.peak_rss_bytes = max(self.stats.peak_rss_bytes, current_rss())
+            self._observe()
             self._stop.wait(self.interval)
+
+    def _observe(self) -> None:
+        """Raise each peak to the current value (total RSS from statm, its parts from status)."""
+        s = self.stats
+        s.peak_rss_bytes = max(s.peak_rss_bytes, current_rss())
+        parts = rss_parts()
+        s.peak_rss_anon_bytes = max(s.peak_rss_anon_bytes, parts["RssAnon"])
+        s.peak_rss_file_bytes = max(s.peak_rss_file_bytes, parts["RssFile"])
+        s.peak_rss_shmem_bytes = max(s.peak_rss_shmem_bytes, parts["RssShmem"])
 
     def __enter__(self) -> PhaseTracker:
         release_freed_heap()
@@ -117,7 +150,9 @@ class PhaseTracker:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._io0 = io_counters()
         self._t0 = time.perf_counter()
-        self.stats.peak_rss_bytes = current_rss()
+        s = self.stats
+        s.peak_rss_bytes = s.peak_rss_anon_bytes = s.peak_rss_file_bytes = s.peak_rss_shmem_bytes = 0
+        self._observe()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -125,7 +160,7 @@ class PhaseTracker:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.stats.peak_rss_bytes = max(self.stats.peak_rss_bytes, current_rss())
+        self._observe()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.stats.device_peak_allocated_bytes = torch.cuda.max_memory_allocated(self.device)
