@@ -451,7 +451,9 @@ def _gradient_phase(shape: ModelShape, pr: Probe, s: PlanSettings, *, ram: bool,
         dev = (head_dev if pr.head_grad >= sum(block_dev.values()) else block_dev) | ws
     stages = {"head": sum(head_stage.values()), "reverse walk": sum(walk_stage.values())}
     host = head_stage if stages["head"] >= stages["reverse walk"] else walk_stage
-    disk = {f"gradient files ({'fp32' if grad_file == acc_block else 'bf16'}, all blocks)": L * grad_file}
+    disk = {f"gradient files ({'fp32' if grad_file == acc_block else 'bf16'}, all blocks)": L * grad_file,
+            # the incoming gradient persisted after each block for resume, replaced atomically (two copies)
+            "persisted incoming gradient (old + new while replaced)": 2 * boundary}
     if not ram:
         disk |= {f"boundaries {max(held_head, held_walk)} x [N,T,D]": max(held_head, held_walk) * stored,
                  "two gradient buffers": 2 * boundary}
