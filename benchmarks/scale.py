@@ -85,14 +85,20 @@ def numel(shape) -> int:
     return n
 
 
-def write_checkpoint(folder: Path, cfg: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> int:
-    """One shard per block (plus one for embedding / head); tensors made one at a time. Returns bytes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+def shard_groups(cfg: dict) -> dict[str, list]:
+    """Tensor (name, shape) lists, one per shard: "blockNNNNN" per decoder block, "rest" for the others."""
     groups: dict[str, list] = {}
     for name, shape in tensor_shapes(cfg):
         m = re.match(r"model\.layers\.(\d+)\.", name)
         groups.setdefault(f"block{int(m.group(1)):05d}" if m else "rest", []).append((name, shape))
+    return groups
+
+
+def write_checkpoint(folder: Path, cfg: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> int:
+    """One shard per block (plus one for embedding / head); tensors made one at a time. Returns bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    groups = shard_groups(cfg)
     keys = sorted(groups)
     gen = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0

@@ -271,19 +271,15 @@ def cmd_sparse(args) -> None:
 def write_checkpoint(folder: Path, cfg: dict, device, workers: int) -> dict:
     """One shard per block plus one for embedding / norm / head; random N(0, 0.02) weights generated on
     ``device`` (per-shard generators), norms 1; ``workers`` shards in flight at once. Returns timings."""
-    import re
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
     from safetensors.torch import save_file
-    from scale import tensor_shapes
+    from scale import shard_groups
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    groups: dict[str, list] = {}
-    for name, shape in tensor_shapes(cfg):
-        m = re.match(r"model\.layers\.(\d+)\.", name)
-        groups.setdefault(f"block{int(m.group(1)):05d}" if m else "rest", []).append((name, shape))
+    groups = shard_groups(cfg)
     keys = sorted(groups)
 
     def one(k: int) -> tuple[dict, int]:
