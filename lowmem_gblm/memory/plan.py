@@ -430,7 +430,11 @@ def _gradient_phase(shape: ModelShape, pr: Probe, s: PlanSettings, *, ram: bool,
     head_stage = dict(common)
     # the next block is read (storage-dtype bytes, then converted) on the prefetch thread meanwhile
     walk_stage = dict(common) | {"block read (storage dtype)": read_host, "next block prefetched": ahead}
-    held_head, held_walk = boundaries_held(L, int(s.checkpoint_every))
+    k = int(s.checkpoint_every)
+    held_head, held_walk = boundaries_held(L, k)
+    # with k > 1 the inputs not kept pass through two scratch boundaries during the forward
+    scratch = {"two scratch boundaries (forward, inputs not kept)": 2 * stored} if k > 1 else {}
+    forward_stage = dict(common) | {f"boundaries {held_head} x [N,T,D]": held_head * stored} | scratch
     if ram:
         head_stage |= {f"boundaries {held_head} x [N,T,D]": held_head * stored, "incoming-gradient buffer": boundary}
         walk_stage |= {f"boundaries {held_walk} x [N,T,D]": held_walk * stored, "two gradient buffers": 2 * boundary}
@@ -450,13 +454,16 @@ def _gradient_phase(shape: ModelShape, pr: Probe, s: PlanSettings, *, ram: bool,
         ws = {"cuBLAS workspaces (forward + autograd threads)": 2 * cublas_workspace_bytes()}
         dev = (head_dev if pr.head_grad >= sum(block_dev.values()) else block_dev) | ws
     stages = {"head": sum(head_stage.values()), "reverse walk": sum(walk_stage.values())}
-    host = head_stage if stages["head"] >= stages["reverse walk"] else walk_stage
+    if ram and scratch:
+        stages["forward"] = sum(forward_stage.values())
+    named = {"head": head_stage, "reverse walk": walk_stage, "forward": forward_stage}
+    host = named[max(stages, key=stages.get)]
     disk = {f"gradient files ({'fp32' if grad_file == acc_block else 'bf16'}, all blocks)": L * grad_file,
             # the incoming gradient persisted after each block for resume, replaced atomically (two copies)
             "persisted incoming gradient (old + new while replaced)": 2 * boundary}
     if not ram:
         disk |= {f"boundaries {max(held_head, held_walk)} x [N,T,D]": max(held_head, held_walk) * stored,
-                 "two gradient buffers": 2 * boundary}
+                 "two gradient buffers": 2 * boundary} | scratch
     p = PhasePlan("gradient_sweep", sum(dev.values()), max(stages.values()), sum(disk.values()),
                   {"device": dev, "host": host, "disk": disk})
     p.terms["device_steps"] = {"block": sum(block_dev.values()), "head": pr.head_grad}
