@@ -40,6 +40,8 @@ from lowmem_gblm.memory.plan import plan as make_plan
 from lowmem_gblm.memory.shape import load_shape
 from lowmem_gblm.memory.tracker import limit_heap_retention
 from lowmem_gblm.methods import registered
+from lowmem_gblm.ranks import close as close_ranks
+from lowmem_gblm.ranks import env_rank, env_world, failed_rank
 from lowmem_gblm.verify import verify as run_verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -93,6 +95,9 @@ GpuMemory = Annotated[str | None, typer.Option(
     "--gpu-memory", help="device budget, e.g. 24GiB (default: free CUDA memory)")]
 DiskSpace = Annotated[str | None, typer.Option(
     "--disk-space", help="disk budget, e.g. 500GB (default: free space where the output goes)")]
+ChunkWindows = Annotated[int | None, typer.Option(
+    "--chunk-windows", help="windows per reduction chunk (default: ceil(N/8)); statistics are summed per chunk in "
+    "chunk order, so the output does not depend on the number of ranks; ranks share whole chunks")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="warnings and errors only; no progress")]
 AsJson = Annotated[bool, typer.Option("--json", help="print one JSON object")]
 
@@ -113,7 +118,11 @@ def root(
 
 
 def _setup_logging(quiet: bool) -> None:
-    level = logging.WARNING if quiet else logging.INFO
+    level = logging.WARNING if quiet or env_rank() != 0 else logging.INFO  # rank 0 speaks for a launched job
+    if env_world() > 1:
+        logging.basicConfig(level=level, stream=sys.stderr, datefmt="%H:%M:%S",
+                            format=f"%(asctime)s rank {env_rank()} %(levelname)s %(message)s")
+        return
     if live_terminal():  # log lines print above the live progress bars
         logging.basicConfig(level=level, format="%(message)s", datefmt="%H:%M:%S",
                             handlers=[RichHandler(console=CONSOLE, show_path=False)])
@@ -128,7 +137,8 @@ def _expected_errors():
     try:
         yield
     except UsageError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        failed_rank(str(exc))
+        typer.echo(f"error: {exc}" if env_world() <= 1 else f"error (rank {env_rank()}): {exc}", err=True)
         raise typer.Exit(code=2) from None
 
 
@@ -166,6 +176,7 @@ def prune(
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT: columns per lazy-update block")] = 128,
     batch_size: BatchSize = 1,
     checkpoint_every: CheckpointEvery = None,
+    chunk_windows: ChunkWindows = None,
     store_dtype: StoreDtypeOpt = "auto",
     grad_dtype: GradDtypeOpt = "float32",
     head_chunk: HeadChunk = None,
@@ -188,12 +199,14 @@ def prune(
             pattern=pattern, magnitude_scope=magnitude_scope, device=device, dtype=dtype, alpha=alpha,
             grad_norm=grad_norm, gradients=None if gradients is None else str(gradients), offload=offload,
             percdamp=percdamp, blocksize=blocksize, batch_size=batch_size, checkpoint_every=checkpoint_every,
-            store_dtype=store_dtype,
+            chunk_windows=chunk_windows, store_dtype=store_dtype,
             grad_dtype=grad_dtype, head_chunk=head_chunk, prefetch=prefetch, overwrite=overwrite,
             progress=not quiet, plan_check=plan_check, cpu_memory=cpu_memory, gpu_memory=gpu_memory,
             disk_space=disk_space,
         )
         report = run_prune(config)
+    if env_rank() != 0:  # the writing rank reports
+        return
     s = report["sparsity"]
     typer.echo(f"pruned {model_dir} -> {out_dir}: method {report['method']}, pattern {report['pattern']}, "
                f"sparsity {s['overall']:.4f}")
@@ -218,6 +231,7 @@ def gradients(
     head_chunk: HeadChunk = None,
     batch_size: BatchSize = 1,
     checkpoint_every: CheckpointEvery = None,
+    chunk_windows: ChunkWindows = None,
     prefetch: Prefetch = True,
     plan_check: PlanCheck = True,
     cpu_memory: CpuMemory = None,
@@ -232,10 +246,12 @@ def gradients(
             model_dir=str(model_dir), out_dir=str(grad_dir), calib=_calib(calib, calib_ids, nsamples, seqlen, seed),
             grad_norm=grad_norm, device=device, dtype=dtype, offload=offload, store_dtype=store_dtype,
             grad_dtype=grad_dtype, head_chunk=head_chunk, batch_size=batch_size, checkpoint_every=checkpoint_every,
-            prefetch=prefetch, progress=not quiet, plan_check=plan_check, cpu_memory=cpu_memory,
-            gpu_memory=gpu_memory, disk_space=disk_space,
+            chunk_windows=chunk_windows, prefetch=prefetch, progress=not quiet, plan_check=plan_check,
+            cpu_memory=cpu_memory, gpu_memory=gpu_memory, disk_space=disk_space,
         )
         report = compute_gradients(config)
+    if env_rank() != 0:
+        return
     typer.echo(f"gradients of {model_dir} -> {grad_dir}: {report['blocks']} blocks, {config.grad_norm} norm, "
                f"{report['phase']['seconds']:.1f} s")
 
@@ -252,6 +268,7 @@ def eval_cmd(
     device: Device = "auto",
     dtype: DtypeOpt = "auto",
     head_chunk: HeadChunk = None,
+    chunk_windows: ChunkWindows = None,
     prefetch: Prefetch = True,
     as_json: AsJson = False,
     quiet: Quiet = False,
@@ -261,8 +278,10 @@ def eval_cmd(
     with _expected_errors():
         config = EvalConfig(model_dir=str(model_dir), data=data, seqlen=seqlen, max_windows=max_windows,
                             batch_size=batch_size, device=device, dtype=dtype, head_chunk=head_chunk,
-                            prefetch=prefetch, progress=not (quiet or as_json))
+                            chunk_windows=chunk_windows, prefetch=prefetch, progress=not (quiet or as_json))
         result = evaluate_checkpoint(config)
+    if env_rank() != 0:
+        return
     if as_json:
         keys = ("ppl", "nll", "tokens", "windows", "seqlen", "sparsity")
         typer.echo(json.dumps({k: result[k] for k in keys} | {"phases": result["phases"]}))
@@ -348,10 +367,14 @@ def import_gguf_cmd(
 def main() -> None:
     try:
         app()
+    except SystemExit:
+        close_ranks()
+        raise
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume", err=True)
         sys.exit(130)
-    except Exception:  # not an expected failure: a bug
+    except Exception as exc:  # not an expected failure: a bug
+        failed_rank(f"{type(exc).__name__}: {exc}")
         traceback.print_exc()
         typer.echo("error: this is a bug in lowmem-gblm (the traceback is above); please report it", err=True)
         sys.exit(1)

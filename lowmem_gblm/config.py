@@ -89,6 +89,11 @@ def _check_device(device: str) -> None:
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (N >= 0), got {device!r}")
 
 
+def _check_chunk(chunk: int | None) -> None:
+    if chunk is not None and chunk < 1:
+        raise UsageError(f"--chunk-windows must be >= 1, got {chunk}")
+
+
 def _check_head_chunk(chunk: int | None) -> None:
     if chunk is not None and chunk < 1:
         raise UsageError(f"--head-chunk must be >= 1 token (or omitted: the whole window), got {chunk}")
@@ -129,6 +134,7 @@ class RunConfig:
     grad_dtype: GradDtype = GradDtype.FLOAT32
     head_chunk: int | None = None  # tokens per head call in the gradient sweep (None: the whole window)
     checkpoint_every: int | None = None  # gradient sweep keeps every k-th block input (None: the planner's choice)
+    chunk_windows: int | None = None  # windows per reduction chunk (None: ceil(N/8)); ranks share whole chunks
     prefetch: bool = True  # read the next block on a background thread (same bytes either way)
     progress: bool = True
     plan_check: bool = True  # refuse before heavy work when the planner says the run cannot fit
@@ -146,6 +152,7 @@ class RunConfig:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise UsageError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        _check_chunk(self.chunk_windows)
         for size in (self.cpu_memory, self.gpu_memory, self.disk_space):
             parse_size(size)  # raises UsageError naming the bad size
 
@@ -226,11 +233,13 @@ class EvalConfig:
     device: str = "auto"
     dtype: Dtype = Dtype.AUTO
     head_chunk: int | None = None  # tokens per head call (None: the whole window)
+    chunk_windows: int | None = None  # windows per chunk dealt to ranks (None: ceil(W/8)); same numbers either way
     prefetch: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
         _coerce(self, "dtype")
+        _check_chunk(self.chunk_windows)
         _check_device(self.device)
         _check_head_chunk(self.head_chunk)
         if self.seqlen < 2:

@@ -22,13 +22,14 @@ import torch
 from lowmem_gblm.calib.data import eval_windows
 from lowmem_gblm.config import EvalConfig
 from lowmem_gblm.engine.progress import PhaseProgress
-from lowmem_gblm.engine.run import open_model
+from lowmem_gblm.engine.run import open_model, partition
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.model import StreamedModel
 from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.memory.shape import shape_of
 from lowmem_gblm.memory.tracker import PhaseTracker
 from lowmem_gblm.memory.work import achieved, eval_work, measured_peak
+from lowmem_gblm.ranks import Ranks, current
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.stream.context import BlockContext
 from lowmem_gblm.stream.head import HEAD_DTYPE, window_nll
@@ -48,27 +49,37 @@ def _check_ids(model: StreamedModel, ids: torch.Tensor) -> None:
 
 def streamed_perplexity(model: StreamedModel, ids: torch.Tensor, device: torch.device | str, dtype: torch.dtype,
                         batch_size: int = 1, prefetch: bool = True, head_chunk: int | None = None,
-                        progress: bool = False) -> dict:
-    """Perplexity of a StreamedModel on windows ids [W, T]: dict(ppl, nll, tokens, windows, seqlen)."""
+                        progress: bool = False, ranks: Ranks | None = None,
+                        chunk_windows: int | None = None) -> dict:
+    """Perplexity of a StreamedModel on windows ids [W, T]: dict(ppl, nll, tokens, windows, seqlen).
+
+    With several ``ranks`` each holds its chunks of the windows (stream.partition); every window's NLL is
+    gathered and summed in window order, so the numbers do not depend on the number of ranks."""
     _check_ids(model, ids)
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    ranks = ranks or Ranks()
     device = torch.device(device)
     t0 = time.perf_counter()
     w, t = ids.shape
-    hidden = ActivationStore("cpu").new((w, t, model.hidden_size), dtype, exact=True)  # [W, T, D], in place
-    embed(model, ids, hidden, dtype)
+    part = partition(w, chunk_windows, ranks)
+    local = ids[part.local_windows]  # [W_local, T]
+    hidden = ActivationStore("cpu").new((part.nlocal, t, model.hidden_size), dtype, exact=True)  # in place
+    embed(model, local, hidden, dtype)
     ctx = BlockContext.build(model, t, device, dtype)
     schedule = [(i, None) for i in range(model.num_blocks)]
     with BlockReader(model, schedule, device, dtype, prefetch) as reader, \
-            PhaseProgress("eval", model.num_blocks, w, progress) as bar:
+            PhaseProgress("eval", model.num_blocks, part.nlocal, progress and ranks.writer) as bar:
         for i in range(model.num_blocks):
             block = reader.next(i)
-            forward(block, ctx, hidden, hidden, device, dtype, batch_size, bar.windows)
+            forward(block, ctx, hidden, hidden, device, dtype, part, batch_size, bar.windows)
             del block
             bar.block(f"block {i}")
     norm, head = model.load_head(device, HEAD_DTYPE)  # head: [V, D] fp32
-    total = sum(window_nll(norm, head, hidden.get(k)[0], ids[k, 1:].to(device), head_chunk) for k in range(w))
+    mine = {n: window_nll(norm, head, hidden.get(k)[0], local[k, 1:].to(device), head_chunk)
+            for k, n in enumerate(part.local_windows)}
+    every = {n: v for nlls in ranks.all_objects(mine, "gathering the windows' NLL") for n, v in nlls.items()}
+    total = sum(every[n] for n in range(w))
     count = w * (t - 1)
     nll = total / count
     result = {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": int(w), "seqlen": int(t)}
@@ -113,10 +124,12 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
         raise InputError(f"cannot load the tokenizer from {config.model_dir} ({exc})") from exc
     ids = eval_windows(tokenizer, config.data, config.seqlen, config.max_windows)
     device = resolve_device(config.device)
+    ranks = current(device.type)
+    device = ranks.device(device)
     dtype = resolve_dtype(config.dtype, device, model.checkpoint_dtype())
     with PhaseTracker("eval", device) as tracker:
         result = streamed_perplexity(model, ids, device, dtype, config.batch_size, config.prefetch,
-                                     config.head_chunk, config.progress)
+                                     config.head_chunk, config.progress, ranks, config.chunk_windows)
     result["sparsity"] = checkpoint_sparsity(model)["overall"]
     result["data"] = config.data
     result["phases"] = [tracker.stats.to_dict() | _work(model, ids, device, dtype, tracker.stats.seconds)]

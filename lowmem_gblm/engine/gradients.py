@@ -21,6 +21,7 @@ done. A rerun recomputes the forward boundaries it still needs and continues fro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torch
 from lowmem_gblm.config import GradientConfig
 from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import Run, open_model, open_run
-from lowmem_gblm.errors import InputError, ResumeMismatch
+from lowmem_gblm.errors import InputError, ResumeMismatch, UsageError
 from lowmem_gblm.io.gradfiles import BlockGradients, GradientFolder, block_file, tensor_sha256
 from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.io.prefetch import BlockReader
@@ -50,9 +51,10 @@ from lowmem_gblm.io.runstate import (
 from lowmem_gblm.io.writer import save_tensors_atomic
 from lowmem_gblm.runtime import dtype_name, named_dtype
 from lowmem_gblm.stream.backward import block_windows, finish, grad_accumulators, head_windows
+from lowmem_gblm.stream.reduce import ChunkFold
 from lowmem_gblm.stream.segments import kept_boundaries, segments
-from lowmem_gblm.stream.store import load_buffer, save_buffer, scratch
-from lowmem_gblm.stream.sweep import embed, forward, windows
+from lowmem_gblm.stream.store import save_windows, saved_windows, scratch
+from lowmem_gblm.stream.sweep import embed, forward
 from lowmem_gblm.testing_hooks import crash_point
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ INCOMING_NAME = "incoming.safetensors"  # in the state dir: dL/d(input of the ne
 # identity fields a reused folder must match (compute dtype / device type may differ); the lossy or
 # optional ones are in an identity only when not at their defaults, so older folders still match
 REUSE_KEYS = ("format_version", "model", "calibration_sha256", "nsamples", "seqlen", "grad_norm", "store_dtype",
-              "grad_dtype", "head_chunk")
+              "grad_dtype", "head_chunk", "chunk_windows")
 
 
 _OWN = (STATE_DIR, CALIB_IDS_NAME)  # what a gradient folder holds besides its state file and block files
@@ -80,54 +82,116 @@ def gradient_identity(run: Run) -> dict:
         "nsamples": run.nsamples,
         "seqlen": int(run.ids.shape[1]),
         "grad_norm": str(cfg.grad_norm),
+        "chunk_windows": run.part.chunk,  # the order the windows' gradients are summed in
         "compute_dtype": dtype_name(run.dtype),
         "device_type": run.device.type,
     }
 
 
-def gradient_sweep(run: Run, path: Path) -> GradientFolder:
-    """Compute (or resume, or find finished) the gradient folder at ``path``."""
-    path.mkdir(parents=True, exist_ok=True)
-    with OutputLock(path):
-        state = RunState.open(path, GRADIENTS_JSON, gradient_identity(run), what="gradient folder",
-                              fix="choose another folder", own=_OWN)
-        folder = GradientFolder(path, GRADIENTS_JSON, state.data)
-        if folder.complete:
+def gradient_sweep(run: Run, path: Path) -> GradientFolder | None:
+    """Compute (or resume, or find finished) the gradient folder at ``path``. Every rank calls it; the writer
+    alone opens, locks and writes the folder (and returns it; the others return None)."""
+    ranks = run.ranks
+    with contextlib.ExitStack() as stack:
+        folder, error = None, None
+        if ranks.writer:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(OutputLock(path))
+                state = RunState.open(path, GRADIENTS_JSON, gradient_identity(run), what="gradient folder",
+                                      fix="choose another folder", own=_OWN)
+                folder = GradientFolder(path, GRADIENTS_JSON, state.data)
+            except UsageError as exc:
+                error = exc
+        ranks.agree(error, f"opening the gradient folder {path}")
+        if ranks.broadcast_object(folder.complete if folder else None, "is the gradient folder complete"):
             log.info("gradient folder %s is complete; reusing it", path)
             run.done_blocks = run.model.num_blocks
             return folder
-        with scratch(path / STATE_DIR / "store"):
-            _Sweep(run, folder).sweep()
-        shutil.rmtree(path / STATE_DIR / "store", ignore_errors=True)
-        (path / STATE_DIR / INCOMING_NAME).unlink(missing_ok=True)
-        folder.finish()
+        store = run.store_folder(path / STATE_DIR / "store")
+        with scratch(store):
+            _Sweep(run, folder, path).sweep()
+        shutil.rmtree(store, ignore_errors=True)
+        if folder is not None:
+            (path / STATE_DIR / INCOMING_NAME).unlink(missing_ok=True)
+            folder.finish()
     return folder
 
 
 class _Sweep:
-    """One gradient sweep into ``folder``: the forward boundaries, the head, the reverse walk."""
+    """One gradient sweep into ``folder``: the forward boundaries, the head, the reverse walk. On the ranks
+    that do not write, ``folder`` is None: they compute on their windows and send the writer their parts."""
 
-    def __init__(self, run: Run, folder: GradientFolder):
-        self.run, self.folder = run, folder
-        self.incoming = folder.folder / STATE_DIR / INCOMING_NAME
-        self.store = run.store(folder.folder / STATE_DIR / "store")
+    def __init__(self, run: Run, folder: GradientFolder | None, path: Path):
+        self.run, self.folder, self.ranks = run, folder, run.ranks
+        self.incoming = path / STATE_DIR / INCOMING_NAME
+        self.store = run.store(path / STATE_DIR / "store")
         self.file_dtype = named_dtype(str(run.config.grad_dtype))
         shape = run.boundary_shape
         # incoming-gradient buffers stay exact in the compute dtype whatever --store-dtype says
         self.g_in = self.store.new(shape, run.dtype, "grad_a", exact=True)
         self.g_out = self.store.new(shape, run.dtype, "grad_b", exact=True)
 
+    @property
+    def full_shape(self) -> tuple[int, int, int]:
+        return self.run.nsamples, *self.run.boundary_shape[1:]
+
     def _start(self) -> int:
-        """First block not to do: blocks start..L-1 are done and the gradient into block start-1 is persisted."""
+        """First block not to do: blocks start..L-1 are done and the gradient into block start-1 is persisted
+        (the writer decides; every rank receives its windows of that gradient)."""
         nblocks = self.run.model.num_blocks
         start = nblocks
-        while start > 0 and self.folder.block_done(start - 1):
-            start -= 1
-        if 0 < start < nblocks and not load_buffer(self.incoming, self.g_in, str(start - 1)):
-            log.warning("gradient folder %s: no usable incoming gradient for block %d; starting from the head",
-                        self.folder.folder, start - 1)
-            start = nblocks
+        with contextlib.ExitStack() as stack:
+            saved = None
+            if self.folder is not None:
+                while start > 0 and self.folder.block_done(start - 1):
+                    start -= 1
+                if 0 < start < nblocks:
+                    saved = stack.enter_context(saved_windows(self.incoming, str(start - 1), self.full_shape))
+                    if saved is None:
+                        log.warning("gradient folder %s: no usable incoming gradient for block %d; starting from the "
+                                    "head", self.folder.folder, start - 1)
+                        start = nblocks
+            start = self.ranks.broadcast_object(start, "where the gradient sweep resumes")
+            if 0 < start < nblocks:
+                self._scatter(saved)
         return start
+
+    def _scatter(self, saved) -> None:
+        """The persisted incoming gradient (the writer's file) into every rank's g_in, window by window."""
+        part, ranks, what = self.run.part, self.ranks, "sending the persisted incoming gradient"
+        if ranks.writer:
+            for n in range(self.run.nsamples):
+                owner, local = part.locate(n)
+                window = saved[n:n + 1].to(self.run.dtype)
+                if owner == 0:
+                    self.g_in.put(local, window)
+                else:
+                    ranks.send(window.contiguous(), owner, what)
+            return
+        buf = torch.empty((1, *self.full_shape[1:]), dtype=self.run.dtype)
+        for local in range(len(self.g_in)):
+            ranks.recv(buf, 0, what)
+            self.g_in.put(local, buf)
+
+    def _save_incoming(self, i: int) -> None:
+        """g_out (dL/d input of block i) of every rank's windows into the writer's file, in window order."""
+        part, ranks, what = self.run.part, self.ranks, f"gathering the incoming gradient of block {i - 1}"
+        self.g_out.flush()
+        if not ranks.writer:
+            for local in range(len(self.g_out)):
+                ranks.send(self.g_out.get(local).contiguous(), 0, what)
+            return
+        buf = torch.empty((1, *self.full_shape[1:]), dtype=self.run.dtype)
+
+        def window(n: int) -> torch.Tensor:
+            owner, local = part.locate(n)
+            if owner == 0:
+                return self.g_out.get(local)
+            ranks.recv(buf, owner, what)
+            return buf
+
+        save_windows(self.incoming, self.full_shape, self.run.dtype, str(i - 1), window)
 
     def sweep(self) -> None:
         run, nblocks = self.run, self.run.model.num_blocks
@@ -140,7 +204,7 @@ class _Sweep:
                  "(logits, loss and accumulators fp32), store %s (%s)", start, nblocks, n, t, run.config.grad_norm,
                  dtype_name(run.dtype), run.device, run.offload, run.config.store_dtype)
         if start < nblocks:
-            log.info("resuming the gradient sweep at block %d in %s", start - 1, self.folder.folder)
+            log.info("resuming the gradient sweep at block %d", start - 1)
         last = nblocks if start == nblocks else start - 1  # highest boundary needed
         k = run.checkpoint_every
         kept = kept_boundaries(last, k)
@@ -157,11 +221,15 @@ class _Sweep:
             bounds = self.forward(reader, last, set(kept))
             if start == nblocks:
                 self.head(bounds.pop(nblocks))
-            with PhaseProgress("gradients", start, run.nsamples, run.config.progress) as progress:
+            with PhaseProgress("gradients", start, run.part.nlocal, self.progress) as progress:
                 for c, e in walk:
                     self.segment(reader, bounds, c, e, progress)
         self.g_in.release()
         self.g_out.release()
+
+    @property
+    def progress(self) -> bool:
+        return self.run.config.progress and self.ranks.writer
 
     def forward(self, reader: BlockReader, last: int, kept: set[int]) -> dict:
         """{i: input of block i} for the kept i <= last (bounds[L]: the head's input); the inputs not kept
@@ -170,13 +238,14 @@ class _Sweep:
         new = partial(self.store.new, run.boundary_shape, run.dtype)
         bounds = {i: new(f"h{i:05d}") for i in sorted(kept)}
         scratch = [new("scratch_a"), new("scratch_b")] if len(kept) < last + 1 else []
-        embed(run.model, run.ids, bounds[0], run.dtype)
+        embed(run.model, run.local_ids, bounds[0], run.dtype)
         src = bounds[0]
-        with PhaseProgress("gradient forward", last, run.nsamples, run.config.progress) as progress:
+        with PhaseProgress("gradient forward", last, run.part.nlocal, self.progress) as progress:
             for i in range(last):
                 block = reader.next(i)
                 dst = bounds[i + 1] if i + 1 in bounds else next(b for b in scratch if b is not src)
-                forward(block, run.ctx, src, dst, run.device, run.dtype, run.config.batch_size, progress.windows)
+                forward(block, run.ctx, src, dst, run.device, run.dtype, run.part, run.batch_size,
+                        progress.windows)
                 del block
                 src = dst
                 progress.block(f"block {i}")
@@ -185,60 +254,73 @@ class _Sweep:
         return bounds
 
     def head(self, top) -> None:
-        """Per-window loss and dL/d(last hidden state) into g_in."""
+        """Per-window loss and dL/d(last hidden state) into g_in; the losses gathered on the writer."""
         run = self.run
         norm, head = run.model.load_head(run.device, run.dtype)  # head: [V, D]
-        losses: list[float] = []
-        for n, count in windows(run.nsamples, run.config.batch_size):
-            loss, grad = head_windows(norm, head, top.get(n, count), run.ids[n:n + count, 1:].to(run.device),
+        losses: dict[int, float] = {}
+        for n, count in run.part.all_batches(run.batch_size):
+            loss, grad = head_windows(norm, head, top.get(n, count), run.local_ids[n:n + count, 1:].to(run.device),
                                       run.device, run.dtype, run.config.head_chunk)
             self.g_in.put(n, grad)
-            losses += loss.tolist()
+            losses.update(zip(run.part.local_windows[n:n + count], loss.tolist(), strict=True))
             del loss, grad
         del norm, head
         top.release()
-        self.folder.data["mean_loss"] = sum(losses) / len(losses)
-        log.info("gradient sweep: mean calibration loss %.4f", self.folder.data["mean_loss"])
+        every = {k: v for part in self.ranks.all_objects(losses, "gathering the calibration losses") for k, v in
+                 part.items()}
+        if self.folder is not None:
+            self.folder.data["mean_loss"] = sum(every[k] for k in range(run.nsamples)) / run.nsamples
+            log.info("gradient sweep: mean calibration loss %.4f", self.folder.data["mean_loss"])
 
     def segment(self, reader: BlockReader, bounds: dict, c: int, e: int, progress: PhaseProgress) -> None:
         """Blocks e-1..c in reverse: first the inputs of blocks c+1..e-1 are recomputed from block c's kept
-        input, then each block's recomputed forward and backward (block_windows), its file written."""
+        input, then each block's recomputed forward and backward (block_windows), chunk by chunk, each chunk's
+        accumulators folded on the writer (stream.reduce), its file written."""
         run = self.run
         for i in range(c, e - 1):
             block = reader.next(i)
             bounds[i + 1] = self.store.new(run.boundary_shape, run.dtype, f"h{i + 1:05d}")
-            forward(block, run.ctx, bounds[i], bounds[i + 1], run.device, run.dtype, run.config.batch_size)
+            forward(block, run.ctx, bounds[i], bounds[i + 1], run.device, run.dtype, run.part, run.batch_size)
             del block
-        run, grad_norm = self.run, str(self.run.config.grad_norm)
+        grad_norm = str(run.config.grad_norm)
         for i in range(e - 1, c - 1, -1):
             block = reader.next(i)
             names = linear_names(block)
             linears, accs = grad_accumulators(block, names, run.device)
-            for n, count in windows(run.nsamples, run.config.batch_size):
-                self.g_out.put(n, block_windows(block, run.ctx, linears, accs, bounds[i].get(n, count),
-                                                self.g_in.get(n, count), grad_norm, run.device, run.dtype))
-                progress.windows(n + count)
+            fold, done = ChunkFold(self.ranks, run.part, f"gradients of block {i}"), 0
+            for step in range(run.part.steps):
+                for n, count in run.part.batches(step, run.batch_size):
+                    self.g_out.put(n, block_windows(block, run.ctx, linears, accs, bounds[i].get(n, count),
+                                                    self.g_in.get(n, count), grad_norm, run.device, run.dtype))
+                    done += count
+                    progress.windows(done)
+                fold.step(step, accs)
             del linears, block  # the weights go before the accumulators are finished and written
-            self.write_block(i, names, accs)
+            accs.clear()
+            self.write_block(i, names, fold)
             bounds.pop(i).release()
             self.g_in, self.g_out = self.g_out, self.g_in
             progress.block(f"block {i} written")
 
-    def write_block(self, i: int, names: list[str], accs: dict[str, torch.Tensor]) -> None:
+    def write_block(self, i: int, names: list[str], fold: ChunkFold) -> None:
         """Block i's finished norms to its file, the incoming gradient of block i-1 persisted, then block i
-        recorded done (in that order, so a kill anywhere resumes correctly)."""
+        recorded done (in that order, so a kill anywhere resumes correctly). Only the writer writes; the other
+        ranks send it their windows of the incoming gradient."""
+        if self.folder is None:
+            if i > 0:
+                self._save_incoming(i)
+            return
         prefix = self.run.model.family.block_prefix(i)
         tensors = {}
         for name in names:  # one accumulator at a time: an fp32 one is dropped once its file copy exists
-            acc = accs.pop(name)
+            acc = fold.result(name)
             tensors[f"{prefix}{name}.weight"] = finish(acc, str(self.run.config.grad_norm)).to(self.file_dtype).cpu()
             del acc
         sha = save_tensors_atomic(self.folder.folder / block_file(i), tensors)
         hashes = {name: tensor_sha256(t) for name, t in tensors.items()}
         del tensors
         if i > 0:
-            self.g_out.flush()
-            save_buffer(self.incoming, self.g_out, str(i - 1))
+            self._save_incoming(i)
         self.folder.mark_block(i, sha, hashes)
         crash_point("gradient_block")  # after block i (reverse order) is durable
 
@@ -282,42 +364,64 @@ class GradientFeed:
             self.folder.discard(i)
 
 
-def gradient_feed(run: Run, manifest: RunState, gradients: str | None) -> GradientFeed:
+def gradient_feed(run: Run, manifest: RunState | None, gradients: str | None) -> GradientFeed | None:
     """The prune run's gradients: ``--gradients DIR`` (a finished folder with a matching identity), or the
     sweep run (or resumed) into OUT_DIR/.lowmem/gradients. The folder's identity and block hashes are
-    recorded in the prune manifest, so a resumed prune refuses gradients that changed under it."""
+    recorded in the prune manifest, so a resumed prune refuses gradients that changed under it. Every rank
+    calls it (all of them run the sweep); only the writer gets a feed (it alone prunes)."""
+    ranks, folder, error = run.ranks, None, None
     if gradients:
-        folder = open_for_reuse(Path(gradients), gradient_identity(run))
-        log.info("using gradients from %s (%s norm, computed in %s on %s)", folder.folder,
-                 folder.identity["grad_norm"], folder.identity.get("compute_dtype"), folder.identity.get("device_type"))
+        if ranks.writer:
+            try:
+                folder = open_for_reuse(Path(gradients), gradient_identity(run))
+            except UsageError as exc:
+                error = exc
+        ranks.agree(error, f"opening --gradients {gradients}")
+        if folder is not None:
+            log.info("using gradients from %s (%s norm, computed in %s on %s)", folder.folder, folder.identity[
+                "grad_norm"], folder.identity.get("compute_dtype"), folder.identity.get("device_type"))
     else:
         with run.phase("gradient_sweep"):
             folder = gradient_sweep(run, run.out / STATE_DIR / OWN_GRADIENTS)
-    record = {"identity": {k: folder.identity[k] for k in REUSE_KEYS if k in folder.identity},
-              "sha256": {k: v["sha256"] for k, v in sorted(folder.done.items())}}
-    old = manifest.data.get("gradients")
-    if old is not None and old != record:
-        raise ResumeMismatch(
-            f"OUT_DIR {run.out} was being pruned with other gradients ({'; '.join(diff_dicts(old, record)[:3])}); "
-            "pass the same --gradients folder to resume, or --overwrite to start over")
-    if old is None:
-        manifest.data["gradients"] = record
-        manifest.save()
-    return GradientFeed(folder, private=not gradients)
+    if folder is not None:
+        record = {"identity": {k: folder.identity[k] for k in REUSE_KEYS if k in folder.identity},
+                  "sha256": {k: v["sha256"] for k, v in sorted(folder.done.items())}}
+        old = manifest.data.get("gradients")
+        if old is not None and old != record:
+            error = ResumeMismatch(
+                f"OUT_DIR {run.out} was being pruned with other gradients ({'; '.join(diff_dicts(old, record)[:3])});"
+                " pass the same --gradients folder to resume, or --overwrite to start over")
+        elif old is None:
+            manifest.data["gradients"] = record
+            manifest.save()
+    ranks.agree(error, "checking the gradients against OUT_DIR's manifest")
+    return GradientFeed(folder, private=not gradients) if folder is not None else None
 
 
 def compute_gradients(config: GradientConfig) -> dict:
-    """``lowmem-gblm gradients``: the sweep alone into ``config.out_dir``."""
+    """``lowmem-gblm gradients``: the sweep alone into ``config.out_dir`` (the writing rank's)."""
     model = open_model(config.model_dir)
     run = open_run(config, model, "gblm", ("gradient_sweep",))
-    check_out_dir(run.out, model.root)  # refuse before anything is written
-    RunState.refuse_foreign(run.out, GRADIENTS_JSON, "gradient folder", _OWN)
-    prepare_out_dir(run.out, model.root)
-    with run.phase("gradient_sweep"):
-        folder = gradient_sweep(run, run.out)
+    try:
+        error = None
+        if run.ranks.writer:
+            try:
+                check_out_dir(run.out, model.root)  # refuse before anything is written
+                RunState.refuse_foreign(run.out, GRADIENTS_JSON, "gradient folder", _OWN)
+                prepare_out_dir(run.out, model.root)
+            except UsageError as exc:
+                error = exc
+        run.ranks.agree(error, f"opening {run.out}")
+        with run.phase("gradient_sweep"):
+            folder = gradient_sweep(run, run.out)
+    finally:
+        run.close()
+    ranks_report = run.rank_phases()
+    if folder is None:
+        return {"rank": run.ranks.rank}
     calib_path = run.out / CALIB_IDS_NAME
     if not calib_path.is_file():
         save_tensors_atomic(calib_path, {"input_ids": run.ids.contiguous()})
     return {"folder": str(run.out), "identity": folder.identity, "blocks": len(folder.done),
             "mean_loss": folder.data.get("mean_loss"), "phase": run.phase_dicts()[0],
-            "offload": run.offload, "predicted": run.plan.summary()}
+            "offload": run.offload, "predicted": run.plan.summary()} | ranks_report

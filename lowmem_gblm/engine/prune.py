@@ -6,6 +6,7 @@ pruned block is written to its own shard and recorded in the manifest before the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -17,7 +18,7 @@ from lowmem_gblm.config import PruneConfig
 from lowmem_gblm.engine.gradients import GradientFeed, gradient_feed
 from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import Run, open_model, open_run
-from lowmem_gblm.errors import InputError
+from lowmem_gblm.errors import InputError, UsageError
 from lowmem_gblm.io.checkpoint import INDEX_NAME, ShardChanged
 from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.io.prefetch import BlockReader
@@ -37,6 +38,7 @@ from lowmem_gblm.io.writer import atomic_write_text, copy_side_files, save_tenso
 from lowmem_gblm.methods import Method
 from lowmem_gblm.methods.apply import BlockPruner, linear_report, statistics_needed
 from lowmem_gblm.runtime import dtype_name
+from lowmem_gblm.stream.reduce import ChunkFold
 from lowmem_gblm.stream.stats import STATISTICS, collect_inputs
 from lowmem_gblm.stream.store import ActivationBuffer, scratch
 from lowmem_gblm.stream.sweep import embed, forward
@@ -47,7 +49,8 @@ log = logging.getLogger(__name__)
 
 
 def prune(config: PruneConfig) -> dict:
-    """Prune ``config.model_dir`` into ``config.out_dir``; resume if a matching run is there."""
+    """Prune ``config.model_dir`` into ``config.out_dir``; resume if a matching run is there. Under a launcher
+    every rank calls it; the writer (rank 0) alone touches OUT_DIR, every rank returns the report."""
     t_start = time.perf_counter()
     method = config.method_spec
     model = open_model(config.model_dir)
@@ -56,7 +59,36 @@ def prune(config: PruneConfig) -> dict:
         pattern.check_columns(columns, name)
     phases = ("gradient_sweep", "prune_sweep") if config.runs_gradient_sweep else ("prune_sweep",)
     run = open_run(config, model, method.name, phases)
-    out = run.out
+    try:
+        with contextlib.ExitStack() as stack:
+            manifest, report, error = None, None, None
+            if run.ranks.writer:
+                try:
+                    manifest, report = _open_output(run, config, stack)
+                except UsageError as exc:
+                    error = exc
+            run.ranks.agree(error, f"opening OUT_DIR {run.out}")
+            finished = run.ranks.broadcast_object(report, "whether OUT_DIR is already complete")
+            if finished is not None:
+                return finished
+            report = _prune_run(run, config, method, manifest, t_start)
+    finally:
+        run.close()
+    if report is None:
+        return {}
+    s = report["sparsity"]
+    log.info("done: %s, sparsity %.4f over %d linears, peak RSS %s", run.out, s["overall"],
+             len(s["per_linear"]), fmt_size(max(p.peak_rss_bytes for p in run.phases)))
+    if s["overall"] < pattern.sparsity / 2:  # e.g. --sparsity 1e-9: int(in * sparsity) = 0 weights per row
+        log.warning("asked for sparsity %g, got %.6f: the pattern removes (almost) no weight of these linears; "
+                    "raise --sparsity", pattern.sparsity, s["overall"])
+    return report
+
+
+def _open_output(run: Run, config: PruneConfig, stack: contextlib.ExitStack) -> tuple[RunState, dict | None]:
+    """The writer's side of opening OUT_DIR: refusals, ``--overwrite``, the lock (held until ``stack`` closes),
+    the manifest. Returns (manifest, the finished report when OUT_DIR is already complete, else None)."""
+    out, model = run.out, run.model
     # refuse before anything is written (a refused run leaves nothing behind)
     check_out_dir(out, model.root)
     if config.overwrite:
@@ -64,58 +96,70 @@ def prune(config: PruneConfig) -> dict:
     else:
         RunState.refuse_foreign(out, f"{STATE_DIR}/{MANIFEST_NAME}", "OUT_DIR")
     prepare_out_dir(out, model.root)
-    with OutputLock(out):
-        stale = remove_stale_temps(out)
-        if stale:
-            log.info("removed %d temporary file(s) left by an interrupted run: %s", len(stale), ", ".join(stale))
-        if config.overwrite:
-            _remove_previous_run(out, config, model.root)
-        identity = {"config": config.fingerprint_dict(), "model": model.index.fingerprint(),
-                    "calibration_sha256": run.ids_sha256, "device_type": run.device.type,
-                    "compute_dtype": str(run.dtype)}
-        manifest = RunState.open(out, f"{STATE_DIR}/{MANIFEST_NAME}", identity, what="OUT_DIR",
-                                 fix="pass --overwrite to start over")
-        missing = sorted(entry["file"] for key, entry in manifest.done.items() if not manifest.is_done(key))
-        if manifest.complete and (out / INDEX_NAME).is_file() and (out / REPORT_NAME).is_file() and not missing:
-            log.info("%s is already complete (same options and model); nothing to do", out)
-            return json.loads((out / REPORT_NAME).read_text())
-        if manifest.complete:  # finished once, but a shard (or the index/report) went missing or changed size
-            log.warning("%s was complete but %s is missing or changed size; redoing what is missing", out,
-                        ", ".join(missing) or f"{INDEX_NAME} / {REPORT_NAME}")
-            (out / INDEX_NAME).unlink(missing_ok=True)  # ours; written again last, when the run is whole
-            manifest.data["complete"] = False
-            manifest.save()
-        done = sum(1 for k in manifest.done if k.startswith("block."))
-        if done:
-            log.info("resuming: %d blocks already done in %s", done, out)
-        if not (out / CALIB_IDS_NAME).is_file():
-            save_tensors_atomic(out / CALIB_IDS_NAME, {"input_ids": run.ids.contiguous()})
-        n, t = run.ids.shape
-        log.info("%s: %d blocks, %s, %d windows x %d tokens, method %s, pattern %s, store %s", model.root,
-                 model.num_blocks, model.family.name, n, t, method.name, pattern, run.offload)
-        grads = gradient_feed(run, manifest, config.gradients) if method.needs_gradients else None
+    stack.enter_context(OutputLock(out))
+    stale = remove_stale_temps(out)
+    if stale:
+        log.info("removed %d temporary file(s) left by an interrupted run: %s", len(stale), ", ".join(stale))
+    if config.overwrite:
+        _remove_previous_run(out, config, model.root)
+    identity = {"config": config.fingerprint_dict(), "model": model.index.fingerprint(),
+                "calibration_sha256": run.ids_sha256, "device_type": run.device.type,
+                "compute_dtype": str(run.dtype), "chunk_windows": run.part.chunk}
+    manifest = RunState.open(out, f"{STATE_DIR}/{MANIFEST_NAME}", identity, what="OUT_DIR",
+                             fix="pass --overwrite to start over")
+    missing = sorted(entry["file"] for key, entry in manifest.done.items() if not manifest.is_done(key))
+    if manifest.complete and (out / INDEX_NAME).is_file() and (out / REPORT_NAME).is_file() and not missing:
+        log.info("%s is already complete (same options and model); nothing to do", out)
+        return manifest, json.loads((out / REPORT_NAME).read_text())
+    if manifest.complete:  # finished once, but a shard (or the index/report) went missing or changed size
+        log.warning("%s was complete but %s is missing or changed size; redoing what is missing", out,
+                    ", ".join(missing) or f"{INDEX_NAME} / {REPORT_NAME}")
+        (out / INDEX_NAME).unlink(missing_ok=True)  # ours; written again last, when the run is whole
+        manifest.data["complete"] = False
+        manifest.save()
+    done = sum(1 for k in manifest.done if k.startswith("block."))
+    if done:
+        log.info("resuming: %d blocks already done in %s", done, out)
+    if not (out / CALIB_IDS_NAME).is_file():
+        save_tensors_atomic(out / CALIB_IDS_NAME, {"input_ids": run.ids.contiguous()})
+    return manifest, None
+
+
+def _prune_run(run: Run, config: PruneConfig, method: Method, manifest: RunState | None,
+               t_start: float) -> dict | None:
+    """(Gradient sweep), prune sweep and finalize on every rank; the report on the writer (None elsewhere)."""
+    model, out = run.model, run.out
+    n, t = run.ids.shape
+    log.info("%s: %d blocks, %s, %d windows x %d tokens, method %s, pattern %s, store %s", model.root,
+             model.num_blocks, model.family.name, n, t, method.name, config.parsed_pattern, run.offload)
+    grads = gradient_feed(run, manifest, config.gradients) if method.needs_gradients else None
+    if manifest is not None:
         _write_non_block_shard(run, manifest)
-        run.done_blocks = done
-        with run.phase("prune_sweep"), scratch(out / STATE_DIR / "store"):
-            linears = _PruneSweep(run, config, method, manifest, grads).sweep()
-        report = _finalize(run, config, manifest, linears, {"seconds_total": time.perf_counter() - t_start,
-                                                             "offload": run.offload,
-                                                             "predicted": run.plan.summary()})
-        _cleanup_state(out)
-    s = report["sparsity"]
-    log.info("done: %s, sparsity %.4f over %d linears, peak RSS %s", out, s["overall"], len(linears),
-             fmt_size(max(p.peak_rss_bytes for p in run.phases)))
-    if s["overall"] < pattern.sparsity / 2:  # e.g. --sparsity 1e-9: int(in * sparsity) = 0 weights per row
-        log.warning("asked for sparsity %g, got %.6f: the pattern removes (almost) no weight of these linears; "
-                    "raise --sparsity", pattern.sparsity, s["overall"])
+        run.done_blocks = sum(1 for k in manifest.done if k.startswith("block."))
+    store = run.store_folder(out / STATE_DIR / "store")
+    with run.phase("prune_sweep"), scratch(store):
+        linears = _PruneSweep(run, config, method, manifest, grads).sweep()
+    ranks = run.rank_phases()
+    if manifest is None:
+        return None
+    report = _finalize(run, config, manifest, linears, {"seconds_total": time.perf_counter() - t_start,
+                                                         "offload": run.offload,
+                                                         "predicted": run.plan.summary()} | ranks)
+    _cleanup_state(out)
     return report
 
 
 class _PruneSweep:
     """Front to back: statistics on the dense block, prune, forward the pruned block, write its shard,
-    mark it done. Finished blocks replay from their own shards (forward only)."""
+    mark it done. Finished blocks replay from their own shards (forward only).
 
-    def __init__(self, run: Run, config: PruneConfig, method: Method, manifest: RunState, grads: GradientFeed | None):
+    With several ranks every rank streams the same block over its own windows: the statistics' chunk sums
+    are folded on the writer (stream.reduce), which prunes (or replays from its shard) and sends every rank
+    the block's tensors as written; every rank then runs its windows through them. Only the writer reads
+    OUT_DIR and the gradients, and writes."""
+
+    def __init__(self, run: Run, config: PruneConfig, method: Method, manifest: RunState | None,
+                 grads: GradientFeed | None):
         self.run, self.config, self.method, self.manifest, self.grads = run, config, method, manifest, grads
         self.total_shards = run.model.num_blocks + 1
         self.pruner = BlockPruner(method, config.parsed_pattern, config.method_options(), run.device, run.dtype)
@@ -124,12 +168,13 @@ class _PruneSweep:
         run = self.run
         store = run.store(run.out / STATE_DIR / "store")
         src, dst = store.new(run.boundary_shape, run.dtype, "h_a"), store.new(run.boundary_shape, run.dtype, "h_b")
-        embed(run.model, run.ids, src, run.dtype)
-        # finished blocks replay from their own shards; the rest read from the input checkpoint
+        embed(run.model, run.local_ids, src, run.dtype)
+        # finished blocks replay from their own shards (on the writer); the rest read from the input checkpoint
         schedule = [(i, self._replay_source(i)) for i in range(run.model.num_blocks)]
         linears: dict[str, dict] = {}
         with BlockReader(run.model, schedule, run.device, run.dtype, run.config.prefetch) as reader, \
-                PhaseProgress("prune", run.model.num_blocks, run.nsamples, run.config.progress) as progress:
+                PhaseProgress("prune", run.model.num_blocks, run.part.nlocal,
+                              run.config.progress and run.ranks.writer) as progress:
             for i in range(run.model.num_blocks):
                 linears.update(self.block(i, reader, src, dst, progress))
                 src, dst = dst, src
@@ -140,16 +185,22 @@ class _PruneSweep:
     def _replay_source(self, i: int) -> tuple[Path, str] | None:
         """(shard, recorded sha256) when block i is done: replayed from its shard, its bytes checked as read."""
         key = f"block.{i}"
-        if not self.manifest.is_done(key):
+        if self.manifest is None or not self.manifest.is_done(key):
             return None
         entry = self.manifest.entry(key)
         return self.run.out / entry["file"], entry["sha256"]
 
+    def _forward(self, block, src: ActivationBuffer, dst: ActivationBuffer | None, progress: PhaseProgress,
+                 on_step=None) -> None:
+        run = self.run
+        forward(block, run.ctx, src, dst, run.device, run.dtype, run.part, run.batch_size, progress.windows,
+                on_step)
+
     def block(self, i: int, reader: BlockReader, src: ActivationBuffer, dst: ActivationBuffer,
               progress: PhaseProgress) -> dict:
-        """Block i pruned (or replayed), its outputs in ``dst``; returns its per-linear report. The block is
-        freed before its shard is serialized (this frame holds the only reference)."""
-        run, key = self.run, f"block.{i}"
+        """Block i pruned (or replayed), its outputs in ``dst``; returns its per-linear report (the writer's).
+        The block is freed before its shard is serialized (this frame holds the only reference)."""
+        run, key, ranks = self.run, f"block.{i}", self.run.ranks
         try:
             block = reader.next(i)
         except ShardChanged as exc:  # a finished shard was changed since: its damage must not reach later blocks
@@ -157,13 +208,20 @@ class _PruneSweep:
             del self.manifest.done[key]
             self.manifest.save()
             block = run.model.load_block(i, run.device, run.dtype)
-        if self.manifest.is_done(key):
-            forward(block, run.ctx, src, dst, run.device, run.dtype, self.config.batch_size, progress.windows)
+        replay = ranks.broadcast_object(self.manifest is not None and self.manifest.is_done(key),
+                                        f"block {i}: replayed or pruned")
+        if replay:
+            ranks.broadcast_(list(block.state_dict().values()), f"block {i}: sending its tensors as written")
+            self._forward(block, src, dst, progress)
             progress.block("replayed from its shard", replayed=True)
-            return self.manifest.entry(key)["linears"]
+            return self.manifest.entry(key)["linears"] if self.manifest is not None else {}
         tensors, report = self.prune_block(i, block, src, progress)
-        forward(block, run.ctx, src, dst, run.device, run.dtype, self.config.batch_size, progress.windows)
+        ranks.broadcast_(list(block.state_dict().values()), f"block {i}: sending its tensors as written")
+        self._forward(block, src, dst, progress)
         del block
+        if self.manifest is None:
+            progress.block("pruned")
+            return {}
         file = shard_name(i, self.total_shards)
         sha = save_tensors_atomic(run.out / file, tensors)
         crash_point("manifest")
@@ -175,14 +233,23 @@ class _PruneSweep:
         return report
 
     def prune_block(self, i: int, block, src: ActivationBuffer, progress: PhaseProgress) -> tuple[dict, dict]:
-        """Statistics on the dense block, then every linear pruned in place. Returns (block i's tensors to
-        write under their checkpoint names in the stored dtypes, per-linear report)."""
+        """Statistics on the dense block (every rank's chunks folded on the writer), then, on the writer, every
+        linear pruned in place. Returns (block i's tensors to write under their checkpoint names in the stored
+        dtypes, per-linear report); empty on the other ranks."""
         run, method = self.run, self.method
         names = linear_names(block)
         wanted = statistics_needed(method, STATISTICS)
         with collect_inputs(block, names, wanted) as stats:
             if wanted:
-                forward(block, run.ctx, src, None, run.device, run.dtype, self.config.batch_size, progress.windows)
+                fold = ChunkFold(run.ranks, run.part, f"statistics of block {i}")
+                parts = {f"{name}/{s}": acc for name, accs in stats.items() for s, acc in accs.items()}
+                self._forward(block, src, None, progress,
+                              lambda step: fold.step(step, {k: acc.total for k, acc in parts.items()}))
+                if run.ranks.writer:
+                    for key, acc in parts.items():
+                        acc.total = fold.result(key)
+        if not run.ranks.writer:
+            return {}, {}
         stored = run.model.stored_tensors(block, i, run.dtype)  # stored bytes, for exact unchanged tensors
         self.pruner.prune(block, run.model.family.block_prefix(i), stats, run.nsamples,
                           self.grads.read(i) if self.grads else None, stored)

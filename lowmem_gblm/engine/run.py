@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,8 +25,10 @@ from lowmem_gblm.memory.plan import Plan, PlanSettings
 from lowmem_gblm.memory.shape import shape_of
 from lowmem_gblm.memory.tracker import PhaseStats, PhaseTracker, limit_heap_retention
 from lowmem_gblm.memory.work import achieved, measured_peak, phase_work
+from lowmem_gblm.ranks import Ranks, current
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.stream.context import BlockContext
+from lowmem_gblm.stream.partition import Partition, auto_chunk
 from lowmem_gblm.stream.store import ActivationStore
 from lowmem_gblm.units import fmt_size, parse_size
 
@@ -45,6 +50,9 @@ class Run:
     phases: list[PhaseStats] = field(default_factory=list)
     work: dict[str, dict] = field(default_factory=dict)  # phase -> counted work and achieved fraction of peak
     done_blocks: int = 0  # blocks of the next phase an earlier, interrupted run already did
+    ranks: Ranks = field(default_factory=Ranks)
+    part: Partition | None = None  # the windows' chunks and this rank's share (set by open_run)
+    scratch_root: Path | None = None  # a non-writing rank's disk store folder (it writes nothing in OUT_DIR)
 
     @property
     def offload(self) -> str:
@@ -58,7 +66,13 @@ class Run:
 
     @property
     def nsamples(self) -> int:
+        """All windows of the run (every rank's); this rank holds ``part.nlocal`` of them."""
         return int(self.ids.shape[0])
+
+    @cached_property
+    def local_ids(self) -> torch.Tensor:
+        """[n_local, T]: this rank's windows, in its store's order."""
+        return self.ids[self.part.local_windows]
 
     @cached_property
     def ctx(self) -> BlockContext:
@@ -68,14 +82,35 @@ class Run:
     def ids_sha256(self) -> str:
         return ids_sha256(self.ids)
 
+    def store_folder(self, folder: Path) -> Path:
+        """Where a disk store named by its place in OUT_DIR lives on this rank: there on the writer, under this
+        rank's own scratch folder (``LOWMEM_GBLM_SCRATCH`` or the temp dir) on the others."""
+        if self.ranks.writer:
+            return folder
+        if self.scratch_root is None:
+            base = os.environ.get("LOWMEM_GBLM_SCRATCH") or None
+            self.scratch_root = Path(tempfile.mkdtemp(prefix=f"lowmem-gblm-rank{self.ranks.rank}-", dir=base))
+        return self.scratch_root / folder.name
+
+    def close(self) -> None:
+        """Remove a non-writing rank's scratch folder."""
+        if self.scratch_root is not None:
+            shutil.rmtree(self.scratch_root, ignore_errors=True)
+            self.scratch_root = None
+
     def store(self, folder: Path) -> ActivationStore:
-        """An activation store of this run's kind and ``--store-dtype`` (disk files under ``folder``)."""
-        return ActivationStore(self.offload, folder, self.config.store_dtype)
+        """An activation store of this run's kind and ``--store-dtype`` (disk files under ``folder``, or this
+        rank's scratch folder)."""
+        return ActivationStore(self.offload, self.store_folder(folder), self.config.store_dtype)
 
     @property
     def boundary_shape(self) -> tuple[int, int, int]:
-        n, t = self.ids.shape
-        return n, t, self.model.hidden_size
+        """[n_local, T, D]: the hidden states of this rank's windows."""
+        return self.part.nlocal, int(self.ids.shape[1]), self.model.hidden_size
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -107,9 +142,23 @@ class Run:
             log.info("%s: %.4g GFLOP of matmuls, %.1f GFLOP/s, %.1f%% of this machine's measured peak", name,
                      result["flops"] / 1e9, result["achieved_flops_per_s"] / 1e9, 100 * result["fraction_of_peak"])
 
+    def rank_phases(self) -> dict:
+        """{"ranks": world size and every rank's windows and per-phase seconds and peaks} (a collective: every rank
+        calls it); empty for a one-process run."""
+        if not self.ranks.many:
+            return {}
+        mine = {"rank": self.ranks.rank, "windows": self.part.nlocal,
+                "phases": [{k: v for k, v in p.to_dict().items() if k in _RANK_FIELDS} for p in self.phases]}
+        every = self.ranks.all_objects(mine, "gathering every rank's measured peaks")
+        return {"ranks": {"world_size": self.ranks.world, "chunk_windows": self.part.chunk, "per_rank": every}}
+
     def phase_dicts(self) -> list[dict]:
         """Each phase's measured stats with its counted work, for a report."""
         return [p.to_dict() | ({"work": self.work[p.phase]} if p.phase in self.work else {}) for p in self.phases]
+
+
+_RANK_FIELDS = ("phase", "seconds", "peak_rss_bytes", "peak_rss_anon_bytes", "peak_rss_file_bytes",
+                "device_peak_allocated_bytes")
 
 
 def reusable_bytes(out: Path) -> int:
@@ -132,9 +181,12 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
     if max_pos is not None and ids.shape[1] > max_pos:
         raise InputError(f"--seqlen {ids.shape[1]} exceeds the model's context ({max_pos} positions)")
     device = resolve_device(config.device)
+    ranks = current(device.type)
+    device = ranks.device(device)
     dtype = resolve_dtype(config.dtype, device, model.checkpoint_dtype())
     out = Path(config.out_dir)
     n, t = ids.shape
+    part = partition(n, config.chunk_windows, ranks)
     settings = PlanSettings(method=method, nsamples=n, seqlen=t, device=device.type, compute_dtype=dtype,
                             store_dtype=str(config.store_dtype), offload=str(config.offload),
                             head_chunk=config.head_chunk, batch_size=config.batch_size,
@@ -146,4 +198,19 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
     if budgets.disk_free is not None:  # what an earlier run here already wrote is kept or freed, not needed again
         budgets = dataclasses.replace(budgets, disk_free=budgets.disk_free + reusable_bytes(out))
     plan = plan_run(shape_of(model), settings, budgets, check=config.plan_check)
-    return Run(config, model, ids, device, dtype, out, plan, settings=settings)
+    return Run(config, model, ids, device, dtype, out, plan, settings=settings, ranks=ranks, part=part)
+
+
+def partition(nsamples: int, chunk_windows: int | None, ranks: Ranks) -> Partition:
+    """The windows' chunks (``--chunk-windows``, default ceil(N/8)) dealt to ``ranks``; refused when there are
+    more ranks than chunks (a rank with no window would only wait)."""
+    chunk = chunk_windows or auto_chunk(nsamples)
+    part = Partition(nsamples, chunk, ranks.world, ranks.rank)
+    if len(part.chunks) < ranks.world:
+        raise InputError(f"{ranks.world} ranks but only {len(part.chunks)} chunk(s) of {chunk} windows "
+                         f"({nsamples} windows): pass --chunk-windows {max(1, nsamples // ranks.world)} or fewer, "
+                         "or start fewer processes")
+    if ranks.many:
+        log.info("rank %d of %d: %d of %d windows (chunks of %d, %d chunks)", ranks.rank, ranks.world,
+                 part.nlocal, nsamples, chunk, len(part.chunks))
+    return part

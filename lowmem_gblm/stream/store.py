@@ -23,6 +23,7 @@ import os
 import shutil
 import struct
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -474,9 +475,17 @@ def scratch(folder: Path):
 
 def save_buffer(path: Path, buf: ActivationBuffer, tag: str) -> None:
     """Write ``buf`` [N, T, D] as a safetensors file {"grad"} with metadata block=``tag``, atomically."""
-    n, t, d = buf.shape
+    save_windows(path, buf.shape, buf.dtype, tag, buf.get)
+
+
+def save_windows(path: Path, shape: tuple[int, int, int], dtype: torch.dtype, tag: str,
+                 window: Callable[[int], torch.Tensor]) -> None:
+    """Write windows ``window(0..N-1)`` (each [1, T, D]) as one safetensors file {"grad": [N, T, D]} with metadata
+    block=``tag``, atomically; one window in memory at a time (the windows may come from other ranks)."""
+    n, t, d = shape
+    nbytes = n * t * d * dtype_bytes(dtype)
     header = {"__metadata__": {"format": "pt", "block": tag},
-              "grad": {"dtype": SAFETENSORS_CODE[buf.dtype], "shape": [n, t, d], "data_offsets": [0, buf.nbytes]}}
+              "grad": {"dtype": SAFETENSORS_CODE[dtype], "shape": [n, t, d], "data_offsets": [0, nbytes]}}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -484,7 +493,7 @@ def save_buffer(path: Path, buf: ActivationBuffer, tag: str) -> None:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for k in range(n):
-            f.write(buf.get(k).contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(window(k).to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -493,17 +502,29 @@ def save_buffer(path: Path, buf: ActivationBuffer, tag: str) -> None:
 
 def load_buffer(path: Path, buf: ActivationBuffer, tag: str) -> bool:
     """Fill ``buf`` from a file ``save_buffer`` wrote with the same ``tag`` and shape; False if there is none."""
-    if not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            if (f.metadata() or {}).get("block") != tag:
-                return False
-            grad = f.get_slice("grad")
-            if list(grad.get_shape()) != list(buf.shape):
-                return False
+    with saved_windows(path, tag, buf.shape) as windows:
+        if windows is None:
+            return False
+        try:
             for k in range(len(buf)):
-                buf.put(k, grad[k:k + 1])
-    except Exception:  # a torn or foreign file: the caller recomputes
-        return False
+                buf.put(k, windows[k:k + 1])
+        except Exception:  # a torn file: the caller recomputes
+            return False
     return True
+
+
+@contextlib.contextmanager
+def saved_windows(path: Path, tag: str, shape: tuple[int, ...]):
+    """The {"grad"} slice of a file ``save_windows`` wrote with ``tag`` and ``shape`` (index it by window
+    ranges), or None when there is no such usable file."""
+    if not path.is_file():
+        yield None
+        return
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+        grad = f.get_slice("grad") if (f.metadata() or {}).get("block") == tag else None
+        if grad is not None and list(grad.get_shape()) != list(shape):
+            grad = None
+    except Exception:  # a torn or foreign file: the caller recomputes
+        grad = None
+    yield grad

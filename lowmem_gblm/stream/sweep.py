@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowmem_gblm.stream.context import BlockContext, run_block
+from lowmem_gblm.stream.partition import Partition
 
 
 def embed(model, ids: torch.Tensor, dst, dtype: torch.dtype) -> None:
@@ -28,13 +29,23 @@ def windows(total: int, batch_size: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def forward(block: nn.Module, ctx: BlockContext, src, dst, device: torch.device, dtype: torch.dtype,
-            batch_size: int = 1, on_windows: Callable[[int], None] | None = None) -> None:
-    """Run every sample of ``src`` through ``block``, ``batch_size`` windows per call; write the outputs to
-    ``dst`` (None: statistics hooks only; ``src`` itself: in place). ``on_windows(k)``: k windows are done."""
-    for n, count in windows(len(src), batch_size):
-        x = src.get(n, count).to(device=device, dtype=dtype)  # [B, T, D]
-        y = run_block(block, ctx, x)
-        if dst is not None:
-            dst.put(n, y)
-        if on_windows is not None:
-            on_windows(n + count)
+            part: Partition | None = None, batch_size: int = 1, on_windows: Callable[[int], None] | None = None,
+            on_step: Callable[[int], None] | None = None) -> None:
+    """Run this rank's windows of ``src`` through ``block``, chunk by chunk, ``batch_size`` windows per call
+    (a call never crosses a chunk); write the outputs to ``dst`` (None: statistics hooks only; ``src``
+    itself: in place). ``on_windows(k)``: k windows are done; ``on_step(s)``: after step s (every rank calls
+    it at every step, with or without a chunk there: statistics are folded then). ``part`` None: one process,
+    all of ``src`` one chunk."""
+    part = part or Partition(len(src), len(src))
+    done = 0
+    for step in range(part.steps):
+        for n, count in part.batches(step, batch_size):
+            x = src.get(n, count).to(device=device, dtype=dtype)  # [B, T, D]
+            y = run_block(block, ctx, x)
+            if dst is not None:
+                dst.put(n, y)
+            done += count
+            if on_windows is not None:
+                on_windows(done)
+        if on_step is not None:
+            on_step(step)
