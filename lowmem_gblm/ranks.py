@@ -93,7 +93,7 @@ class Ranks:
         except Exception as exc:  # gloo/nccl raise RuntimeError subclasses (DistBackendError, ...)
             if not self.many:
                 raise
-            raise RankFailure(f"rank {self.rank}: {what} failed: {self._diagnose()} "
+            raise RankFailure(f"{what} failed: {self._diagnose()} "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
 
     def _diagnose(self) -> str:

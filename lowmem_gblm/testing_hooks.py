@@ -2,6 +2,8 @@
 
 ``LOWMEM_TEST_CRASH_AT="point:K[,point:K...]"``  SIGKILL this process the K-th time ``point`` is reached.
 ``LOWMEM_TEST_ENOSPC_AT="point:K[,...]"``        raise OSError(ENOSPC) the K-th time ``point`` is reached.
+``LOWMEM_TEST_HANG_AT="point:K[,...]"``          sleep forever (a hung rank) the K-th time ``point`` is reached.
+``LOWMEM_TEST_RANK=R``                           only the process of rank R (under a launcher) does any of it.
 
 Points used by the library (a gradient sweep adds its own names the same way):
   ``shard_write``     inside an atomic shard write, after half the bytes are in the temporary file
@@ -13,6 +15,7 @@ Points used by the library (a gradient sweep adds its own names the same way):
   ``finalize``        after prune_report.json is written, before the index
   ``gradient_block``  after a block's gradient file, the persisted incoming gradient and its
                       gradients.json entry are durable (blocks go last to first)
+  ``fold``            every rank, before it folds a step's chunk sums (stream.reduce)
 The pseudo-point ``any`` counts every point.
 """
 
@@ -21,10 +24,14 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from collections import Counter
 
 CRASH_ENV = "LOWMEM_TEST_CRASH_AT"
 ENOSPC_ENV = "LOWMEM_TEST_ENOSPC_AT"
+HANG_ENV = "LOWMEM_TEST_HANG_AT"
+RANK_ENV = "LOWMEM_TEST_RANK"
+_ENVS = (CRASH_ENV, ENOSPC_ENV, HANG_ENV)
 
 _counts: Counter[str] = Counter()
 
@@ -44,14 +51,19 @@ def reset() -> None:
 
 
 def crash_point(name: str) -> None:
-    """Count ``name``; kill the process or raise ENOSPC if a test asked for it here."""
-    if CRASH_ENV not in os.environ and ENOSPC_ENV not in os.environ:
+    """Count ``name``; kill the process, hang it or raise ENOSPC if a test asked for it here."""
+    if not any(env in os.environ for env in _ENVS):
+        return
+    if RANK_ENV in os.environ and os.environ[RANK_ENV] != os.environ.get("RANK", "0"):
         return
     _counts[name] += 1
     _counts["any"] += 1
-    for env in (CRASH_ENV, ENOSPC_ENV):
+    for env in _ENVS:
         for target, k in _targets(env).items():
             if _counts[target] == k and target in (name, "any"):
                 if env == CRASH_ENV:
                     os.kill(os.getpid(), signal.SIGKILL)
+                if env == HANG_ENV:
+                    while True:
+                        time.sleep(3600)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")

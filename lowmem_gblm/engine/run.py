@@ -88,8 +88,9 @@ class Run:
         if self.ranks.writer:
             return folder
         if self.scratch_root is None:
-            base = os.environ.get("LOWMEM_GBLM_SCRATCH") or None
-            self.scratch_root = Path(tempfile.mkdtemp(prefix=f"lowmem-gblm-rank{self.ranks.rank}-", dir=base))
+            base = Path(os.environ.get("LOWMEM_GBLM_SCRATCH") or tempfile.gettempdir())
+            remove_dead_scratch(base)
+            self.scratch_root = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=base))
         return self.scratch_root / folder.name
 
     def close(self) -> None:
@@ -155,6 +156,31 @@ class Run:
     def phase_dicts(self) -> list[dict]:
         """Each phase's measured stats with its counted work, for a report."""
         return [p.to_dict() | ({"work": self.work[p.phase]} if p.phase in self.work else {}) for p in self.phases]
+
+
+SCRATCH_PREFIX = "lowmem-gblm-scratch-pid"  # + the pid of the rank that made it
+
+
+def remove_dead_scratch(base: Path) -> list[str]:
+    """Remove the scratch folders in ``base`` that ranks of killed runs left (named with our prefix and the pid of a
+    process that no longer exists); nothing else is touched."""
+    removed = []
+    for path in base.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = path.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's): not ours to remove
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    if removed:
+        log.info("removed %d scratch folder(s) left by killed ranks in %s", len(removed), base)
+    return removed
 
 
 _RANK_FIELDS = ("phase", "seconds", "peak_rss_bytes", "peak_rss_anon_bytes", "peak_rss_file_bytes",

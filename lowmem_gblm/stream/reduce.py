@@ -18,6 +18,7 @@ import torch
 
 from lowmem_gblm.ranks import Ranks
 from lowmem_gblm.stream.partition import Partition
+from lowmem_gblm.testing_hooks import crash_point
 
 
 class ChunkFold:
@@ -30,6 +31,7 @@ class ChunkFold:
     def step(self, step: int, parts: dict[str, torch.Tensor]) -> None:
         """Fold every rank's ``parts`` of ``step`` (called by every rank at every step, same names)."""
         ranks, part = self.ranks, self.part
+        crash_point("fold")
         for name in sorted(parts):
             p = parts[name]
             if not ranks.writer:
