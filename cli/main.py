@@ -310,6 +310,10 @@ def plan(
         "--head-chunk", help="tokens per head call (default: the whole window, else 512, else 128, as fits)")] = None,
     batch_size: BatchSize = 1,
     checkpoint_every: CheckpointEvery = None,
+    chunk_windows: ChunkWindows = None,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", help="data-parallel ranks (torchrun/accelerate launch): predict for each rank (budgets are per "
+        "rank); shown: rank 0, which holds the most windows and writes the output")] = 1,
     prefetch: Prefetch = True,
     as_json: AsJson = False,
 ) -> None:
@@ -323,7 +327,8 @@ def plan(
                                 store_dtype=str(store_dtype), offload=str(offload),
                                 head_chunk="auto" if head_chunk is None else head_chunk, batch_size=batch_size,
                                 grad_dtype=str(grad_dtype), prefetch=prefetch,
-                                checkpoint_every=checkpoint_every or "auto")
+                                checkpoint_every=checkpoint_every or "auto", nproc=nproc,
+                                chunk_windows=chunk_windows)
         result = make_plan(load_shape(model), settings, budgets)
     typer.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else result.table())
 

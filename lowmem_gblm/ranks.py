@@ -224,6 +224,14 @@ def current(device_type: str = "cpu") -> Ranks:
     return _CURRENT
 
 
+def local_world() -> int:
+    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without a launcher)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def env_rank() -> int:
     """This process's rank as the launcher set it (0 without a launcher); no process group needed."""
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowmem_gblm.errors import UsageError
 from lowmem_gblm.ranks import Ranks
 from lowmem_gblm.stream.partition import Partition, auto_chunk
 from lowmem_gblm.stream.reduce import ChunkFold
@@ -190,3 +191,45 @@ def test_a_hung_rank_makes_the_others_fail_within_the_timeout_naming_it(tiny_mod
     assert time.monotonic() - t0 < 120
     assert "rank(s) 1 did not answer" in hung.stderr
     assert "error (rank 0)" in hung.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the planner, per rank
+
+
+def test_the_plan_is_per_rank(tiny_model):
+    from lowmem_gblm.memory.plan import Budgets, PlanSettings, plan
+    from lowmem_gblm.memory.shape import load_shape
+
+    shape = load_shape(tiny_model)
+    budgets = Budgets(cpu_memory=None, disk_free=10**12, disk_dir=tiny_model)
+
+    def predicted(nproc: int, rank: int = 0, nsamples: int = 12) -> dict:
+        s = PlanSettings(method="gblm", nsamples=nsamples, seqlen=64, offload="disk", nproc=nproc, rank=rank,
+                         chunk_windows=1)
+        p = plan(shape, s, budgets, baseline=0)
+        return {q.name: q.terms for q in p.phases} | {"settings": p.settings}
+
+    one, four, other = predicted(1), predicted(4), predicted(4, rank=3)
+    boundary = 64 * shape.hidden * 4  # one window's [T, D] fp32 on disk
+    assert one["prune_sweep"]["disk"]["two boundaries [N,T,D]"] == 2 * 12 * boundary
+    assert four["prune_sweep"]["disk"]["two boundaries [N,T,D]"] == 2 * 3 * boundary  # 3 of 12 windows
+    assert four["settings"]["windows_on_rank"] == 3
+    # only the writer writes OUT_DIR (shards, gradient files, the persisted incoming gradient of all 12 windows)
+    assert "output checkpoint" not in other["prune_sweep"]["disk"]
+    assert other["gradient_sweep"]["disk"].keys() == {k for k in four["gradient_sweep"]["disk"]
+                                                       if k.startswith(("boundaries", "two gradient"))}
+    assert four["gradient_sweep"]["disk"]["persisted incoming gradient (old + new while replaced)"] == 2 * 12 * boundary
+    # the writer folds chunk sums into totals the size of the block's linears (fp32); the others do not
+    totals = "accumulators' chunk-sum totals (writer)"
+
+    def device_terms(rank: int, nsamples: int = 12) -> dict:
+        s = PlanSettings(method="gblm", nsamples=nsamples, seqlen=64, device="cuda", offload="disk", nproc=2,
+                         rank=rank, chunk_windows=1)
+        return plan(shape, s, budgets, baseline=0).phase("gradient_sweep").terms["device"]
+
+    assert device_terms(0)[totals] == shape.linear_numel * 4
+    assert totals not in device_terms(1)
+    assert not PlanSettings(method="gblm", nsamples=1, seqlen=64).folds  # one chunk: nothing to fold
+    with pytest.raises(UsageError, match="3 ranks but only 2 chunk"):
+        plan(shape, PlanSettings(method="wanda", nsamples=4, seqlen=64, nproc=3, chunk_windows=2), budgets, baseline=0)

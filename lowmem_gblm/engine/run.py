@@ -25,7 +25,7 @@ from lowmem_gblm.memory.plan import Plan, PlanSettings
 from lowmem_gblm.memory.shape import shape_of
 from lowmem_gblm.memory.tracker import PhaseStats, PhaseTracker, limit_heap_retention
 from lowmem_gblm.memory.work import achieved, measured_peak, phase_work
-from lowmem_gblm.ranks import Ranks, current
+from lowmem_gblm.ranks import Ranks, current, local_world
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.stream.context import BlockContext
 from lowmem_gblm.stream.partition import Partition, auto_chunk
@@ -217,11 +217,15 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
                             store_dtype=str(config.store_dtype), offload=str(config.offload),
                             head_chunk=config.head_chunk, batch_size=config.batch_size,
                             grad_dtype=str(config.grad_dtype), prefetch=config.prefetch, phases=phases,
-                            checkpoint_every=config.checkpoint_every or "auto")
-    budgets = machine_budgets(device, out, config.cpu_memory, config.gpu_memory)
+                            checkpoint_every=config.checkpoint_every or "auto", nproc=ranks.world,
+                            rank=ranks.rank, chunk_windows=part.chunk)
+    # each rank plans with its own budgets: the host RAM the ranks on this machine share, split between them;
+    # a non-writing rank's disk is its scratch folder's
+    where = out if ranks.writer else Path(os.environ.get("LOWMEM_GBLM_SCRATCH") or tempfile.gettempdir())
+    budgets = machine_budgets(device, where, config.cpu_memory, config.gpu_memory, share=local_world())
     if config.disk_space is not None:
         budgets = dataclasses.replace(budgets, disk_free=parse_size(config.disk_space))
-    if budgets.disk_free is not None:  # what an earlier run here already wrote is kept or freed, not needed again
+    if budgets.disk_free is not None and ranks.writer:  # what an earlier run here wrote is kept or freed
         budgets = dataclasses.replace(budgets, disk_free=budgets.disk_free + reusable_bytes(out))
     plan = plan_run(shape_of(model), settings, budgets, check=config.plan_check)
     return Run(config, model, ids, device, dtype, out, plan, settings=settings, ranks=ranks, part=part)

@@ -45,8 +45,10 @@ def _disk_free(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def machine_budgets(device: torch.device, out: Path, cpu_memory: str | None, gpu_memory: str | None) -> Budgets:
-    """What this run may use here: the options when given, else what the machine has free now."""
+def machine_budgets(device: torch.device, out: Path, cpu_memory: str | None, gpu_memory: str | None,
+                    share: int = 1) -> Budgets:
+    """What this run may use here: the options when given, else what the machine has free now; ``share``
+    processes of one run on this machine split its available RAM (``--cpu-memory`` is per process)."""
     gpu = parse_size(gpu_memory)
     if gpu is None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -54,7 +56,7 @@ def machine_budgets(device: torch.device, out: Path, cpu_memory: str | None, gpu
     cpu = parse_size(cpu_memory)
     if cpu is None:
         avail = mem_available()
-        cpu = None if avail is None else current_rss() + avail
+        cpu = None if avail is None else current_rss() + avail // max(share, 1)
     return Budgets(gpu if device.type == "cuda" else None, cpu, _disk_free(Path(out)), Path(out))
 
 

@@ -24,6 +24,7 @@ from lowmem_gblm.memory.probe import ACC_BYTES, Probe, baseline_rss, cublas_work
 from lowmem_gblm.memory.shape import ModelShape
 from lowmem_gblm.methods import get_method
 from lowmem_gblm.runtime import COMPUTE_DTYPES, GRAD_FILE_DTYPES, auto_dtype, dtype_bytes, dtype_name, named_dtype
+from lowmem_gblm.stream.partition import Partition, auto_chunk
 from lowmem_gblm.stream.segments import boundaries_held, candidates, recomputed_blocks
 from lowmem_gblm.stream.store import store_nbytes
 from lowmem_gblm.units import fmt_budget, fmt_size, parse_size
@@ -49,6 +50,28 @@ class PlanSettings:
     prefetch: bool = True  # one more block read ahead in host memory
     phases: tuple[str, ...] | None = None  # only these phases count
     checkpoint_every: int | str = 1  # gradient sweep: keep every k-th block input; "auto": the first k that fits
+    nproc: int = 1  # data-parallel ranks (torchrun / accelerate launch): the prediction is for one of them
+    rank: int = 0  # which: rank 0 writes OUT_DIR and folds the chunk sums; the others hold windows only
+    chunk_windows: int | None = None  # windows per reduction chunk (None: ceil(N/8), as the engine)
+
+    @property
+    def partition(self) -> Partition:
+        """The windows' chunks dealt to the ranks, as the engine deals them."""
+        return Partition(self.nsamples, self.chunk_windows or auto_chunk(self.nsamples), self.nproc, self.rank)
+
+    @property
+    def local(self) -> int:
+        """Windows this rank holds (its activation store's N)."""
+        return self.partition.nlocal
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def folds(self) -> bool:
+        """Whether chunk sums are folded into separate totals (more than one chunk; on the writer)."""
+        return self.writer and len(self.partition.chunks) > 1
 
     def resolved(self, storage: torch.dtype) -> PlanSettings:
         """Validated, with torch dtypes (store_dtype: a float dtype or "int8"); offload and head_chunk
@@ -64,6 +87,14 @@ class PlanSettings:
             raise UsageError(f"--grad-dtype must be float32 or bfloat16, got {self.grad_dtype!r}")
         if self.offload not in (None, "auto", *OFFLOADS):
             raise UsageError(f"--offload must be cpu or disk, got {self.offload!r}")
+        if self.nproc < 1 or not 0 <= self.rank < self.nproc:
+            raise UsageError(f"--nproc must be >= 1, got {self.nproc}")
+        if self.chunk_windows is not None and self.chunk_windows < 1:
+            raise UsageError(f"--chunk-windows must be >= 1, got {self.chunk_windows}")
+        chunks = len(self.partition.chunks)
+        if chunks < self.nproc:
+            raise UsageError(f"{self.nproc} ranks but only {chunks} chunk(s) of windows: pass --chunk-windows "
+                             f"{max(1, self.nsamples // self.nproc)} or fewer, or fewer ranks")
         return replace(self, compute_dtype=compute, store_dtype=store, grad_dtype=named_dtype(self.grad_dtype))
 
     def offloads(self) -> list[str]:
@@ -218,12 +249,19 @@ def plan(shape: ModelShape, settings: PlanSettings, budgets: Budgets, *, baselin
     chosen = {"device": s.device, "compute_dtype": dtype_name(s.compute_dtype),
               "store_dtype": dtype_name(s.store_dtype), "storage_dtype": dtype_name(shape.storage_dtype),
               "offload": off, "head_chunk": chunk,
-              "forward_microbatch": s.batch_size, "grad_dtype": dtype_name(s.grad_dtype), "checkpoint_every": k}
+              "forward_microbatch": s.batch_size, "grad_dtype": dtype_name(s.grad_dtype), "checkpoint_every": k,
+              "chunk_windows": s.partition.chunk}
+    if s.nproc > 1:
+        chosen |= {"nproc": s.nproc, "rank": s.rank, "windows_on_rank": s.local}
     if off == "disk":
         chosen["disk_dir"] = str(budgets.disk_dir) if budgets.disk_dir is not None else None
     notes = list(pr.notes)
     notes.append("device peaks measured on fake tensors (FakeTensorMode) through the real decoder layer "
                  f"{shape.family.layer_class}, SDPA; stores added analytically")
+    if s.nproc > 1:
+        notes.append(f"per rank: rank {s.rank} of {s.nproc} holds {s.local} of {s.nsamples} windows" +
+                     (" and writes OUT_DIR (shards, gradient files), folding every chunk sum into totals" if s.writer
+                      else "; it writes nothing in OUT_DIR (its disk store, if any, goes to its scratch folder)"))
     if off == "disk":
         notes.append("disk store: boundaries are read and written a sample at a time with positional I/O and "
                      "dropped from the page cache; only the samples in use are in RAM")
@@ -335,14 +373,14 @@ def predict(shape: ModelShape, s: PlanSettings, baseline: int,
     pr = _probe(shape, s, probe_cache)
     compute_dtype, store_dtype = s.compute_dtype, s.store_dtype
     on_cpu = s.device == "cpu"
-    n, t, d, L = s.nsamples, s.seqlen, shape.hidden, shape.num_blocks
+    n, t, d, L = s.local, s.seqlen, shape.hidden, shape.num_blocks  # this rank's windows
     sd = dtype_bytes(shape.storage_dtype)
     boundary = store_nbytes((n, t, d), store_dtype)
     block_store = shape.block_numel * sd
     ahead = shape.block_numel * dtype_bytes(compute_dtype if on_cpu else shape.storage_dtype) if s.prefetch else 0
     grad_file = shape.linear_numel * dtype_bytes(s.grad_dtype)  # one block's gradient file on disk
     head_store = (shape.vocab * d + d) * sd
-    ids = n * t * 8
+    ids = s.nsamples * t * 8  # every rank reads all the ids
     ram = s.offload == "cpu"
     # read path: safetensors copies the block out in its storage dtype, then .to(device, dtype); on the
     # CPU in the same dtype that copy *is* the block (counted in the device step)
@@ -369,8 +407,15 @@ def predict(shape: ModelShape, s: PlanSettings, baseline: int,
     if ram:
         host["two boundaries [N,T,D]"] = 2 * boundary
     dev = {"block step (weights + statistics + forward micro-batch + prune)": pr.prune_step, **ws}
+    if s.folds:
+        dev["statistics' chunk-sum totals (writer)"] = _statistics_bytes(shape, meth.needs)
     disk = {"output checkpoint": shape.model_bytes()}
-    if meth.needs_gradients:
+    if not s.writer:
+        disk = {}
+        for key in ("block's stored bytes for writing (storage dtype)", "shard being serialized (2 copies)",
+                    "one linear's gradient read (fp32)"):
+            host.pop(key, None)
+    elif meth.needs_gradients:
         # block i's gradient file goes once its shard is durable: peak at the first or the last block
         rest, blk = shape.model_bytes() - L * block_store, block_store
         disk = {"output shards + gradient files not yet consumed (peak)":
@@ -410,6 +455,12 @@ def predict(shape: ModelShape, s: PlanSettings, baseline: int,
     return phases, pr
 
 
+def _statistics_bytes(shape: ModelShape, needs) -> int:
+    """One block's input statistics (fp32): Σx² per input column, SparseGPT's [in, in] Hessian per linear."""
+    per = {"scaler_row": lambda i: i * ACC_BYTES, "hessian": lambda i: i * i * ACC_BYTES}
+    return sum(per[n](i) for _, i in shape.linear_shapes.values() for n in needs if n in per)
+
+
 def _gradient_phase(shape: ModelShape, pr: Probe, s: PlanSettings, *, ram: bool, baseline: int, read_host: int,
                     ahead: int, grad_file: int) -> PhasePlan:
     """The gradient sweep: boundaries and both gradient buffers are in the compute dtype.
@@ -420,11 +471,12 @@ def _gradient_phase(shape: ModelShape, pr: Probe, s: PlanSettings, *, ram: bool,
     being written). Store pages count once written (torch.empty pages are not resident before).
     """
     on_cpu = s.device == "cpu"
-    L, d, n, t = shape.num_blocks, shape.hidden, s.nsamples, s.seqlen
+    L, d, n, t = shape.num_blocks, shape.hidden, s.local, s.seqlen  # this rank's windows
     boundary = n * t * d * dtype_bytes(s.compute_dtype)  # gradient buffers: always exact
+    persisted = s.nsamples * t * d * dtype_bytes(s.compute_dtype)  # the writer's file holds every rank's windows
     stored = store_nbytes((n, t, d), s.store_dtype)  # inputs (int8 ok)
     acc_block = shape.linear_numel * ACC_BYTES
-    common = {"baseline": baseline, "calibration ids": n * t * 8}
+    common = {"baseline": baseline, "calibration ids": s.nsamples * t * 8}
     if not on_cpu:
         common["CUDA runtime (context, kernels, cuBLAS; estimate)"] = cuda_host_bytes()
     head_stage = dict(common)
@@ -440,6 +492,8 @@ def _gradient_phase(shape: ModelShape, pr: Probe, s: PlanSettings, *, ram: bool,
         walk_stage |= {f"boundaries {held_walk} x [N,T,D]": held_walk * stored, "two gradient buffers": 2 * boundary}
     head_dev = {"head step (norm + lm_head + 1-window fp32 loss/grad)": pr.head_grad}
     block_dev = {"block step (weights + fp32 accumulators + 1-sample fwd/bwd)": pr.grad_step}
+    if s.folds:  # the writer adds each chunk's accumulators into totals of the same size
+        block_dev["accumulators' chunk-sum totals (writer)"] = acc_block
     if on_cpu:
         head_stage |= {f"compute: {k}": v for k, v in head_dev.items()}
         # a block's step, then (its weights freed) its accumulators and their file copy being written
@@ -460,7 +514,7 @@ def _gradient_phase(shape: ModelShape, pr: Probe, s: PlanSettings, *, ram: bool,
     host = named[max(stages, key=stages.get)]
     disk = {f"gradient files ({'fp32' if grad_file == acc_block else 'bf16'}, all blocks)": L * grad_file,
             # the incoming gradient persisted after each block for resume, replaced atomically (two copies)
-            "persisted incoming gradient (old + new while replaced)": 2 * boundary}
+            "persisted incoming gradient (old + new while replaced)": 2 * persisted} if s.writer else {}
     if not ram:
         disk |= {f"boundaries {max(held_head, held_walk)} x [N,T,D]": max(held_head, held_walk) * stored,
                  "two gradient buffers": 2 * boundary} | scratch
