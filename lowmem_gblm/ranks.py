@@ -65,6 +65,7 @@ class Ranks:
     world: int = 1
     local_rank: int = 0
     timeout_s: float = DEFAULT_TIMEOUT_S
+    wire: torch.device | None = None  # nccl moves CUDA tensors only: host tensors cross through this GPU
 
     @property
     def writer(self) -> bool:
@@ -155,13 +156,19 @@ class Ranks:
                 raise RankFailure(f"rank {r}: {what}: {e[1]}") if e[0] not in _USER_ERRORS \
                     else UsageError(f"rank {r}: {e[1]}")
 
+    def _on_wire(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.wire) if self.wire is not None and t.device != self.wire else t
+
     def send(self, t: torch.Tensor, dst: int, what: str) -> None:
         with self.talking(what):
-            dist.send(_bytes(t), dst)
+            dist.send(_bytes(self._on_wire(t.contiguous())), dst)
 
     def recv(self, t: torch.Tensor, src: int, what: str) -> None:
         with self.talking(what):
-            dist.recv(_bytes(t), src)
+            box = self._on_wire(t)
+            dist.recv(_bytes(box), src)
+            if box is not t:
+                t.copy_(box)
 
     def broadcast_(self, tensors: list[torch.Tensor], what: str) -> None:
         """The writer's values of ``tensors`` copied into every rank's (same shapes and dtypes), exactly."""
@@ -169,12 +176,10 @@ class Ranks:
             return
         with self.talking(what):
             for t in tensors:
-                if t.is_contiguous():
-                    dist.broadcast(_bytes(t), src=0)
-                else:
-                    tmp = t.contiguous()
-                    dist.broadcast(_bytes(tmp), src=0)
-                    t.copy_(tmp)
+                box = self._on_wire(t.contiguous())
+                dist.broadcast(_bytes(box), src=0)
+                if box is not t:
+                    t.copy_(box)
 
     def barrier(self, what: str) -> None:
         if self.many:
@@ -218,7 +223,7 @@ def current(device_type: str = "cpu") -> Ranks:
         if backend == "nccl":
             torch.cuda.set_device(local)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
-    _CURRENT = Ranks(rank, world, local, timeout)
+    _CURRENT = Ranks(rank, world, local, timeout, torch.device("cuda", local) if backend == "nccl" else None)
     log.info("rank %d of %d (local rank %d), backend %s, collective timeout %g s", rank, world, local, backend,
              timeout)
     return _CURRENT
