@@ -130,8 +130,9 @@ class Run:
         if self.settings is None:
             return
         try:
-            settings = dataclasses.replace(self.settings, offload=self.offload,
-                                           checkpoint_every=self.checkpoint_every)
+            settings = dataclasses.replace(self.settings, offload=self.offload,  # this rank's windows' work
+                                           checkpoint_every=self.checkpoint_every, nsamples=self.part.nlocal,
+                                           nproc=1, rank=0)
             done, self.done_blocks = self.done_blocks, 0
             counted = phase_work(shape_of(self.model), settings, name, done=done)
             result = achieved(counted, seconds, measured_peak(self.device, self.dtype))
@@ -213,6 +214,10 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
     out = Path(config.out_dir)
     n, t = ids.shape
     part = partition(n, config.chunk_windows, ranks)
+    if config.batch_size > part.chunk:
+        log.warning("--batch-size %d: a call never crosses a chunk of %d windows, so at most %d windows go per call; "
+                    "pass --chunk-windows %d (or more) for batches of %d", config.batch_size, part.chunk, part.chunk,
+                    config.batch_size, config.batch_size)
     settings = PlanSettings(method=method, nsamples=n, seqlen=t, device=device.type, compute_dtype=dtype,
                             store_dtype=str(config.store_dtype), offload=str(config.offload),
                             head_chunk=config.head_chunk, batch_size=config.batch_size,
