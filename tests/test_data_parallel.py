@@ -47,6 +47,7 @@ def test_partition_deals_whole_chunks_and_covers_every_window_once(n, chunk):
 
 def test_auto_chunk_cuts_at_most_eight_chunks():
     assert [auto_chunk(n) for n in (1, 6, 8, 9, 128)] == [1, 1, 1, 2, 16]
+    assert [auto_chunk(n, b) for n, b in ((32, 8), (4, 8), (128, 4))] == [8, 4, 16]  # >= batch, <= N
     assert len(Partition(128, auto_chunk(128)).chunks) == 8
 
 
@@ -112,7 +113,7 @@ def _jobs(model: Path, calib: Path, root: Path) -> list[dict]:
     jobs.append(common | {"kind": "prune", "out": str(root / "gblm-b2c2-disk"), "method": "gblm",
                           "calib": cal | {"nsamples": 7}, "batch_size": 2, "chunk_windows": 2, "offload": "disk",
                           "checkpoint_every": 2, "grad_norm": "l2"})
-    jobs.append(common | {"kind": "gradients", "out": str(root / "grads"), "calib": cal, "batch_size": 3})
+    jobs.append(common | {"kind": "gradients", "out": str(root / "grads"), "calib": cal, "batch_size": 2})
     for name, src in (("eval-dense", model), ("eval-wanda", root / "wanda-unstructured")):
         jobs.append({"kind": "eval", "out": str(root / f"{name}.json"), "model_dir": str(src), "data": str(calib),
                      "seqlen": 32, "max_windows": 9, "device": "cpu", "progress": False, "batch_size": 2})
