@@ -36,7 +36,8 @@ def run_streamed(model: Path, ids: Path, work: Path, a, batch: int) -> dict:
     cmd = [sys.executable, "-m", "cli.main", "prune", str(model), str(out), "--method", "gblm",
            "--calib-ids", str(ids), "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
            "--device", a.device, "--dtype", "float32", "--alpha", str(a.alpha), "--sparsity", str(a.sparsity),
-           "--offload", a.offload, "--batch-size", str(batch), "--quiet"]
+           "--offload", a.offload, "--batch-size", str(batch), "--quiet",
+           "--chunk-windows", str(a.nsamples)]  # one chunk: calls of B windows (a call never crosses a chunk)
     wall, maxrss = run_child(cmd, child_env(a.threads), work / f"streamed-b{batch}.log")
     report = json.loads((out / "prune_report.json").read_text())
     phases = {p["phase"]: p for p in report["phases"]}

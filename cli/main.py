@@ -96,7 +96,7 @@ GpuMemory = Annotated[str | None, typer.Option(
 DiskSpace = Annotated[str | None, typer.Option(
     "--disk-space", help="disk budget, e.g. 500GB (default: free space where the output goes)")]
 ChunkWindows = Annotated[int | None, typer.Option(
-    "--chunk-windows", help="windows per reduction chunk (default: ceil(N/8), at least --batch-size); statistics "
+    "--chunk-windows", help="windows per reduction chunk (default: ceil(N/8); a call never crosses one); statistics "
     "are summed per chunk in chunk order, so the output does not depend on the number of ranks; ranks get whole ones")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="warnings and errors only; no progress")]
 AsJson = Annotated[bool, typer.Option("--json", help="print one JSON object")]

@@ -134,7 +134,7 @@ class RunConfig:
     grad_dtype: GradDtype = GradDtype.FLOAT32
     head_chunk: int | None = None  # tokens per head call in the gradient sweep (None: the whole window)
     checkpoint_every: int | None = None  # gradient sweep keeps every k-th block input (None: the planner's choice)
-    chunk_windows: int | None = None  # windows per reduction chunk (None: max(ceil(N/8), batch)); ranks get whole ones
+    chunk_windows: int | None = None  # windows per reduction chunk (None: ceil(N/8)); ranks get whole chunks
     prefetch: bool = True  # read the next block on a background thread (same bytes either way)
     progress: bool = True
     plan_check: bool = True  # refuse before heavy work when the planner says the run cannot fit
@@ -233,7 +233,7 @@ class EvalConfig:
     device: str = "auto"
     dtype: Dtype = Dtype.AUTO
     head_chunk: int | None = None  # tokens per head call (None: the whole window)
-    chunk_windows: int | None = None  # windows per chunk dealt to ranks (None: max(ceil(W/8), batch))
+    chunk_windows: int | None = None  # windows per chunk dealt to ranks (None: ceil(W/8))
     prefetch: bool = True
     progress: bool = True
 

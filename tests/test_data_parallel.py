@@ -47,7 +47,6 @@ def test_partition_deals_whole_chunks_and_covers_every_window_once(n, chunk):
 
 def test_auto_chunk_cuts_at_most_eight_chunks():
     assert [auto_chunk(n) for n in (1, 6, 8, 9, 128)] == [1, 1, 1, 2, 16]
-    assert [auto_chunk(n, b) for n, b in ((32, 8), (4, 8), (128, 4))] == [8, 4, 16]  # >= batch, <= N
     assert len(Partition(128, auto_chunk(128)).chunks) == 8
 
 

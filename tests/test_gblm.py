@@ -375,17 +375,17 @@ def test_batched_gradient_sweep_is_exact_per_window(tmp_path, tiny_model, ids_fi
     bit for bit, and the masks are the same."""
     n = _ids(ids_file).shape[0]
     files = {}
-    for batch in (1, 3, n):  # 3 does not divide the windows: a short last call
+    for batch in (1, 3, n):  # 3 does not divide the windows: a short last call; one chunk, so calls of n windows
         folder = tmp_path / f"b{batch}"
-        _gradients(tiny_model, folder, ids_file, grad_norm=norm, batch_size=batch)
+        _gradients(tiny_model, folder, ids_file, grad_norm=norm, batch_size=batch, chunk_windows=n)
         files[batch] = {name: t for i in range(3) for name, t in load_file(str(folder / block_file(i))).items()}
     for batch in (3, n):
         for name, g in files[batch].items():
             ref = files[1][name]
             assert float((g - ref).abs().max()) <= 1e-6 * float(ref.abs().max()), (batch, name)
             assert torch.equal(g, ref), (batch, name)  # bit for bit on this machine
-    _prune(tiny_model, tmp_path / "one", ids_file, grad_norm=norm)
-    _prune(tiny_model, tmp_path / "batched", ids_file, grad_norm=norm, batch_size=n)
+    _prune(tiny_model, tmp_path / "one", ids_file, grad_norm=norm, chunk_windows=n)
+    _prune(tiny_model, tmp_path / "batched", ids_file, grad_norm=norm, batch_size=n, chunk_windows=n)
     one, batched = _weights(tmp_path / "one"), _weights(tmp_path / "batched")
     assert all(torch.equal(one[k] != 0, batched[k] != 0) for k in one)
 

@@ -62,7 +62,7 @@ def streamed_perplexity(model: StreamedModel, ids: torch.Tensor, device: torch.d
     device = torch.device(device)
     t0 = time.perf_counter()
     w, t = ids.shape
-    part = partition(w, chunk_windows, ranks, batch_size)
+    part = partition(w, chunk_windows, ranks)
     local = ids[part.local_windows]  # [W_local, T]
     hidden = ActivationStore("cpu").new((part.nlocal, t, model.hidden_size), dtype, exact=True)  # in place
     embed(model, local, hidden, dtype)

@@ -213,7 +213,7 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
     dtype = resolve_dtype(config.dtype, device, model.checkpoint_dtype())
     out = Path(config.out_dir)
     n, t = ids.shape
-    part = partition(n, config.chunk_windows, ranks, config.batch_size)
+    part = partition(n, config.chunk_windows, ranks)
     if config.batch_size > part.chunk:
         log.warning("--batch-size %d: a call never crosses a chunk of %d windows, so at most %d windows go per call; "
                     "pass --chunk-windows %d (or more) for batches of %d", config.batch_size, part.chunk, part.chunk,
@@ -236,10 +236,10 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
     return Run(config, model, ids, device, dtype, out, plan, settings=settings, ranks=ranks, part=part)
 
 
-def partition(nsamples: int, chunk_windows: int | None, ranks: Ranks, batch_size: int = 1) -> Partition:
-    """The windows' chunks (``--chunk-windows``, default max(ceil(N/8), batch size)) dealt to ``ranks``; refused
-    when there are more ranks than chunks (a rank with no window would only wait)."""
-    chunk = chunk_windows or auto_chunk(nsamples, batch_size)
+def partition(nsamples: int, chunk_windows: int | None, ranks: Ranks) -> Partition:
+    """The windows' chunks (``--chunk-windows``, default ceil(N/8)) dealt to ``ranks``; refused when there are
+    more ranks than chunks (a rank with no window would only wait)."""
+    chunk = chunk_windows or auto_chunk(nsamples)
     part = Partition(nsamples, chunk, ranks.world, ranks.rank)
     if len(part.chunks) < ranks.world:
         raise InputError(f"{ranks.world} ranks but only {len(part.chunks)} chunk(s) of {chunk} windows "

@@ -52,13 +52,12 @@ class PlanSettings:
     checkpoint_every: int | str = 1  # gradient sweep: keep every k-th block input; "auto": the first k that fits
     nproc: int = 1  # data-parallel ranks (torchrun / accelerate launch): the prediction is for one of them
     rank: int = 0  # which: rank 0 writes OUT_DIR and folds the chunk sums; the others hold windows only
-    chunk_windows: int | None = None  # windows per reduction chunk (None: max(ceil(N/8), batch), as the engine)
+    chunk_windows: int | None = None  # windows per reduction chunk (None: ceil(N/8), as the engine)
 
     @property
     def partition(self) -> Partition:
         """The windows' chunks dealt to the ranks, as the engine deals them."""
-        chunk = self.chunk_windows or auto_chunk(self.nsamples, self.batch_size)
-        return Partition(self.nsamples, chunk, self.nproc, self.rank)
+        return Partition(self.nsamples, self.chunk_windows or auto_chunk(self.nsamples), self.nproc, self.rank)
 
     @property
     def local(self) -> int:

@@ -23,10 +23,11 @@ from functools import cached_property
 MAX_CHUNKS = 8  # the automatic chunk size cuts the windows into at most this many chunks (up to 8 ranks busy)
 
 
-def auto_chunk(nsamples: int, batch_size: int = 1) -> int:
-    """Windows per chunk for ``--chunk-windows auto``: ceil(N / MAX_CHUNKS), at least the batch size (a call never
-    crosses a chunk), at most N. It depends on N and the batch size, never on the number of ranks."""
-    return min(nsamples, max(1, -(-nsamples // MAX_CHUNKS), batch_size))
+def auto_chunk(nsamples: int) -> int:
+    """Windows per chunk for ``--chunk-windows auto``: ceil(N / MAX_CHUNKS). It depends on N only: not on the
+    number of ranks, nor on the batch size (so the gradient files stay the same bytes for every batch size; a
+    batch larger than a chunk is cut at the chunk's end)."""
+    return max(1, -(-nsamples // MAX_CHUNKS))
 
 
 @dataclass(frozen=True)
