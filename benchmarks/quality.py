@@ -15,6 +15,7 @@ Prints a table and ends with one JSON line; writes benchmarks/results/quality-<t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -28,8 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("quality")
 
-PATTERNS = [({"pattern": "unstructured", "sparsity": 0.5}, "50%"), ({"pattern": "4:8", "sparsity": None}, "4:8"),
+PATTERNS = [({"pattern": "unstructured", "sparsity": 0.5}, "50%"),
+            ({"pattern": "unstructured", "sparsity": 0.6}, "60%"),
+            ({"pattern": "unstructured", "sparsity": 0.7}, "70%"),
+            ({"pattern": "4:8", "sparsity": None}, "4:8"),
             ({"pattern": "2:4", "sparsity": None}, "2:4")]
+SCORE_METHODS = ("magnitude", "wanda", "gblm-l1", "gblm-l2")  # --updates applies to these
 METHODS = [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("gblm-l1", {"grad_norm": "l1"}),
            ("gblm-l2", {"grad_norm": "l2"})]
 
@@ -87,7 +92,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1, help="prune-sweep forward micro-batch")
     p.add_argument("--device", default="auto")
     p.add_argument("--methods", nargs="+", default=[m for m, _ in METHODS])
-    p.add_argument("--patterns", nargs="+", default=[s for _, s in PATTERNS])
+    p.add_argument("--patterns", nargs="+", default=["50%", "4:8", "2:4"], help="of: 50%%, 60%%, 70%%, 4:8, 2:4")
+    p.add_argument("--updates", nargs="+", default=["none"], help="--update values for the score methods: none obs lsq")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--skip-fetch", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep every pruned checkpoint under --work")
@@ -116,29 +122,33 @@ def main() -> None:
             if method.startswith("gblm"):
                 gdir = work / f"grad-{extra['grad_norm']}-s{seed}"
                 grads[method] = (gdir, *run_gradients(model, gdir, calib, extra["grad_norm"], a.device))
-            for options, short in PATTERNS:
+            for (options, short), update in itertools.product(PATTERNS, a.updates):
                 if short not in a.patterns or (not primary and short != "50%"):
                     continue
-                out = work / f"{method}-{short.replace(':', 'of').replace('%', 'pct')}-s{seed}"
+                if update != "none" and method not in SCORE_METHODS:
+                    continue
+                name = method if update == "none" else f"{method}+{update}"
+                out = work / f"{name}-{short.replace(':', 'of').replace('%', 'pct')}-s{seed}"
                 margs = {"method": "gblm", "gradients": str(grads[method][0]), **extra} if method.startswith(
                     "gblm") else {"method": method}
-                report, prune_s = run_prune(model, out, calib, a.device, batch_size=a.batch, **margs, **options)
+                report, prune_s = run_prune(model, out, calib, a.device, batch_size=a.batch, update=update, **margs,
+                                            **options)
                 res = evaluate(out, a)
-                rows.append({"method": method, "pattern": short, "seed": seed, **res, "prune_seconds": prune_s,
+                rows.append({"method": name, "pattern": short, "seed": seed, **res, "prune_seconds": prune_s,
                              "gradient_seconds": grads[method][1] if method in grads else None,
                              "gradient_phase": grads[method][2] if method in grads else None,
                              "report_sparsity": report["sparsity"]["overall"],
                              "peak_rss_bytes": max(ph["peak_rss_bytes"] for ph in report["phases"]),
                              "device_peak_bytes": max(ph["device_peak_allocated_bytes"] for ph in report["phases"])})
-                log.info("%s %s seed %d: ppl %.3f (prune %.1fs)", method, short, seed, res["ppl"], prune_s)
+                log.info("%s %s seed %d: ppl %.3f (prune %.1fs)", name, short, seed, res["ppl"], prune_s)
                 if not a.keep:
                     shutil.rmtree(out, ignore_errors=True)
 
     print(f"\nSmolLM2-135M, calibration {a.nsamples}x{a.seqlen} from wiki-offline:calib, "
           f"eval on wiki-offline:eval ({dense['windows']} windows of {a.seqlen}, {dense['tokens']} tokens)")
-    print(f"{'method':<11}{'pattern':<9}{'seed':<6}{'ppl':>10}{'sparsity':>10}{'prune s':>9}{'grad s':>8}")
+    print(f"{'method':<16}{'pattern':<9}{'seed':<6}{'ppl':>10}{'sparsity':>10}{'prune s':>9}{'grad s':>8}")
     for r in rows:
-        print(f"{r['method']:<11}{r['pattern']:<9}{'' if r['seed'] is None else r['seed']!s:<6}{r['ppl']:>10.3f}"
+        print(f"{r['method']:<16}{r['pattern']:<9}{'' if r['seed'] is None else r['seed']!s:<6}{r['ppl']:>10.3f}"
               f"{r['sparsity']:>10.4f}{r.get('prune_seconds') or 0:>9.1f}{r.get('gradient_seconds') or 0:>8.1f}")
     spread = {}
     for method in ("wanda", "gblm-l1"):

@@ -29,6 +29,7 @@ from lowmem_gblm.config import (
     Offload,
     PruneConfig,
     StoreDtype,
+    Update,
 )
 from lowmem_gblm.engine import compute_gradients, evaluate_checkpoint
 from lowmem_gblm.engine import prune as run_prune
@@ -95,6 +96,9 @@ GpuMemory = Annotated[str | None, typer.Option(
     "--gpu-memory", help="device budget, e.g. 24GiB (default: free CUDA memory)")]
 DiskSpace = Annotated[str | None, typer.Option(
     "--disk-space", help="disk budget, e.g. 500GB (default: free space where the output goes)")]
+UpdateOpt = Annotated[Update, typer.Option(
+    "--update", help="magnitude/wanda/gblm: after the mask, none (the published methods), obs (SparseGPT's OBS "
+    "sweep for that mask) or lsq (exact least squares per row) update of the kept weights")]
 ChunkWindows = Annotated[int | None, typer.Option(
     "--chunk-windows", help="windows per reduction chunk (default: ceil(N/8); a call never crosses one); statistics "
     "are summed per chunk in chunk order, so the output does not depend on the number of ranks; ranks get whole ones")]
@@ -159,6 +163,7 @@ def prune(
         "--pattern", help="unstructured, or N:M (N kept of every M)")] = "unstructured",
     magnitude_scope: Annotated[MagnitudeScope, typer.Option(
         "--magnitude-scope", help="magnitude: compare weights per output row or over the whole matrix")] = "row",
+    update: UpdateOpt = "none",
     calib: Calib = None,
     calib_ids: CalibIds = None,
     nsamples: NSamples = 128,
@@ -196,7 +201,7 @@ def prune(
         config = PruneConfig(
             model_dir=str(model_dir), out_dir=str(out_dir),
             calib=_calib(calib, calib_ids, nsamples, seqlen, seed), method=method, sparsity=sparsity,
-            pattern=pattern, magnitude_scope=magnitude_scope, device=device, dtype=dtype, alpha=alpha,
+            pattern=pattern, magnitude_scope=magnitude_scope, update=update, device=device, dtype=dtype, alpha=alpha,
             grad_norm=grad_norm, gradients=None if gradients is None else str(gradients), offload=offload,
             percdamp=percdamp, blocksize=blocksize, batch_size=batch_size, checkpoint_every=checkpoint_every,
             chunk_windows=chunk_windows, store_dtype=store_dtype,
@@ -294,6 +299,7 @@ def eval_cmd(
 def plan(
     model: Annotated[Path, typer.Argument(help="model folder or config.json (no weights needed)")],
     method: Method = "gblm",
+    update: UpdateOpt = "none",
     nsamples: NSamples = 128,
     seqlen: SeqLen = 2048,
     gpu_memory: Annotated[str | None, typer.Option(
@@ -322,7 +328,8 @@ def plan(
     with _expected_errors():
         budgets = Budgets.from_options(gpu_memory=gpu_memory, cpu_memory=cpu_memory, disk_dir=disk,
                                        disk_space=disk_space)
-        settings = PlanSettings(method=method, nsamples=nsamples, seqlen=seqlen,
+        settings = PlanSettings(method=method if str(update) == "none" else f"{method}+{update}",
+                                nsamples=nsamples, seqlen=seqlen,
                                 device="cuda" if budgets.gpu_memory else "cpu", compute_dtype=str(dtype),
                                 store_dtype=str(store_dtype), offload=str(offload),
                                 head_chunk="auto" if head_chunk is None else head_chunk, batch_size=batch_size,

@@ -57,6 +57,14 @@ class MagnitudeScope(Choice):
     MATRIX = "matrix"
 
 
+class Update(Choice):
+    """How the kept weights change after a score method chose the mask (methods.update)."""
+
+    NONE = "none"
+    OBS = "obs"
+    LSQ = "lsq"
+
+
 MethodName = _choices("MethodName", sorted(registered()))
 
 ALPHA_MAX = 3.4028234663852886e38  # float32's largest value: --alpha multiplies float32 scores, beyond it is inf
@@ -65,9 +73,9 @@ ALPHA_MAX = 3.4028234663852886e38  # float32's largest value: --alpha multiplies
 _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "prefetch", "plan_check",
                                 "cpu_memory", "gpu_memory", "disk_space", "checkpoint_every"})
 # Fingerprinted only when not at this default, so runs started before the option existed still resume.
-_FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chunk": None}
+_FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chunk": None, "update": "none"}
 _CHOICES = {"dtype": Dtype, "store_dtype": StoreDtype, "grad_dtype": GradDtype, "offload": Offload,
-            "grad_norm": GradNorm, "magnitude_scope": MagnitudeScope, "method": MethodName}
+            "grad_norm": GradNorm, "magnitude_scope": MagnitudeScope, "method": MethodName, "update": Update}
 
 
 def _coerce(cfg, name: str) -> None:
@@ -172,6 +180,7 @@ class PruneConfig(RunConfig):
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
     magnitude_scope: MagnitudeScope = MagnitudeScope.ROW
+    update: Update = Update.NONE  # score methods: none, or obs / lsq updates of the kept weights
     alpha: float = 100.0
     gradients: str | None = None  # GBLM: a finished gradient folder to reuse
     percdamp: float = 0.01
@@ -181,6 +190,7 @@ class PruneConfig(RunConfig):
     def __post_init__(self) -> None:
         get_method(str(self.method.value if isinstance(self.method, Enum) else self.method))  # the registry's error
         super().__post_init__()
+        self.method_spec  # noqa: B018 (refuses --update with a method that updates its own weights)
         Pattern.parse(self.pattern, self.sparsity)
         if not 0.0 <= self.alpha <= ALPHA_MAX:
             raise UsageError(f"--alpha must be a number in [0, {ALPHA_MAX:g}] (float32's range), got {self.alpha}")
@@ -195,7 +205,8 @@ class PruneConfig(RunConfig):
 
     @property
     def method_spec(self) -> Method:
-        return get_method(self.method)
+        """The registry's method, followed by ``--update`` of the kept weights when it is not none."""
+        return get_method(str(self.method) if str(self.update) == "none" else f"{self.method}+{self.update}")
 
     @property
     def runs_gradient_sweep(self) -> bool:

@@ -44,7 +44,7 @@ def keep_from_score(score: torch.Tensor, pattern: str, sparsity: float | None) -
 @torch.no_grad()
 def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "unstructured",
                    sparsity: float | None = 0.5, grads: dict | None = None, alpha: float = 0.0,
-                   blocksize: int = 128, percdamp: float = 0.01):
+                   blocksize: int = 128, percdamp: float = 0.01, update: str = "none"):
     """Prune the whole in-memory model: for each block, collect sum x^2 per linear input with hooks while
     the full model runs every window (earlier blocks already pruned), score, mask, go on."""
     model = load_full(model_dir)
@@ -81,5 +81,12 @@ def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "un
                 if method == "gblm":
                     score = score + alpha * (w.abs() * grads[f"model.layers.{i}.{n}.weight"])
             keep = keep_from_score(score, pattern, sparsity)
+            if update != "none":  # the kept weights rewritten for this mask (the package's update math, tested alone)
+                from lowmem_gblm.methods.update import lsq_update, obs_update
+
+                hessian = xtx[n] * (2.0 / ids.shape[0])
+                new = (obs_update(w, hessian, keep, blocksize, percdamp) if update == "obs"
+                       else lsq_update(w, hessian, keep, percdamp))
+                w.copy_(new)
             w.masked_fill_(~keep, 0)
     return model

@@ -160,7 +160,8 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
                     written = prune_linear(job, meth, stored.pop(name), device, dtype)
                 except Exception as exc:  # data-dependent ops cannot run on fake tensors
                     o, i = linear.weight.shape
-                    extra = o * i * (ACC_BYTES * 3 + 8 + 1) + i * i * ACC_BYTES
+                    extra = (meth.scratch_bytes(o, i) if meth.scratch_bytes is not None
+                             else o * i * (ACC_BYTES * 3 + 8 + 1) + i * i * ACC_BYTES)
                     mem.peak = max(mem.peak, mem.now + extra)
                     notes.append(f"{method} prune of {name}: {type(exc).__name__} on fake tensors; "
                                  f"counted {fmt_size(extra)} analytically")

@@ -70,7 +70,7 @@ PHASES = ("gradient_sweep", "prune_sweep", "eval")
 # terms computed in fp32 whatever the compute dtype (their speed is the fp32 peak's, not the run dtype's):
 # eval's logits (stream.head.HEAD_DTYPE), the Hessian (stream.stats.ACC_DTYPE) and SparseGPT's solve
 FP32_TERMS = frozenset({"head_forward_fp32", "hessian", "sparsegpt_cholesky", "sparsegpt_inverse",
-                        "sparsegpt_obs_update"})
+                        "sparsegpt_obs_update", "lsq_target", "lsq_cholesky", "lsq_solve"})
 
 CACHE_DIR = _CACHE  # ~/.cache/lowmem_gblm (XDG_CACHE_HOME honoured), where baseline_rss caches too
 PEAK_FILE = "matmul_peak.json"
@@ -122,6 +122,19 @@ def grad_head_positions(seqlen: int, head_chunk: int | None) -> int:
     whole window, T (its last row's logits are computed and dropped), unless chunked, then the T-1
     predicted ones. (Eval's ``window_nll`` always multiplies T-1.)"""
     return seqlen if head_chunk is None or head_chunk >= seqlen - 1 else seqlen - 1
+
+
+def lsq_flops(out_features: int, in_features: int) -> dict[str, int]:
+    """``methods.update.lsq_update`` on one [out, in] linear, counted with half the columns kept per row (50%; the
+    planner does not know the pattern): the target W H (2 out in^2), per row a Cholesky of its k x k system
+    (k^3/3) and the two triangular solves (2 k^2)."""
+    k = max(1, in_features // 2)
+    return {"lsq_target": 2 * out_features * in_features * in_features,
+            "lsq_cholesky": out_features * (k * (k + 1) * (2 * k + 1) // 6),
+            "lsq_solve": out_features * 2 * k * k}
+
+
+SOLVE_FLOPS = {"obs": lambda o, i: sparsegpt_flops(o, i), "lsq": lsq_flops}
 
 
 def hessian_flops(in_features: int, tokens: int) -> int:
@@ -293,9 +306,9 @@ def _prune_work(shape: ModelShape, s: PlanSettings, done: int) -> Work:
     flops = {"forward_statistics": todo * block if wanted else 0}
     if "hessian" in wanted:
         flops["hessian"] = todo * sum(hessian_flops(i, n * t) for _, i in shape.linear_shapes.values())
-    if s.method == "sparsegpt":
+    if meth.solve is not None:
         for o, i in shape.linear_shapes.values():
-            for term, value in sparsegpt_flops(o, i).items():
+            for term, value in SOLVE_FLOPS[meth.solve](o, i).items():
                 flops[term] = flops.get(term, 0) + todo * value
     flops["forward"] = L * block  # every block, pruned or replayed, makes the next block's inputs
     boundary = store_nbytes((n, t, d), s.store_dtype)

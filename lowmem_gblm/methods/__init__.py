@@ -43,6 +43,9 @@ class Method:
     prune: Callable[[LinearJob], torch.Tensor]  # returns keep [out, in] bool; updates job.weight
     summary: str  # one line for --help
     updates_weights: bool = False  # True: surviving weights change (SparseGPT); else only masked
+    solve: str | None = None  # the weight solve it runs per linear ("obs", "lsq"): counted by memory.work
+    scratch_bytes: Callable[[int, int], int] | None = None  # its peak on one [out, in] linear, when the planner's
+    # fake tensors cannot run it (data-dependent shapes); None: a generic estimate
 
     @property
     def needs_gradients(self) -> bool:
@@ -58,9 +61,12 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
-    if str(name) not in _REGISTRY:
-        raise UsageError(f"unknown method {str(name)!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[str(name)]
+    """A registered method by name; ``base+update`` (e.g. ``wanda+lsq``): the score method ``base`` with the
+    kept weights then updated (methods.update, ``--update``)."""
+    base, plus, update = str(name).partition("+")
+    if base not in _REGISTRY:
+        raise UsageError(f"unknown method {base!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return update_module.with_update(_REGISTRY[base], update) if plus else _REGISTRY[base]
 
 
 def registered() -> dict[str, Method]:
@@ -70,3 +76,4 @@ def registered() -> dict[str, Method]:
 
 # the built-in methods register themselves (after the registry above exists)
 from lowmem_gblm.methods import scored, sparsegpt  # noqa: E402,F401
+from lowmem_gblm.methods import update as update_module  # noqa: E402

@@ -112,8 +112,12 @@ def sparsegpt_prune(
     pattern: Pattern,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one linear. weight: [out, in] any float dtype; hessian: [in, in] (2/N sum X^T X).
+
+    ``keep`` [out, in] bool: a mask chosen beforehand (``--update obs``): the same OBS sweep prunes exactly
+    those weights and updates the rest, instead of choosing the mask inside the sweep.
 
     Returns (new_weight [out, in] fp32, keep [out, in] bool); new_weight is exactly 0 where keep is
     False. The inputs are not modified. Everything runs on ``weight.device``.
@@ -125,7 +129,9 @@ def sparsegpt_prune(
         )
     if blocksize < 1:
         raise UsageError(f"--blocksize must be >= 1, got {blocksize}")
-    if pattern.kind == "nm":
+    if keep is not None and keep.shape != weight.shape:
+        raise ValueError(f"keep must be {list(weight.shape)}, got {list(keep.shape)}")
+    if pattern.kind == "nm" and keep is None:
         pattern.check_columns(in_f, "weight")
 
     w, h = _prepare_hessian(weight, hessian, percdamp)  # [out, in], [in, in]
@@ -142,13 +148,15 @@ def sparsegpt_prune(
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]  # [count, count]
         d1 = torch.diagonal(hinv1)  # [count]
-        if pattern.kind == "nm":
+        if keep is not None:
+            prune1 = ~keep[:, i1:i2]  # the given mask: nothing is selected here
+        elif pattern.kind == "nm":
             prune1 = torch.zeros_like(w1, dtype=torch.bool)
         else:
             prune1 = _select_unstructured(w1, d1, pattern.sparsity)
 
         for i in range(count):
-            if pattern.kind == "nm" and i % pattern.m == 0:
+            if keep is None and pattern.kind == "nm" and i % pattern.m == 0:
                 drop = _select_nm(w1[:, i : i + pattern.m], d1[i : i + pattern.m], pattern.n)
                 prune1.scatter_(1, i + drop, True)
             col = w1[:, i]  # [out]
@@ -163,9 +171,8 @@ def sparsegpt_prune(
         prune[:, i1:i2] = prune1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # lazy batch update of the later columns
 
-    keep = ~prune
     w.masked_fill_(prune, 0.0)  # already 0 (q = 0 there); kept explicit for the contract
-    return w, keep
+    return w, ~prune
 
 
 def _sparsegpt(job: LinearJob) -> torch.Tensor:
@@ -182,4 +189,4 @@ def _sparsegpt(job: LinearJob) -> torch.Tensor:
 
 register(Method("sparsegpt", frozenset({"hessian"}), _sparsegpt,
                 "OBS-updated pruning with the inverse Hessian of the layer inputs (Frantar & Alistarh)",
-                updates_weights=True))
+                updates_weights=True, solve="obs"))
