@@ -235,3 +235,16 @@ def test_the_plan_is_per_rank(tiny_model):
     assert not PlanSettings(method="gblm", nsamples=1, seqlen=64).folds  # one chunk: nothing to fold
     with pytest.raises(UsageError, match="3 ranks but only 2 chunk"):
         plan(shape, PlanSettings(method="wanda", nsamples=4, seqlen=64, nproc=3, chunk_windows=2), budgets, baseline=0)
+
+
+def test_accelerate_launch_runs_the_same_job(tiny_model, calib_text, tmp_path):
+    """``accelerate launch --multi_gpu`` (torch's elastic launcher underneath; on CPU too) gives the same bytes."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _launch(1, _cli(tiny_model, ref, calib_text)).returncode == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           *_cli(tiny_model, out, calib_text)]
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "prune_report.json").read_text())["ranks"]["world_size"] == 2
+    assert _bytes(out) == _bytes(ref)
