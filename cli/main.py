@@ -25,6 +25,7 @@ from lowmem_gblm.config import (
     GradDtype,
     GradientConfig,
     GradNorm,
+    LayerSparsity,
     MagnitudeScope,
     Offload,
     PruneConfig,
@@ -164,6 +165,11 @@ def prune(
     magnitude_scope: Annotated[MagnitudeScope, typer.Option(
         "--magnitude-scope", help="magnitude: compare weights per output row or over the whole matrix")] = "row",
     update: UpdateOpt = "none",
+    layer_sparsity: Annotated[LayerSparsity, typer.Option(
+        "--layer-sparsity", help="uniform (every block at --sparsity) or owl (per block from the dense model's "
+        "outlier ratios, mean = --sparsity; unstructured only)")] = "uniform",
+    owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: blocks within 2*lambda of --sparsity")] = 0.08,
+    owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: outlier = score above M x the block's mean")] = 5.0,
     calib: Calib = None,
     calib_ids: CalibIds = None,
     nsamples: NSamples = 128,
@@ -201,7 +207,8 @@ def prune(
         config = PruneConfig(
             model_dir=str(model_dir), out_dir=str(out_dir),
             calib=_calib(calib, calib_ids, nsamples, seqlen, seed), method=method, sparsity=sparsity,
-            pattern=pattern, magnitude_scope=magnitude_scope, update=update, device=device, dtype=dtype, alpha=alpha,
+            pattern=pattern, magnitude_scope=magnitude_scope, update=update,
+            layer_sparsity=layer_sparsity, owl_lambda=owl_lambda, owl_m=owl_m, device=device, dtype=dtype, alpha=alpha,
             grad_norm=grad_norm, gradients=None if gradients is None else str(gradients), offload=offload,
             percdamp=percdamp, blocksize=blocksize, batch_size=batch_size, checkpoint_every=checkpoint_every,
             chunk_windows=chunk_windows, store_dtype=store_dtype,

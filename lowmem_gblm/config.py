@@ -57,6 +57,13 @@ class MagnitudeScope(Choice):
     MATRIX = "matrix"
 
 
+class LayerSparsity(Choice):
+    """How the target sparsity is spread over the decoder blocks."""
+
+    UNIFORM = "uniform"
+    OWL = "owl"
+
+
 class Update(Choice):
     """How the kept weights change after a score method chose the mask (methods.update)."""
 
@@ -73,9 +80,11 @@ ALPHA_MAX = 3.4028234663852886e38  # float32's largest value: --alpha multiplies
 _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "prefetch", "plan_check",
                                 "cpu_memory", "gpu_memory", "disk_space", "checkpoint_every"})
 # Fingerprinted only when not at this default, so runs started before the option existed still resume.
-_FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chunk": None, "update": "none"}
+_FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chunk": None, "update": "none",
+                       "layer_sparsity": "uniform", "owl_lambda": 0.08, "owl_m": 5.0}
 _CHOICES = {"dtype": Dtype, "store_dtype": StoreDtype, "grad_dtype": GradDtype, "offload": Offload,
-            "grad_norm": GradNorm, "magnitude_scope": MagnitudeScope, "method": MethodName, "update": Update}
+            "grad_norm": GradNorm, "magnitude_scope": MagnitudeScope, "method": MethodName, "update": Update,
+            "layer_sparsity": LayerSparsity}
 
 
 def _coerce(cfg, name: str) -> None:
@@ -181,6 +190,9 @@ class PruneConfig(RunConfig):
     pattern: str = "unstructured"
     magnitude_scope: MagnitudeScope = MagnitudeScope.ROW
     update: Update = Update.NONE  # score methods: none, or obs / lsq updates of the kept weights
+    layer_sparsity: LayerSparsity = LayerSparsity.UNIFORM  # owl: per-block sparsity from outlier ratios
+    owl_lambda: float = 0.08  # OWL: each block's sparsity within 2 * lambda of the target (Yin et al.: 0.08)
+    owl_m: float = 5.0  # OWL: an outlier is a Wanda score above M times the block's mean (Yin et al.: 5)
     alpha: float = 100.0
     gradients: str | None = None  # GBLM: a finished gradient folder to reuse
     percdamp: float = 0.01
@@ -191,6 +203,15 @@ class PruneConfig(RunConfig):
         get_method(str(self.method.value if isinstance(self.method, Enum) else self.method))  # the registry's error
         super().__post_init__()
         self.method_spec  # noqa: B018 (refuses --update with a method that updates its own weights)
+        if str(self.layer_sparsity) == "owl":
+            if self.parsed_pattern.kind != "unstructured":
+                raise UsageError(f"--layer-sparsity owl sets a sparsity per block; --pattern {self.pattern} fixes it "
+                                 "at N/M in every block: use --pattern unstructured with owl, or --layer-sparsity "
+                                 "uniform")
+            if not 0.0 <= self.owl_lambda < 0.5:
+                raise UsageError(f"--owl-lambda must be in [0, 0.5), got {self.owl_lambda}")
+            if not self.owl_m > 0.0:
+                raise UsageError(f"--owl-m must be > 0, got {self.owl_m}")
         Pattern.parse(self.pattern, self.sparsity)
         if not 0.0 <= self.alpha <= ALPHA_MAX:
             raise UsageError(f"--alpha must be a number in [0, {ALPHA_MAX:g}] (float32's range), got {self.alpha}")

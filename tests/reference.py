@@ -49,7 +49,10 @@ def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "un
     the full model runs every window (earlier blocks already pruned), score, mask, go on."""
     model = load_full(model_dir)
     layers = model.model.layers
+    per_layer = sparsity if isinstance(sparsity, list) else None  # OWL: one sparsity per block
     for i, layer in enumerate(layers):
+        if per_layer is not None:
+            sparsity = per_layer[i]
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         sums = {n: torch.zeros(m.in_features) for n, m in linears.items()}
         xtx = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}

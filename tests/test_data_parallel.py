@@ -110,6 +110,8 @@ def _jobs(model: Path, calib: Path, root: Path) -> list[dict]:
                                           "pattern": pattern, "sparsity": 0.5 if pattern == "unstructured" else None})
     jobs.append(common | {"kind": "prune", "out": str(root / "wanda-lsq-2_4"), "calib": cal, "method": "wanda",
                           "pattern": "2:4", "sparsity": None, "update": "lsq"})
+    jobs.append(common | {"kind": "prune", "out": str(root / "wanda-owl"), "calib": cal, "method": "wanda",
+                          "sparsity": 0.6, "layer_sparsity": "owl", "owl_m": 3.0})
     # batches inside chunks of 2 windows, a disk store, segment checkpoints
     jobs.append(common | {"kind": "prune", "out": str(root / "gblm-b2c2-disk"), "method": "gblm",
                           "calib": cal | {"nsamples": 7}, "batch_size": 2, "chunk_windows": 2, "offload": "disk",

@@ -7,6 +7,7 @@ pruned block is written to its own shard and recorded in the manifest before the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from lowmem_gblm.config import PruneConfig
 from lowmem_gblm.engine.gradients import GradientFeed, gradient_feed
+from lowmem_gblm.engine.layerwise import layer_sparsity
 from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import Run, open_model, open_run
 from lowmem_gblm.errors import InputError, UsageError
@@ -35,6 +37,7 @@ from lowmem_gblm.io.runstate import (
     remove_stale_temps,
 )
 from lowmem_gblm.io.writer import atomic_write_text, copy_side_files, save_tensors_atomic, shard_name, side_files
+from lowmem_gblm.mask import Pattern
 from lowmem_gblm.methods import Method
 from lowmem_gblm.methods.apply import BlockPruner, linear_report, statistics_needed
 from lowmem_gblm.runtime import dtype_name
@@ -133,18 +136,21 @@ def _prune_run(run: Run, config: PruneConfig, method: Method, manifest: RunState
     log.info("%s: %d blocks, %s, %d windows x %d tokens, method %s, pattern %s, store %s", model.root,
              model.num_blocks, model.family.name, n, t, method.name, config.parsed_pattern, run.offload)
     grads = gradient_feed(run, manifest, config.gradients) if method.needs_gradients else None
+    owl = layer_sparsity(run, config, manifest)
     if manifest is not None:
         _write_non_block_shard(run, manifest)
         run.done_blocks = sum(1 for k in manifest.done if k.startswith("block."))
     store = run.store_folder(out / STATE_DIR / "store")
     with run.phase("prune_sweep"), scratch(store):
-        linears = _PruneSweep(run, config, method, manifest, grads).sweep()
+        linears = _PruneSweep(run, config, method, manifest, grads, owl and owl["sparsity"]).sweep()
     ranks = run.rank_phases()
     if manifest is None:
         return None
     report = _finalize(run, config, manifest, linears, {"seconds_total": time.perf_counter() - t_start,
                                                          "offload": run.offload,
-                                                         "predicted": run.plan.summary()} | ranks)
+                                                         "predicted": run.plan.summary(),
+                                                         "layer_sparsity": {"kind": str(config.layer_sparsity),
+                                                                            **(owl or {})}} | ranks)
     _cleanup_state(out)
     return report
 
@@ -159,10 +165,16 @@ class _PruneSweep:
     OUT_DIR and the gradients, and writes."""
 
     def __init__(self, run: Run, config: PruneConfig, method: Method, manifest: RunState | None,
-                 grads: GradientFeed | None):
+                 grads: GradientFeed | None, sparsities: list[float] | None = None):
         self.run, self.config, self.method, self.manifest, self.grads = run, config, method, manifest, grads
         self.total_shards = run.model.num_blocks + 1
         self.pruner = BlockPruner(method, config.parsed_pattern, config.method_options(), run.device, run.dtype)
+        self.sparsities = sparsities  # per block (--layer-sparsity owl), else the pattern's everywhere
+
+    def pruner_for(self, i: int) -> BlockPruner:
+        if self.sparsities is None:
+            return self.pruner
+        return dataclasses.replace(self.pruner, pattern=Pattern.parse("unstructured", self.sparsities[i]))
 
     def sweep(self) -> dict:
         run = self.run
@@ -251,7 +263,7 @@ class _PruneSweep:
         if not run.ranks.writer:
             return {}, {}
         stored = run.model.stored_tensors(block, i, run.dtype)  # stored bytes, for exact unchanged tensors
-        self.pruner.prune(block, run.model.family.block_prefix(i), stats, run.nsamples,
+        self.pruner_for(i).prune(block, run.model.family.block_prefix(i), stats, run.nsamples,
                           self.grads.read(i) if self.grads else None, stored)
         prefix = run.model.family.block_prefix(i)
         return stored, {f"{prefix}{name}.weight": linear_report(stored[f"{prefix}{name}.weight"]) for name in names}
@@ -288,7 +300,8 @@ def _finalize(run: Run, config: PruneConfig, manifest: RunState, linears: dict, 
         "device": str(run.device),
         "compute_dtype": dtype_name(run.dtype),
         "calibration": {"windows": list(run.ids.shape), "sha256": run.ids_sha256},
-        "sparsity": {"overall": zeros / max(numel, 1), "zeros": zeros, "numel": numel, "per_linear": linears},
+        "sparsity": {"overall": zeros / max(numel, 1), "zeros": zeros, "numel": numel, "per_linear": linears,
+                     "per_block": _per_block(model, linears)},
         "phases": run.phase_dicts(),
         "versions": _versions(),
         **extra,
@@ -298,6 +311,16 @@ def _finalize(run: Run, config: PruneConfig, manifest: RunState, linears: dict, 
     atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))  # last: marks complete
     manifest.finish()
     return report
+
+
+def _per_block(model, linears: dict) -> list[float]:
+    """Each decoder block's measured sparsity over its linears (zeros / weights)."""
+    out = []
+    for i in range(model.num_blocks):
+        prefix = model.family.block_prefix(i)
+        rows = [r for name, r in linears.items() if name.startswith(prefix)]
+        out.append(sum(r["zeros"] for r in rows) / max(sum(prod(r["shape"]) for r in rows), 1))
+    return out
 
 
 def _previous_run_files(out: Path, config: PruneConfig, model_dir: Path) -> list[str]:

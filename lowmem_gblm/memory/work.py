@@ -66,7 +66,7 @@ from lowmem_gblm.stream.store import store_nbytes
 
 log = logging.getLogger(__name__)
 
-PHASES = ("gradient_sweep", "prune_sweep", "eval")
+PHASES = ("gradient_sweep", "prune_sweep", "eval", "owl_sweep")
 # terms computed in fp32 whatever the compute dtype (their speed is the fp32 peak's, not the run dtype's):
 # eval's logits (stream.head.HEAD_DTYPE), the Hessian (stream.stats.ACC_DTYPE) and SparseGPT's solve
 FP32_TERMS = frozenset({"head_forward_fp32", "hessian", "sparsegpt_cholesky", "sparsegpt_inverse",
@@ -239,6 +239,8 @@ def phase_work(shape: ModelShape, settings: PlanSettings, phase: str, *, done: i
     chunk = None if s.head_chunk in (None, 0) else int(s.head_chunk)
     if phase == "eval":
         return eval_work(shape, s.nsamples, s.seqlen, s.compute_dtype)
+    if phase == "owl_sweep":
+        return owl_work(shape, s)
     if phase == "gradient_sweep":
         if not get_method(s.method).needs_gradients:
             return Work(phase)
@@ -328,6 +330,17 @@ def _prune_work(shape: ModelShape, s: PlanSettings, done: int) -> Work:
         "output shards": todo * block_bytes(shape),  # the non-block shard is written before the phase
     }
     return Work("prune_sweep", _nonzero(flops), _nonzero(read), _nonzero(written))
+
+
+def owl_work(shape: ModelShape, s: PlanSettings) -> Work:
+    """engine.layerwise: the dense model's forward over every block with Σx² hooks (--layer-sparsity owl)."""
+    L, n, t, d = shape.num_blocks, s.nsamples, s.seqlen, shape.hidden
+    boundary = store_nbytes((n, t, d), s.store_dtype)
+    flops = {"forward": L * sum(matmul_flops(shape, t, n).values())}
+    read = {"checkpoint: blocks": L * block_bytes(shape),
+            "checkpoint: embedding rows": embedding_rows_bytes(shape, n * t), "store: boundaries": L * boundary}
+    written = {"store: boundaries": (L + 1) * boundary}
+    return Work("owl_sweep", _nonzero(flops), _nonzero(read), _nonzero(written))
 
 
 def eval_work(shape: ModelShape, windows: int, seqlen: int, compute_dtype: torch.dtype) -> Work:

@@ -1,0 +1,94 @@
+"""Per-block sparsity for ``--layer-sparsity owl``: one forward sweep of the dense model first.
+
+Every block's linears see the dense model's activations (block inputs from the dense blocks before it);
+their Σx² (summed per chunk, folded on the writer like every statistic) and the dense weights give each
+block's outlier ratio, and score.owl turns the ratios into per-block sparsities whose mean is the target.
+The writer records them in the manifest, so a resumed run reuses them (a kill during this sweep redoes
+the sweep: it writes nothing else). For GBLM the gradient sweep's own dense forward could supply the
+same statistics; it is a separate pass here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lowmem_gblm.config import PruneConfig
+from lowmem_gblm.engine.progress import PhaseProgress
+from lowmem_gblm.engine.run import Run
+from lowmem_gblm.errors import UsageError
+from lowmem_gblm.io.model import linear_names
+from lowmem_gblm.io.prefetch import BlockReader
+from lowmem_gblm.io.runstate import STATE_DIR, RunState
+from lowmem_gblm.score.owl import outlier_ratio, owl_sparsities
+from lowmem_gblm.stream.reduce import ChunkFold
+from lowmem_gblm.stream.stats import collect_inputs
+from lowmem_gblm.stream.store import scratch
+from lowmem_gblm.stream.sweep import embed, forward
+
+log = logging.getLogger(__name__)
+
+OWL_KEY = "owl"  # in the manifest: {"lambda", "m", "outlier_ratio": [L], "sparsity": [L]}
+
+
+def layer_sparsity(run: Run, config: PruneConfig, manifest: RunState | None) -> dict | None:
+    """{"outlier_ratio", "sparsity" per block, ...} for OWL (computed once, kept in the manifest); None for uniform.
+    Every rank calls it and gets the writer's result."""
+    if str(config.layer_sparsity) != "owl":
+        return None
+    ranks = run.ranks
+    saved = ranks.broadcast_object(manifest.data.get(OWL_KEY) if manifest is not None else None,
+                                   "OWL's per-block sparsity")
+    if saved is not None:
+        log.info("OWL: per-block sparsity from the manifest (%s)", _summary(saved))
+        return saved
+    folder = run.store_folder(run.out / STATE_DIR / "owl_store")
+    with run.phase("owl_sweep"), scratch(folder):
+        ratios = _outlier_ratios(run, config)
+    result, error = None, None
+    if ranks.writer:
+        try:
+            result = {"lambda": config.owl_lambda, "m": config.owl_m, "outlier_ratio": ratios,
+                      "sparsity": owl_sparsities(ratios, config.parsed_pattern.sparsity, config.owl_lambda)}
+            manifest.data[OWL_KEY] = result
+            manifest.save()
+        except UsageError as exc:
+            error = exc
+    ranks.agree(error, "OWL's per-block sparsity")
+    result = ranks.broadcast_object(result, "OWL's per-block sparsity")
+    log.info("OWL: %s", _summary(result))
+    return result
+
+
+def _summary(owl: dict) -> str:
+    s = owl["sparsity"]
+    return f"sparsity {min(s):.4f}..{max(s):.4f} (mean {sum(s) / len(s):.4f}), lambda {owl['lambda']:g}, M {owl['m']:g}"
+
+
+def _outlier_ratios(run: Run, config: PruneConfig) -> list[float] | None:
+    """The dense model's blocks in order: each block's outlier ratio (on the writer; None elsewhere)."""
+    store = run.store(run.out / STATE_DIR / "owl_store")
+    src, dst = store.new(run.boundary_shape, run.dtype, "o_a"), store.new(run.boundary_shape, run.dtype, "o_b")
+    embed(run.model, run.local_ids, src, run.dtype)
+    nblocks = run.model.num_blocks
+    ratios: list[float] = []
+    with BlockReader(run.model, [(i, None) for i in range(nblocks)], run.device, run.dtype,
+                     run.config.prefetch) as reader, \
+            PhaseProgress("owl", nblocks, run.part.nlocal, run.config.progress and run.ranks.writer) as progress:
+        for i in range(nblocks):
+            block = reader.next(i)
+            names = linear_names(block)
+            with collect_inputs(block, names, frozenset({"scaler_row"})) as stats:
+                fold = ChunkFold(run.ranks, run.part, f"OWL statistics of block {i}")
+                forward(block, run.ctx, src, dst, run.device, run.dtype, run.part, run.batch_size, progress.windows,
+                        lambda step, _stats=stats, _fold=fold: _fold.step(
+                            step, {n: accs["scaler_row"].total for n, accs in _stats.items()}))
+            if run.ranks.writer:
+                modules = dict(block.named_modules())
+                ratios.append(outlier_ratio([modules[n].weight.data for n in names],
+                                            [fold.result(n) / run.nsamples for n in names], config.owl_m))
+            del block
+            src, dst = dst, src
+            progress.block(f"block {i}")
+    for buf in (src, dst):
+        buf.release()
+    return ratios if run.ranks.writer else None
