@@ -94,6 +94,10 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=[m for m, _ in METHODS])
     p.add_argument("--patterns", nargs="+", default=["50%", "4:8", "2:4"], help="of: 50%%, 60%%, 70%%, 4:8, 2:4")
     p.add_argument("--updates", nargs="+", default=["none"], help="--update values for the score methods: none obs lsq")
+    p.add_argument("--layer-sparsities", nargs="+", default=["uniform"],
+                   help="uniform and/or owl (owl: score methods, unstructured patterns only)")
+    p.add_argument("--owl-lambda", type=float, default=0.08)
+    p.add_argument("--owl-m", type=float, default=5.0)
     p.add_argument("--tag", default="cpu")
     p.add_argument("--skip-fetch", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep every pruned checkpoint under --work")
@@ -122,12 +126,17 @@ def main() -> None:
             if method.startswith("gblm"):
                 gdir = work / f"grad-{extra['grad_norm']}-s{seed}"
                 grads[method] = (gdir, *run_gradients(model, gdir, calib, extra["grad_norm"], a.device))
-            for (options, short), update in itertools.product(PATTERNS, a.updates):
+            for (options, short), update, layers in itertools.product(PATTERNS, a.updates, a.layer_sparsities):
                 if short not in a.patterns or (not primary and short != "50%"):
                     continue
-                if update != "none" and method not in SCORE_METHODS:
+                if (update != "none" or layers != "uniform") and method not in SCORE_METHODS:
+                    continue
+                if layers == "owl" and options["pattern"] != "unstructured":
                     continue
                 name = method if update == "none" else f"{method}+{update}"
+                if layers == "owl":
+                    name += "+owl"
+                    options = options | {"layer_sparsity": "owl", "owl_lambda": a.owl_lambda, "owl_m": a.owl_m}
                 out = work / f"{name}-{short.replace(':', 'of').replace('%', 'pct')}-s{seed}"
                 margs = {"method": "gblm", "gradients": str(grads[method][0]), **extra} if method.startswith(
                     "gblm") else {"method": method}
