@@ -161,21 +161,28 @@ def test_no_rank_writes_outside_the_writers_out_dir(tiny_model, calib_text, tmp_
     assert not (out / ".lowmem" / "gradients").exists()
 
 
-@pytest.mark.parametrize("kill_at,resume_with", [("gradient_block:2", 3), ("block_done:2", 1)])
-def test_a_killed_job_resumes_with_another_number_of_ranks(tiny_model, calib_text, tmp_path, kill_at, resume_with):
-    ref, out = tmp_path / "ref", tmp_path / "out"
+@pytest.fixture(scope="module")
+def reference(tiny_model, calib_text, tmp_path_factory) -> dict[str, bytes]:
+    """The tensor files of ``_cli``'s run in one process, without a launcher (read-only for the tests)."""
+    ref = tmp_path_factory.mktemp("dp-ref") / "out"
     assert _launch(1, _cli(tiny_model, ref, calib_text)).returncode == 0
+    return _bytes(ref)
+
+
+@pytest.mark.parametrize("kill_at,resume_with", [("gradient_block:2", 3), ("block_done:2", 1)])
+def test_a_killed_job_resumes_with_another_number_of_ranks(tiny_model, calib_text, tmp_path, kill_at, resume_with,
+                                                           reference):
+    out = tmp_path / "out"
     killed = _launch(2, _cli(tiny_model, out, calib_text), LOWMEM_TEST_CRASH_AT=kill_at, LOWMEM_TEST_RANK="0")
     assert killed.returncode != 0
     assert not (out / "model.safetensors.index.json").exists()
     done = _launch(resume_with, _cli(tiny_model, out, calib_text))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert _bytes(out) == _bytes(ref)
+    assert _bytes(out) == reference
 
 
-def test_a_rank_killed_alone_stops_the_job_and_the_rerun_completes(tiny_model, calib_text, tmp_path):
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    assert _launch(1, _cli(tiny_model, ref, calib_text)).returncode == 0
+def test_a_rank_killed_alone_stops_the_job_and_the_rerun_completes(tiny_model, calib_text, tmp_path, reference):
+    out = tmp_path / "out"
     t0 = time.monotonic()
     killed = _launch(2, _cli(tiny_model, out, calib_text), LOWMEM_TEST_CRASH_AT="fold:5", LOWMEM_TEST_RANK="1")
     assert killed.returncode != 0
@@ -183,7 +190,7 @@ def test_a_rank_killed_alone_stops_the_job_and_the_rerun_completes(tiny_model, c
     assert "rank      : 1" in killed.stderr  # the launcher names the rank that died first
     done = _launch(2, _cli(tiny_model, out, calib_text))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert _bytes(out) == _bytes(ref)
+    assert _bytes(out) == reference
 
 
 def test_a_hung_rank_makes_the_others_fail_within_the_timeout_naming_it(tiny_model, calib_text, tmp_path):
@@ -239,14 +246,13 @@ def test_the_plan_is_per_rank(tiny_model):
         plan(shape, PlanSettings(method="wanda", nsamples=4, seqlen=64, nproc=3, chunk_windows=2), budgets, baseline=0)
 
 
-def test_accelerate_launch_runs_the_same_job(tiny_model, calib_text, tmp_path):
+def test_accelerate_launch_runs_the_same_job(tiny_model, calib_text, tmp_path, reference):
     """``accelerate launch --multi_gpu`` (torch's elastic launcher underneath; on CPU too) gives the same bytes."""
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    assert _launch(1, _cli(tiny_model, ref, calib_text)).returncode == 0
+    out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            *_cli(tiny_model, out, calib_text)]
     done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "prune_report.json").read_text())["ranks"]["world_size"] == 2
-    assert _bytes(out) == _bytes(ref)
+    assert _bytes(out) == reference
