@@ -76,13 +76,16 @@ def test_obs_with_sparsegpts_own_mask_gives_sparsegpts_weights(pattern, sparsity
     assert torch.equal(obs_update(w, h, keep, 16, 0.01), ref)
 
 
-def test_update_is_refused_for_sparsegpt_and_names_the_methods():
+def test_update_is_refused_for_sparsegpt_and_names_the_methods(tiny_model, calib_text, tmp_path):
     with pytest.raises(UsageError, match="applies to the score methods"):
         get_method("sparsegpt+obs")
     with pytest.raises(UsageError, match="unknown --update 'ridge'"):
         get_method("wanda+ridge")
-    result = CliRunner().invoke(app, ["prune", "m", "o", "--method", "sparsegpt", "--update", "lsq"])
+    result = CliRunner().invoke(app, ["prune", str(tiny_model), str(tmp_path / "o"), "--method", "sparsegpt",
+                                      "--update", "lsq", "--calib", str(calib_text), "--device", "cpu"])
     assert result.exit_code == 2
+    assert "applies to the score methods" in result.output
+    assert not (tmp_path / "o").exists()
     assert get_method("gblm+lsq").needs == {"scaler_row", "gradient", "hessian"}
 
 

@@ -8,8 +8,8 @@ in chunk order to its *total*:
 
 Rank 0 adds its own part, then receives each other rank's part of that step in rank order (= chunk
 order) into the same buffer. In a one-process run the fold is local and the same arithmetic, so the
-bytes never depend on the number of ranks. Memory: the writer holds part + total (2x one statistic
-set), the other ranks one part.
+bytes never depend on the number of ranks. Memory: with more than one chunk the writer holds part +
+total (2x one statistic set), the other ranks one part; with one chunk the part is the total.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ class ChunkFold:
         crash_point("fold")
         for name in sorted(parts):
             p = parts[name]
+            if ranks.writer and len(part.chunks) == 1:
+                self.totals[name] = p  # the only chunk: its sum is the total, kept as it is (no second copy)
+                continue
             if not ranks.writer:
                 if part.at_step(step) is not None:
                     ranks.send(p, 0, f"{self.what}: sending chunk {part.at_step(step)}")
