@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 
@@ -93,3 +94,40 @@ def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "un
                 w.copy_(new)
             w.masked_fill_(~keep, 0)
     return model
+
+
+def full_model(model_dir) -> torch.nn.Module:
+    """The whole model in fp32 with SDPA attention (what the streamed blocks use)."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval()
+
+
+def _block_linears(model) -> dict[str, nn.Linear]:
+    """checkpoint weight name -> linear, for every linear inside the decoder blocks."""
+    return {f"{name}.weight": m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and ".layers." in name}
+
+
+_REF_CACHE: dict[str, tuple[dict, dict, float]] = {}
+
+
+def reference_gradients(model_dir, ids: torch.Tensor) -> tuple[dict, dict, float]:
+    """Full-model per-sample autograd: (l1 = sum|g|, l2 = sqrt(sum g^2), mean loss)."""
+    key = f"{model_dir}|{hash(ids.numpy().tobytes())}"
+    if key not in _REF_CACHE:
+        model = full_model(model_dir)
+        linears = _block_linears(model)
+        l1 = {k: torch.zeros_like(m.weight) for k, m in linears.items()}
+        sq = {k: torch.zeros_like(m.weight) for k, m in linears.items()}
+        losses = []
+        for n in range(ids.shape[0]):
+            model.zero_grad(set_to_none=True)
+            loss = model(ids[n:n + 1], labels=ids[n:n + 1]).loss
+            loss.backward()
+            losses.append(float(loss.detach()))
+            for k, m in linears.items():
+                g = m.weight.grad.float()
+                l1[k] += g.abs()
+                sq[k] += g * g
+        _REF_CACHE[key] = (l1, {k: v.sqrt() for k, v in sq.items()}, sum(losses) / len(losses))
+    return _REF_CACHE[key]

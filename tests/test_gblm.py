@@ -27,6 +27,8 @@ from lowmem_gblm.io.runstate import GRADIENTS_JSON, STATE_DIR
 from lowmem_gblm.memory.plan import Budgets, PlanSettings, plan
 from lowmem_gblm.memory.shape import load_shape
 from lowmem_gblm.stream.segments import boundaries_held, kept_boundaries, recomputed_blocks, segments
+from tests.reference import full_model as _full_model
+from tests.reference import reference_gradients
 from tests.tiny import make_tiny_llama
 
 N, T = 4, 16  # calibration windows x tokens
@@ -62,44 +64,6 @@ def _ids(path: Path) -> torch.Tensor:
 
 def _calib(ids_file: Path) -> CalibConfig:
     return CalibConfig(ids_file=str(ids_file), nsamples=N, seqlen=T)
-
-
-def _full_model(model_dir: Path):
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
-    return model.eval()
-
-
-def _block_linears(model) -> dict[str, nn.Linear]:
-    """checkpoint weight name -> linear, for every linear inside the decoder blocks."""
-    return {f"{name}.weight": m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and ".layers." in name}
-
-
-_REF_CACHE: dict[str, tuple[dict, dict, float]] = {}
-
-
-def reference_gradients(model_dir: Path, ids: torch.Tensor) -> tuple[dict, dict, float]:
-    """Full-model per-sample autograd: (l1 = sum|g|, l2 = sqrt(sum g^2), mean loss)."""
-    key = f"{model_dir}|{hash(ids.numpy().tobytes())}"
-    if key not in _REF_CACHE:
-        model = _full_model(model_dir)
-        linears = _block_linears(model)
-        l1 = {k: torch.zeros_like(m.weight) for k, m in linears.items()}
-        sq = {k: torch.zeros_like(m.weight) for k, m in linears.items()}
-        losses = []
-        for n in range(ids.shape[0]):
-            model.zero_grad(set_to_none=True)
-            loss = model(ids[n:n + 1], labels=ids[n:n + 1]).loss
-            loss.backward()
-            losses.append(float(loss.detach()))
-            for k, m in linears.items():
-                g = m.weight.grad.float()
-                l1[k] += g.abs()
-                sq[k] += g * g
-        _REF_CACHE[key] = (l1, {k: v.sqrt() for k, v in sq.items()}, sum(losses) / len(losses))
-    return _REF_CACHE[key]
 
 
 def reference_gblm_masks(model_dir: Path, ids: torch.Tensor, grads: dict, alpha: float, sparsity: float) -> dict:

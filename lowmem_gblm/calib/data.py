@@ -114,10 +114,29 @@ def _jsonl_documents(path: Path, source: str) -> list[str]:
     return [t for t in ds["text"] if t is not None]
 
 
-def tokenize_joined(tokenizer, documents: list[str]) -> torch.Tensor:
-    """Documents joined with blank lines and tokenized once -> [L] int64."""
+def tokenize_joined(tokenizer, documents: list[str], special_tokens: bool = True) -> torch.Tensor:
+    """Documents joined with blank lines and tokenized once -> [L] int64 (``special_tokens`` False: without
+    the BOS/EOS the tokenizer would add)."""
     text = "\n\n".join(documents)
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    return torch.tensor(tokenizer(text, add_special_tokens=special_tokens)["input_ids"], dtype=torch.long)
+
+
+def window_bos(tokenizer, bos_per_window: bool, what: str) -> int | None:
+    """The BOS id every window starts with, for families that need it (Gemma); None for the others."""
+    if not bos_per_window:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise InputError(f"{what}: this model family starts every window with BOS, but the tokenizer has no "
+                         "bos_token; pass --calib-ids FILE.safetensors with windows that start with it")
+    return int(bos)
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """[N, T-1] -> [N, T] with ``bos`` in front (None: ``windows`` unchanged, already [N, T])."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
 
 
 def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str) -> torch.Tensor:
@@ -148,13 +167,21 @@ def sample_document_windows(tokenizer, documents: list[str], nsamples: int, seql
     return torch.stack(out)
 
 
-def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
+                        bos_per_window: bool = False) -> torch.Tensor:
+    """[N, T] windows. ``bos_per_window``: each is BOS + T-1 tokens of text (tokenized without special tokens),
+    as families that need BOS (Gemma) are evaluated; otherwise T tokens of the stream, as published."""
     documents = load_documents(source)
     if not documents:
         raise InputError(f"--calib {source}: no text found")
+    if seqlen < 2:
+        raise InputError(f"--seqlen must be at least 2 to predict a token, got {seqlen}")
+    bos = window_bos(tokenizer, bos_per_window, f"--calib {source}")
+    text_len = seqlen - (bos is not None)
     if source == "c4":
-        return sample_document_windows(tokenizer, documents, nsamples, seqlen, seed)
-    return sample_windows(tokenize_joined(tokenizer, documents), nsamples, seqlen, seed, f"--calib {source}")
+        return with_bos(sample_document_windows(tokenizer, documents, nsamples, text_len, seed), bos)
+    stream = tokenize_joined(tokenizer, documents, special_tokens=bos is None)
+    return with_bos(sample_windows(stream, nsamples, text_len, seed, f"--calib {source}"), bos)
 
 
 def load_ids(path: str | Path) -> torch.Tensor:
@@ -182,7 +209,8 @@ def save_ids(path: str | Path, ids: torch.Tensor) -> None:
     save_file({"input_ids": ids.contiguous()}, str(path), metadata={"format": "pt"})
 
 
-def resolve_windows(calib, tokenizer_dir: str | Path, vocab_size: int, max_positions: int | None) -> torch.Tensor:
+def resolve_windows(calib, tokenizer_dir: str | Path, vocab_size: int, max_positions: int | None,
+                    bos_per_window: bool = False) -> torch.Tensor:
     """The [N, T] windows a CalibConfig describes, validated against the model."""
     if calib.ids_file:
         ids = load_ids(calib.ids_file)
@@ -203,7 +231,7 @@ def resolve_windows(calib, tokenizer_dir: str | Path, vocab_size: int, max_posit
             raise InputError(
                 f"cannot load the tokenizer from {tokenizer_dir} ({exc}); pass --calib-ids FILE.safetensors instead"
             ) from exc
-        ids = calibration_windows(tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed)
+        ids = calibration_windows(tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed, bos_per_window)
     if int(ids.max()) >= vocab_size or int(ids.min()) < 0:
         raise InputError(f"calibration ids fall outside the model's vocabulary (size {vocab_size})")
     return ids
@@ -229,12 +257,17 @@ def split_windows(stream: torch.Tensor, seqlen: int, max_windows: int | None = N
     return stream[: count * seqlen].reshape(count, seqlen)
 
 
-def eval_windows(tokenizer, source: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+def eval_windows(tokenizer, source: str, seqlen: int, max_windows: int | None = None,
+                 bos_per_window: bool = False) -> torch.Tensor:
     """Evaluation windows [W, T] of a source (see ``load_documents``): documents joined with blank lines,
-    tokenized once, cut into non-overlapping windows."""
+    tokenized once, cut into non-overlapping windows (``bos_per_window``: BOS + T-1 tokens each)."""
     documents = load_documents(source)
     if not documents:
         raise InputError(f"--data {source}: no text found")
-    ids = split_windows(tokenize_joined(tokenizer, documents), seqlen, max_windows)
+    if seqlen < 2:
+        raise InputError(f"--seqlen must be at least 2 to predict a token, got {seqlen}")
+    bos = window_bos(tokenizer, bos_per_window, f"--data {source}")
+    stream = tokenize_joined(tokenizer, documents, special_tokens=bos is None)
+    ids = with_bos(split_windows(stream, seqlen - (bos is not None), max_windows), bos)
     log.info("eval %s: %d windows of %d tokens", source, ids.shape[0], seqlen)
     return ids

@@ -122,7 +122,7 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(str(config.model_dir))
     except Exception as exc:
         raise InputError(f"cannot load the tokenizer from {config.model_dir} ({exc})") from exc
-    ids = eval_windows(tokenizer, config.data, config.seqlen, config.max_windows)
+    ids = eval_windows(tokenizer, config.data, config.seqlen, config.max_windows, model.family.bos_per_window)
     device = resolve_device(config.device)
     ranks = current(device.type)
     device = ranks.device(device)

@@ -204,7 +204,8 @@ def open_model(model_dir: str | Path) -> StreamedModel:
 def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple[str, ...]) -> Run:
     """Windows, device, dtype and the plan check for ``phases`` of ``method`` on ``model``."""
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    ids = resolve_windows(config.calib, model.root, int(model.config.vocab_size), max_pos)
+    ids = resolve_windows(config.calib, model.root, int(model.config.vocab_size), max_pos,
+                          model.family.bos_per_window)
     if max_pos is not None and ids.shape[1] > max_pos:
         raise InputError(f"--seqlen {ids.shape[1]} exceeds the model's context ({max_pos} positions)")
     device = resolve_device(config.device)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+import torch
+
 from lowmem_gblm.errors import InputError
 
 
@@ -28,6 +30,13 @@ class Family:
     # tensors some checkpoints carry that transformers ignores on load (buffers it recomputes): skipped,
     # not written to the output
     ignored_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
+    # how config.json gives each layer its attention: "sliding_window" (one kind for every layer: sliding
+    # when config.sliding_window is set, as Mistral/Phi-3/Mixtral build their mask) or "layer_types"
+    # (config.layer_types[i], as Qwen2/Qwen3/Gemma 3 do)
+    attention_kinds: str = "sliding_window"
+    rotary_per_kind: bool = False  # the rotary class takes the layer's kind (Gemma 3: local and global rope)
+    embed_scale: bool = False  # embeddings are multiplied by sqrt(hidden_size) (Gemma)
+    bos_per_window: bool = False  # every calibration/evaluation window starts with BOS (Gemma needs it)
 
     def cls(self, attr: str):
         return getattr(importlib.import_module(self.module), getattr(self, attr))
@@ -38,6 +47,33 @@ class Family:
     def ignored(self, name: str) -> bool:
         return name.endswith(self.ignored_suffixes)
 
+    def layer_kinds(self, config) -> list[str]:
+        """Each layer's attention kind, "full_attention" or "sliding_attention", as the full model builds
+        its masks (transformers' ``create_causal_mask`` / ``create_sliding_window_causal_mask``)."""
+        n = int(config.num_hidden_layers)
+        if self.attention_kinds == "layer_types":
+            kinds = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
+        else:
+            kinds = ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * n
+        unknown = sorted(set(kinds) - set(ATTENTION_KINDS))
+        if len(kinds) != n or unknown:
+            raise InputError(f"config.json: layer_types {kinds!r} must name {n} layers, each one of "
+                             f"{', '.join(ATTENTION_KINDS)}")
+        return kinds
+
+    def rotary_tables(self, config, position_ids, dtype, device=None) -> dict:
+        """{attention kind: (cos, sin)} for ``position_ids`` [1, T], from the family's own rotary class."""
+        rotary = self.cls("rotary_class")(config=config)
+        if device is not None:
+            rotary = rotary.to(device)
+        probe = torch.zeros(1, position_ids.shape[-1], 1, device=position_ids.device, dtype=dtype)
+        kinds = sorted(set(self.layer_kinds(config)))
+        with torch.no_grad():
+            if self.rotary_per_kind:
+                return {k: rotary(probe, position_ids, k) for k in kinds}
+            table = rotary(probe, position_ids)
+        return dict.fromkeys(kinds, table)
+
     def check_sizes(self, config, where: str) -> None:
         """Refuse a config.json whose sizes are not positive integers, naming the field."""
         for field in self.sizes + self.optional_sizes:
@@ -46,18 +82,35 @@ class Family:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InputError(f"{where}: {field} is {value!r}; a positive integer is needed")
+        for field in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if getattr(config, field, None) is not None:
+                raise InputError(f"{where}: {field} is {getattr(config, field)!r}; logit soft-capping is not "
+                                 "supported (Gemma 2 uses it, Gemma 3 does not)")
         eps = getattr(config, "rms_norm_eps", None)
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
             raise InputError(f"{where}: rms_norm_eps is {eps!r}; a number between 0 and 1 is needed")
 
 
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
+
 FAMILIES: tuple[Family, ...] = (
+    # Llama 1-3 (Llama 3's rope scaling, rope_type "llama3", is the rotary class's business)
     Family("llama", ("LlamaForCausalLM",), "transformers.models.llama.modeling_llama",
            "LlamaDecoderLayer", "LlamaRotaryEmbedding", "LlamaRMSNorm"),
     Family("mistral", ("MistralForCausalLM",), "transformers.models.mistral.modeling_mistral",
            "MistralDecoderLayer", "MistralRotaryEmbedding", "MistralRMSNorm"),
     Family("qwen2", ("Qwen2ForCausalLM",), "transformers.models.qwen2.modeling_qwen2",
-           "Qwen2DecoderLayer", "Qwen2RotaryEmbedding", "Qwen2RMSNorm"),
+           "Qwen2DecoderLayer", "Qwen2RotaryEmbedding", "Qwen2RMSNorm", attention_kinds="layer_types"),
+    # Qwen3: q/k RMSNorm inside attention (block tensors, not linears)
+    Family("qwen3", ("Qwen3ForCausalLM",), "transformers.models.qwen3.modeling_qwen3",
+           "Qwen3DecoderLayer", "Qwen3RotaryEmbedding", "Qwen3RMSNorm", attention_kinds="layer_types"),
+    # Gemma 3 text: sliding and full layers with their own rope, four norms per block, scaled embedding
+    Family("gemma3_text", ("Gemma3ForCausalLM",), "transformers.models.gemma3.modeling_gemma3",
+           "Gemma3DecoderLayer", "Gemma3RotaryEmbedding", "Gemma3RMSNorm", attention_kinds="layer_types",
+           rotary_per_kind=True, embed_scale=True, bos_per_window=True),
+    # Phi-3/3.5: fused qkv_proj and gate_up_proj (ordinary linears, pruned per output row)
+    Family("phi3", ("Phi3ForCausalLM",), "transformers.models.phi3.modeling_phi3",
+           "Phi3DecoderLayer", "Phi3RotaryEmbedding", "Phi3RMSNorm"),
 )
 
 

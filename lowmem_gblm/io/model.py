@@ -116,11 +116,10 @@ class StreamedModel:
     def _check_rotary(self) -> None:
         """The rotary embedding config.json describes can be built and gives finite values (a bad
         ``rope_parameters`` would otherwise fail deep in the first block call)."""
+        self.family.layer_kinds(self.config)  # layer_types: one known kind per layer
         try:
-            rotary = self.family.cls("rotary_class")(config=self.config)
-            with torch.no_grad():
-                cos, sin = rotary(torch.zeros(1, 2, 1), torch.arange(2).unsqueeze(0))
-            ok = bool(torch.isfinite(cos).all() and torch.isfinite(sin).all())
+            tables = self.family.rotary_tables(self.config, torch.arange(2).unsqueeze(0), torch.float32)
+            ok = all(bool(torch.isfinite(cos).all() and torch.isfinite(sin).all()) for cos, sin in tables.values())
         except Exception as exc:  # transformers' own reading of the rope settings
             raise InputError(f"{self.root / 'config.json'}: its rotary embedding settings do not work "
                              f"({type(exc).__name__}: {exc})") from exc
@@ -189,6 +188,8 @@ class StreamedModel:
         [vocab, D] table in memory."""
         rows, local = torch.unique(ids.long(), sorted=True, return_inverse=True)
         table = self.index.read_rows(self.family.embed, rows).to(device=device, dtype=dtype)
+        if self.family.embed_scale:  # as Gemma's scaled embedding: the sqrt(D) scalar in the table's dtype
+            table = table * torch.tensor(self.hidden_size ** 0.5, dtype=torch.float32).to(dtype)
         return table, local
 
     def load_head(self, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:

@@ -34,7 +34,7 @@ from lowmem_gblm.methods import LinearJob, MethodOptions, get_method
 from lowmem_gblm.methods.apply import prune_linear, statistics_needed
 from lowmem_gblm.runtime import dtype_bytes
 from lowmem_gblm.stream import backward
-from lowmem_gblm.stream.context import BlockContext, run_block
+from lowmem_gblm.stream.context import BlockContext, KindInputs, run_block
 from lowmem_gblm.stream.head import HEAD_DTYPE, window_nll
 from lowmem_gblm.stream.stats import STATISTICS, collect_inputs
 from lowmem_gblm.units import fmt_size, prod
@@ -106,9 +106,17 @@ def _fake_block(shape: ModelShape, dtype: torch.dtype, device: torch.device):
 
 
 def _fake_ctx(shape: ModelShape, seqlen: int, dtype: torch.dtype, device: torch.device) -> BlockContext:
+    """BlockContext.build's structure on fake tensors: per attention kind, rotary tables and, for sliding
+    layers, a [1, 1, T, T] bool mask (full layers use SDPA's causal path)."""
     head_dim = getattr(shape.config, "head_dim", None) or shape.hidden // shape.config.num_attention_heads
-    cos = torch.empty(1, seqlen, head_dim, dtype=dtype, device=device)
-    return BlockContext(torch.arange(seqlen, device=device).unsqueeze(0), (cos, torch.empty_like(cos)))
+    kinds = tuple(shape.family.layer_kinds(shape.config))
+    inputs = {}
+    for kind in set(kinds):
+        cos = torch.empty(1, seqlen, head_dim, dtype=dtype, device=device)
+        mask = (torch.empty(1, 1, seqlen, seqlen, dtype=torch.bool, device=device)
+                if kind == "sliding_attention" else None)
+        inputs[kind] = KindInputs((cos, torch.empty_like(cos)), mask)
+    return BlockContext(torch.arange(seqlen, device=device).unsqueeze(0), kinds, inputs)
 
 
 def _fake_head(shape: ModelShape, dtype: torch.dtype, device: torch.device):
