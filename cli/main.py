@@ -170,6 +170,11 @@ def prune(
         "outlier ratios, mean = --sparsity; unstructured only)")] = "uniform",
     owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: blocks within 2*lambda of --sparsity")] = 0.08,
     owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: outlier = score above M x the block's mean")] = 5.0,
+    targets: Annotated[str | None, typer.Option(
+        "--targets", help="regex: prune only the decoder linears whose full name matches (re.search), e.g. "
+        "'mlp\\.' or 'layers\\.([0-9]|1[0-5])\\.'; default: every linear of every block")] = None,
+    ignore: Annotated[str | None, typer.Option(
+        "--ignore", help="regex: leave the matching decoder linears dense, e.g. 'down_proj'")] = None,
     calib: Calib = None,
     calib_ids: CalibIds = None,
     nsamples: NSamples = 128,
@@ -208,7 +213,8 @@ def prune(
             model_dir=str(model_dir), out_dir=str(out_dir),
             calib=_calib(calib, calib_ids, nsamples, seqlen, seed), method=method, sparsity=sparsity,
             pattern=pattern, magnitude_scope=magnitude_scope, update=update,
-            layer_sparsity=layer_sparsity, owl_lambda=owl_lambda, owl_m=owl_m, device=device, dtype=dtype, alpha=alpha,
+            layer_sparsity=layer_sparsity, owl_lambda=owl_lambda, owl_m=owl_m, targets=targets, ignore=ignore,
+            device=device, dtype=dtype, alpha=alpha,
             grad_norm=grad_norm, gradients=None if gradients is None else str(gradients), offload=offload,
             percdamp=percdamp, blocksize=blocksize, batch_size=batch_size, checkpoint_every=checkpoint_every,
             chunk_windows=chunk_windows, store_dtype=store_dtype,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -81,7 +82,8 @@ _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "
                                 "cpu_memory", "gpu_memory", "disk_space", "checkpoint_every"})
 # Fingerprinted only when not at this default, so runs started before the option existed still resume.
 _FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chunk": None, "update": "none",
-                       "layer_sparsity": "uniform", "owl_lambda": 0.08, "owl_m": 5.0}
+                       "layer_sparsity": "uniform", "owl_lambda": 0.08, "owl_m": 5.0, "targets": None,
+                       "ignore": None}
 _CHOICES = {"dtype": Dtype, "store_dtype": StoreDtype, "grad_dtype": GradDtype, "offload": Offload,
             "grad_norm": GradNorm, "magnitude_scope": MagnitudeScope, "method": MethodName, "update": Update,
             "layer_sparsity": LayerSparsity}
@@ -193,6 +195,8 @@ class PruneConfig(RunConfig):
     layer_sparsity: LayerSparsity = LayerSparsity.UNIFORM  # owl: per-block sparsity from outlier ratios
     owl_lambda: float = 0.08  # OWL: each block's sparsity within 2 * lambda of the target (Yin et al.: 0.08)
     owl_m: float = 5.0  # OWL: an outlier is a Wanda score above M times the block's mean (Yin et al.: 5)
+    targets: str | None = None  # regex (re.search) on a linear's full name: only those are pruned (None: all)
+    ignore: str | None = None  # regex (re.search) on a linear's full name: those are left dense
     alpha: float = 100.0
     gradients: str | None = None  # GBLM: a finished gradient folder to reuse
     percdamp: float = 0.01
@@ -213,6 +217,12 @@ class PruneConfig(RunConfig):
             if not self.owl_m > 0.0:
                 raise UsageError(f"--owl-m must be > 0, got {self.owl_m}")
         Pattern.parse(self.pattern, self.sparsity)
+        for flag, regex in (("--targets", self.targets), ("--ignore", self.ignore)):
+            if regex is not None:
+                try:
+                    re.compile(regex)
+                except re.error as exc:
+                    raise UsageError(f"{flag} {regex!r} is not a regular expression ({exc})") from None
         if not 0.0 <= self.alpha <= ALPHA_MAX:
             raise UsageError(f"--alpha must be a number in [0, {ALPHA_MAX:g}] (float32's range), got {self.alpha}")
         if not 0.0 <= self.percdamp <= 10.0:
@@ -223,6 +233,13 @@ class PruneConfig(RunConfig):
     @property
     def parsed_pattern(self) -> Pattern:
         return Pattern.parse(self.pattern, self.sparsity)
+
+    def prunes(self, linear: str) -> bool:
+        """Whether the linear of this full module name (e.g. ``model.layers.3.mlp.down_proj``) is pruned:
+        it matches --targets (when given) and not --ignore (llm-compressor's two lists, as regexes)."""
+        if self.targets is not None and not re.search(self.targets, linear):
+            return False
+        return self.ignore is None or not re.search(self.ignore, linear)
 
     @property
     def method_spec(self) -> Method:

@@ -45,16 +45,18 @@ def keep_from_score(score: torch.Tensor, pattern: str, sparsity: float | None) -
 @torch.no_grad()
 def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "unstructured",
                    sparsity: float | None = 0.5, grads: dict | None = None, alpha: float = 0.0,
-                   blocksize: int = 128, percdamp: float = 0.01, update: str = "none"):
+                   blocksize: int = 128, percdamp: float = 0.01, update: str = "none", prunes=None):
     """Prune the whole in-memory model: for each block, collect sum x^2 per linear input with hooks while
-    the full model runs every window (earlier blocks already pruned), score, mask, go on."""
+    the full model runs every window (earlier blocks already pruned), score, mask, go on. ``prunes``: which
+    linears (by full module name) are pruned; None: all."""
     model = load_full(model_dir)
     layers = model.model.layers
     per_layer = sparsity if isinstance(sparsity, list) else None  # OWL: one sparsity per block
     for i, layer in enumerate(layers):
         if per_layer is not None:
             sparsity = per_layer[i]
-        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
+                   and (prunes is None or prunes(f"model.layers.{i}.{n}"))}  # --targets / --ignore
         sums = {n: torch.zeros(m.in_features) for n, m in linears.items()}
         xtx = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
         hooks = []

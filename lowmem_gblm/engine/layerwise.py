@@ -16,7 +16,6 @@ from lowmem_gblm.config import PruneConfig
 from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import Run
 from lowmem_gblm.errors import UsageError
-from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.runstate import STATE_DIR, RunState
 from lowmem_gblm.score.owl import outlier_ratio, owl_sparsities
@@ -76,7 +75,7 @@ def _outlier_ratios(run: Run, config: PruneConfig) -> list[float] | None:
             PhaseProgress("owl", nblocks, run.part.nlocal, run.config.progress and run.ranks.writer) as progress:
         for i in range(nblocks):
             block = reader.next(i)
-            names = linear_names(block)
+            names = run.model.block_linears(i, config.prunes)
             with collect_inputs(block, names, frozenset({"scaler_row"})) as stats:
                 fold = ChunkFold(run.ranks, run.part, f"OWL statistics of block {i}")
                 forward(block, run.ctx, src, dst, run.device, run.dtype, run.part, run.batch_size, progress.windows,

@@ -22,7 +22,6 @@ from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import Run, open_model, open_run
 from lowmem_gblm.errors import InputError, UsageError
 from lowmem_gblm.io.checkpoint import INDEX_NAME, ShardChanged
-from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.runstate import (
     CALIB_IDS_NAME,
@@ -58,8 +57,18 @@ def prune(config: PruneConfig) -> dict:
     method = config.method_spec
     model = open_model(config.model_dir)
     pattern = config.parsed_pattern
+    chosen = [model.block_linears(i, config.prunes) for i in range(model.num_blocks)]
+    if not any(chosen):
+        raise UsageError(f"--targets {config.targets!r} / --ignore {config.ignore!r} select no linear of the "
+                         f"model's blocks (names look like {model.family.block_prefix(0)}"
+                         f"{next(iter(model.linear_shapes))})")
+    if str(config.layer_sparsity) == "owl" and not all(chosen):
+        empty = [i for i, names in enumerate(chosen) if not names]
+        raise UsageError(f"--layer-sparsity owl gives every block a sparsity, but --targets/--ignore leave block(s) "
+                         f"{empty[:5]} with no linear to prune")
     for name, (_, columns) in model.linear_shapes.items():
-        pattern.check_columns(columns, name)
+        if any(name in names for names in chosen):
+            pattern.check_columns(columns, name)
     phases = ("gradient_sweep", "prune_sweep") if config.runs_gradient_sweep else ("prune_sweep",)
     run = open_run(config, model, method.name, phases)
     try:
@@ -74,7 +83,7 @@ def prune(config: PruneConfig) -> dict:
             finished = run.ranks.broadcast_object(report, "whether OUT_DIR is already complete")
             if finished is not None:
                 return finished
-            report = _prune_run(run, config, method, manifest, t_start)
+            report = _prune_run(run, config, method, manifest, t_start, chosen)
     finally:
         run.close()
     if report is None:
@@ -129,8 +138,9 @@ def _open_output(run: Run, config: PruneConfig, stack: contextlib.ExitStack) -> 
 
 
 def _prune_run(run: Run, config: PruneConfig, method: Method, manifest: RunState | None,
-               t_start: float) -> dict | None:
-    """(Gradient sweep), prune sweep and finalize on every rank; the report on the writer (None elsewhere)."""
+               t_start: float, chosen: list[list[str]]) -> dict | None:
+    """(Gradient sweep), prune sweep and finalize on every rank; the report on the writer (None elsewhere).
+    chosen[i]: block i's linears to prune (--targets / --ignore)."""
     model, out = run.model, run.out
     n, t = run.ids.shape
     log.info("%s: %d blocks, %s, %d windows x %d tokens, method %s, pattern %s, store %s", model.root,
@@ -142,7 +152,7 @@ def _prune_run(run: Run, config: PruneConfig, method: Method, manifest: RunState
         run.done_blocks = sum(1 for k in manifest.done if k.startswith("block."))
     store = run.store_folder(out / STATE_DIR / "store")
     with run.phase("prune_sweep"), scratch(store):
-        linears = _PruneSweep(run, config, method, manifest, grads, owl and owl["sparsity"]).sweep()
+        linears = _PruneSweep(run, config, method, manifest, grads, owl and owl["sparsity"], chosen).sweep()
     ranks = run.rank_phases()
     if manifest is None:
         return None
@@ -150,7 +160,8 @@ def _prune_run(run: Run, config: PruneConfig, method: Method, manifest: RunState
                                                          "offload": run.offload,
                                                          "predicted": run.plan.summary(),
                                                          "layer_sparsity": {"kind": str(config.layer_sparsity),
-                                                                            **(owl or {})}} | ranks)
+                                                                            **(owl or {})},
+                                                         "skipped": _skipped(model, chosen)} | ranks)
     _cleanup_state(out)
     return report
 
@@ -165,8 +176,9 @@ class _PruneSweep:
     OUT_DIR and the gradients, and writes."""
 
     def __init__(self, run: Run, config: PruneConfig, method: Method, manifest: RunState | None,
-                 grads: GradientFeed | None, sparsities: list[float] | None = None):
+                 grads: GradientFeed | None, sparsities: list[float] | None, selected: list[list[str]]):
         self.run, self.config, self.method, self.manifest, self.grads = run, config, method, manifest, grads
+        self.selected = selected  # per block: the linears pruned (--targets / --ignore)
         self.total_shards = run.model.num_blocks + 1
         self.pruner = BlockPruner(method, config.parsed_pattern, config.method_options(), run.device, run.dtype)
         self.sparsities = sparsities  # per block (--layer-sparsity owl), else the pattern's everywhere
@@ -249,7 +261,7 @@ class _PruneSweep:
         linear pruned in place. Returns (block i's tensors to write under their checkpoint names in the stored
         dtypes, per-linear report); empty on the other ranks."""
         run, method = self.run, self.method
-        names = linear_names(block)
+        names = self.selected[i]
         wanted = statistics_needed(method, STATISTICS)
         with collect_inputs(block, names, wanted) as stats:
             if wanted:
@@ -264,7 +276,7 @@ class _PruneSweep:
             return {}, {}
         stored = run.model.stored_tensors(block, i, run.dtype)  # stored bytes, for exact unchanged tensors
         self.pruner_for(i).prune(block, run.model.family.block_prefix(i), stats, run.nsamples,
-                          self.grads.read(i) if self.grads else None, stored)
+                                 self.grads.read(i) if self.grads else None, stored, names)
         prefix = run.model.family.block_prefix(i)
         return stored, {f"{prefix}{name}.weight": linear_report(stored[f"{prefix}{name}.weight"]) for name in names}
 
@@ -311,6 +323,12 @@ def _finalize(run: Run, config: PruneConfig, manifest: RunState, linears: dict, 
     atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))  # last: marks complete
     manifest.finish()
     return report
+
+
+def _skipped(model, chosen: list[list[str]]) -> list[str]:
+    """Every decoder linear left dense by --targets / --ignore, by its weight's full name."""
+    return [f"{model.family.block_prefix(i)}{n}.weight" for i in range(model.num_blocks)
+            for n in model.linear_shapes if n not in chosen[i]]
 
 
 def _per_block(model, linears: dict) -> list[float]:

@@ -146,6 +146,12 @@ class StreamedModel:
         modules = dict(self._meta_block.named_modules())
         return {n: (modules[n].out_features, modules[n].in_features) for n in linear_names(self._meta_block)}
 
+    def block_linears(self, i: int, chosen=None) -> list[str]:
+        """Block i's linear names (relative to the block, in module order) that ``chosen(full module name)``
+        accepts (None: every one)."""
+        prefix = self.family.block_prefix(i)
+        return [n for n in self.linear_shapes if chosen is None or chosen(prefix + n)]
+
     # -- building ------------------------------------------------------------------------------
     def build_block(self, i: int) -> nn.Module:
         layer_cls = self.family.cls("layer_class")

@@ -52,12 +52,12 @@ class BlockPruner:
     dtype: torch.dtype
 
     def prune(self, block: nn.Module, prefix: str, stats: dict[str, dict], nsamples: int,
-              gradients: Mapping | None, stored: dict[str, torch.Tensor]) -> None:
-        """Prune every linear of ``block`` (weights named ``prefix`` + name + ``.weight``); ``stored[name]``
-        is replaced by the bytes to write. stats: linear name -> {statistic: accumulator} (cleared here);
-        gradients: full weight name -> G [out, in] (GBLM)."""
+              gradients: Mapping | None, stored: dict[str, torch.Tensor], names: list[str] | None = None) -> None:
+        """Prune the linears ``names`` of ``block`` (default: every one; weights named ``prefix`` + name +
+        ``.weight``); ``stored[name]`` is replaced by the bytes to write. stats: linear name -> {statistic:
+        accumulator} (cleared here); gradients: full weight name -> G [out, in] (GBLM)."""
         modules = dict(block.named_modules())
-        for name in linear_names(block):
+        for name in linear_names(block) if names is None else names:
             full = f"{prefix}{name}.weight"
             finished = {s: acc.result(nsamples) for s, acc in stats.get(name, {}).items()}
             if self.method.needs_gradients:
