@@ -15,7 +15,16 @@ def load_ids(out_dir) -> torch.Tensor:
 
 
 def load_full(model_dir) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    """fp32; fused experts (mixtures of experts) run transformers' eager per-expert loop."""
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                experts_implementation="eager").eval()
+
+
+def _experts(layer):
+    """The fused experts module of a mixture-of-experts block (transformers 5), else None."""
+    mlp = getattr(layer, "mlp", None)
+    experts = getattr(mlp, "experts", None)
+    return experts if experts is not None and hasattr(experts, "gate_up_proj") else None
 
 
 def _row_keep(score: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -66,10 +75,20 @@ def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "un
                 _sums[_n] += (x * x).sum(0)
                 _xtx[_n] += x.t() @ x
             hooks.append(m.register_forward_pre_hook(hook))
+        experts, routed = _experts(layer), {}
+        if experts is not None:  # the tokens the router sends to each expert, in the expert loop's order
+            def moe_hook(_m, args, _routed=routed):
+                hidden, top_k_index = args[0], args[1]
+                for e in range(_m.num_experts):
+                    _pos, tok = torch.where(top_k_index.t() == e)
+                    _routed.setdefault(e, []).append(hidden[tok])
+            hooks.append(experts.register_forward_pre_hook(moe_hook))
         for k in range(ids.shape[0]):
             model.model(ids[k:k + 1])
         for h in hooks:
             h.remove()
+        if experts is not None:
+            _prune_experts(experts, routed, i, ids.shape[0], method, pattern, sparsity, grads, alpha)
         for n, m in linears.items():
             w = m.weight
             if method == "sparsegpt":
@@ -100,36 +119,68 @@ def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "un
 
 def full_model(model_dir) -> torch.nn.Module:
     """The whole model in fp32 with SDPA attention (what the streamed blocks use)."""
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa",
+                                                 experts_implementation="eager")
     return model.eval()
 
 
-def _block_linears(model) -> dict[str, nn.Linear]:
-    """checkpoint weight name -> linear, for every linear inside the decoder blocks."""
-    return {f"{name}.weight": m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and ".layers." in name}
+def _block_weights(model) -> dict[str, torch.Tensor]:
+    """name -> weight for every linear inside the decoder blocks (checkpoint names) and every fused expert
+    parameter (module names, [E, out, in])."""
+    out = {f"{name}.weight": m.weight for name, m in model.named_modules()
+           if isinstance(m, nn.Linear) and ".layers." in name}
+    out.update({name: p for name, p in model.named_parameters()
+                if ".layers." in name and ".experts." in name and p.dim() == 3})
+    return out
 
 
 _REF_CACHE: dict[str, tuple[dict, dict, float]] = {}
 
 
 def reference_gradients(model_dir, ids: torch.Tensor) -> tuple[dict, dict, float]:
-    """Full-model per-sample autograd: (l1 = sum|g|, l2 = sqrt(sum g^2), mean loss)."""
+    """Full-model per-sample autograd: (l1 = sum|g|, l2 = sqrt(sum g^2), mean loss), by _block_weights' names."""
     key = f"{model_dir}|{hash(ids.numpy().tobytes())}"
     if key not in _REF_CACHE:
         model = full_model(model_dir)
-        linears = _block_linears(model)
-        l1 = {k: torch.zeros_like(m.weight) for k, m in linears.items()}
-        sq = {k: torch.zeros_like(m.weight) for k, m in linears.items()}
+        weights = _block_weights(model)
+        l1 = {k: torch.zeros_like(w) for k, w in weights.items()}
+        sq = {k: torch.zeros_like(w) for k, w in weights.items()}
         losses = []
         for n in range(ids.shape[0]):
             model.zero_grad(set_to_none=True)
             loss = model(ids[n:n + 1], labels=ids[n:n + 1]).loss
             loss.backward()
             losses.append(float(loss.detach()))
-            for k, m in linears.items():
-                g = m.weight.grad.float()
+            for k, w in weights.items():
+                g = w.grad.float()
                 l1[k] += g.abs()
                 sq[k] += g * g
         _REF_CACHE[key] = (l1, {k: v.sqrt() for k, v in sq.items()}, sum(losses) / len(losses))
     return _REF_CACHE[key]
+
+
+def _prune_experts(experts, routed: dict, i: int, nsamples: int, method: str, pattern: str, sparsity, grads,
+                   alpha: float) -> None:
+    """Wanda / GBLM / magnitude on each expert's gate rows, up rows and down matrix, with the tokens routed to
+    it (an expert with none: magnitude); every score from the dense block, then the masks."""
+    inter = experts.down_proj.shape[-1]
+    masks = []
+    for e in range(experts.num_experts):
+        x = torch.cat(routed[e]) if routed.get(e) else torch.zeros(0, experts.gate_up_proj.shape[-1])
+        gate_up = experts.gate_up_proj.data[e]
+        gate, up = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up  # the down matrix's input
+        sq_in, sq_h = (x.float() ** 2).sum(0), (h.float() ** 2).sum(0)
+        for w, sq, key in ((gate_up[:inter], sq_in, ("gate_up_proj", e, slice(0, inter))),
+                           (gate_up[inter:], sq_in, ("gate_up_proj", e, slice(inter, None))),
+                           (experts.down_proj.data[e], sq_h, ("down_proj", e, slice(None)))):
+            if method == "magnitude" or x.shape[0] == 0:
+                score = w.abs()
+            else:
+                score = w.abs() * torch.sqrt(sq / nsamples).reshape(1, -1)
+                if method == "gblm":
+                    param, _e, rows = key
+                    score = score + alpha * (w.abs() * grads[f"model.layers.{i}.mlp.experts.{param}"][e, rows])
+            masks.append((w, keep_from_score(score, pattern, sparsity)))
+    for w, keep in masks:
+        w.masked_fill_(~keep, 0)

@@ -28,7 +28,7 @@ from lowmem_gblm.io.gradfiles import block_file
 from lowmem_gblm.io.model import StreamedModel
 from lowmem_gblm.stream.context import BlockContext
 from tests.reference import full_model, inmemory_prune, reference_gradients
-from tests.tiny import FAMILY_KINDS, SLIDING, make_tiny_family, make_tokenizer, sample_text
+from tests.tiny import FAMILY_KINDS, MOE_KINDS, SLIDING, make_tiny_family, make_tokenizer, sample_text
 
 N, T, VOCAB = 4, 24, 320
 REPO = Path(__file__).resolve().parents[1]
@@ -59,11 +59,37 @@ def _prune(model_dir: Path, out: Path, ids_file: Path, **kw) -> dict:
     return prune(PruneConfig(model_dir=str(model_dir), out_dir=str(out), calib=calib, **options))
 
 
+# where the tiny MoE checkpoints keep each expert's matrices (what transformers' save_pretrained writes)
+STORED_EXPERTS = {"mixtral": ("block_sparse_moe.experts.{e}.{m}.weight", ("w1", "w3"), "w2"),
+                  "qwen3_moe": ("mlp.experts.{e}.{m}.weight", ("gate_proj", "up_proj"), "down_proj")}
+
+
 def _block_weights(out: Path) -> dict[str, torch.Tensor]:
     tensors = {}
-    for p in sorted(out.glob("model-*.safetensors")):
+    for p in sorted(out.glob("*.safetensors")):
         tensors.update(load_file(str(p)))
     return {n: t for n, t in tensors.items() if ".layers." in n and t.dim() == 2}
+
+
+def _saved(model, folder: Path) -> dict[str, torch.Tensor]:
+    """The in-memory model's block matrices as transformers itself saves them (one per expert and matrix)."""
+    model.save_pretrained(str(folder))
+    return _block_weights(folder)
+
+
+def _stored_grads(kind: str, grads: dict) -> dict:
+    """Reference gradients of fused expert parameters [E, out, in] split into the stored matrices."""
+    out = {k: v for k, v in grads.items() if ".mlp.experts." not in k}
+    for key, g in grads.items():
+        if key.endswith("mlp.experts.gate_up_proj"):
+            fmt, (gate, up), down = STORED_EXPERTS[kind]
+            prefix, inter = key[: key.index("mlp.experts.")], g.shape[1] // 2
+            dn = grads[prefix + "mlp.experts.down_proj"]
+            for e in range(g.shape[0]):
+                out[prefix + fmt.format(e=e, m=gate)] = g[e, :inter]
+                out[prefix + fmt.format(e=e, m=up)] = g[e, inter:]
+                out[prefix + fmt.format(e=e, m=down)] = dn[e]
+    return out
 
 
 def test_wanda_masks_weights_and_logits_equal_the_in_memory_reference(family_model, ids_file, tmp_path):
@@ -72,11 +98,13 @@ def test_wanda_masks_weights_and_logits_equal_the_in_memory_reference(family_mod
     report = _prune(model_dir, out, ids_file)
     ids = _ids(ids_file)
     ref = inmemory_prune(model_dir, ids, "wanda", "unstructured", 0.5)
-    got, want = _block_weights(out), ref.state_dict()
-    assert len(got) == 3 * len(StreamedModel.open(model_dir).linear_shapes)
+    got, want = _block_weights(out), _saved(ref, tmp_path / "ref")
+    assert sorted(got) == sorted(want)
+    assert len(report["sparsity"]["per_linear"]) == 3 * len(StreamedModel.open(model_dir).linear_shapes)
     for name, w in got.items():
         assert torch.equal(w, want[name]), f"{kind}: {name} differs"
     assert report["sparsity"]["overall"] == pytest.approx(0.5)
+    assert report["magnitude_fallback"] == []
     loaded, info = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
@@ -90,7 +118,8 @@ def test_gradients_and_gblm_masks_equal_full_model_autograd(family_model, ids_fi
     calib = CalibConfig(ids_file=str(ids_file), nsamples=N, seqlen=T)
     result = compute_gradients(GradientConfig(model_dir=str(model_dir), out_dir=str(folder), calib=calib,
                                               device="cpu", progress=False, batch_size=2))
-    l1, _, mean_loss = reference_gradients(model_dir, ids)
+    fused, _, mean_loss = reference_gradients(model_dir, ids)
+    l1 = _stored_grads(kind, fused)
     got = {}
     for i in range(3):
         got.update(load_file(str(folder / block_file(i))))
@@ -101,7 +130,8 @@ def test_gradients_and_gblm_masks_equal_full_model_autograd(family_model, ids_fi
     assert result["mean_loss"] == pytest.approx(mean_loss, rel=1e-5)
 
     _prune(model_dir, tmp_path / "out", ids_file, method="gblm", gradients=str(folder), alpha=100.0)
-    ref = inmemory_prune(model_dir, ids, "gblm", "unstructured", 0.5, grads=l1, alpha=100.0).state_dict()
+    ref = _saved(inmemory_prune(model_dir, ids, "gblm", "unstructured", 0.5, grads=fused, alpha=100.0),
+                 tmp_path / "ref")
     for name, w in _block_weights(tmp_path / "out").items():
         assert torch.equal(w != 0, ref[name] != 0), f"{kind}: GBLM mask of {name} differs"
 
@@ -196,3 +226,35 @@ def test_logit_softcapping_is_refused_by_name(tmp_path):
                                                        '"final_logit_softcapping": 30.0'))
     with pytest.raises(InputError, match="final_logit_softcapping"):
         StreamedModel.open(model_dir)
+
+
+# -- mixtures of experts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_experts_pruned_per_row_and_a_starved_expert_falls_back_to_magnitude(kind, ids_file, tmp_path):
+    model_dir = make_tiny_family(tmp_path / "m", kind, seed=4, starve=True)
+    report = _prune(model_dir, tmp_path / "out", ids_file)
+    fmt, (gate, up), down = STORED_EXPERTS[kind]
+    per_linear = report["sparsity"]["per_linear"]
+    starved = sorted(n for n, r in per_linear.items() if "fallback" in r)
+    assert report["magnitude_fallback"] == starved
+    # experts 2 and 3 of every block: their three matrices, and nothing else
+    assert starved == sorted(f"model.layers.{i}.{fmt.format(e=e, m=m)}" for i in range(3) for e in (2, 3)
+                             for m in (gate, up, down))
+    dense, got = _block_weights(model_dir), _block_weights(tmp_path / "out")
+    for name, w in got.items():
+        if ".experts." not in name:
+            continue
+        zeros = (w == 0).sum(dim=1)
+        assert torch.equal(zeros, torch.full_like(zeros, w.shape[1] // 2)), name  # exact per row
+        if name in starved:  # magnitude's mask: the smaller half of |W| in each row
+            k = w.shape[1] // 2
+            drop = torch.sort(dense[name].abs(), dim=1, stable=True).indices[:, :k]
+            keep = torch.ones_like(w, dtype=torch.bool).scatter_(1, drop, False)
+            assert torch.equal(w != 0, keep), name
+    router = [n for n in got if n.endswith("gate.weight") and ".experts." not in n]
+    assert len(router) == 3 and all(torch.equal(got[n], dense[n]) for n in router)  # the router is not pruned
+    ref = _saved(inmemory_prune(model_dir, _ids(ids_file), "wanda", "unstructured", 0.5), tmp_path / "ref")
+    for name, w in got.items():
+        assert torch.equal(w, ref[name]), name

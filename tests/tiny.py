@@ -90,24 +90,37 @@ def _family_config(kind: str, layers: int, vocab: int):
                                    + ["sliding_attention"] * (layers % 2))
     if kind == "phi3":  # fused qkv_proj / gate_up_proj, half the head dims rotated
         return tf.Phi3Config(**common, partial_rotary_factor=0.5, original_max_position_embeddings=256)
+    if kind == "mixtral":  # 4 experts, 2 per token; few tokens, so some experts may get none
+        return tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    if kind == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, norm_topk_prob=True)
     raise ValueError(kind)
 
 
-FAMILY_KINDS = ("llama3", "mistral_sliding", "qwen3", "gemma3", "phi3")
+MOE_KINDS = ("mixtral", "qwen3_moe")
+FAMILY_KINDS = ("llama3", "mistral_sliding", "qwen3", "gemma3", "phi3", *MOE_KINDS)
 
 
 def make_tiny_family(path: Path, kind: str, *, layers: int = 3, vocab: int = 320, seed: int = 0,
-                     shard_size: str = "60KB") -> Path:
-    """A random checkpoint of family ``kind`` (FAMILY_KINDS) written by transformers itself."""
+                     shard_size: str = "60KB", starve: bool = False) -> Path:
+    """A random checkpoint of family ``kind`` (FAMILY_KINDS) written by transformers itself. ``starve`` (MoE):
+    one expert per token, router rows (u, -u, 0, 0): experts 2 and 3 never win, so no token reaches them."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_family_config(kind, layers, vocab))
+    config = _family_config(kind, layers, vocab)
+    if starve:
+        config.num_experts_per_tok = 1
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0, 0.08)
+            if starve and name.endswith("mlp.gate.weight"):
+                p[1] = -p[0]
+                p[2:] = 0
     model.save_pretrained(str(path), max_shard_size=shard_size)
     return Path(path)

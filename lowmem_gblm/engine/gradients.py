@@ -35,7 +35,6 @@ from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import Run, open_model, open_run
 from lowmem_gblm.errors import InputError, ResumeMismatch, UsageError
 from lowmem_gblm.io.gradfiles import BlockGradients, GradientFolder, block_file, tensor_sha256
-from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.runstate import (
     CALIB_IDS_NAME,
@@ -285,13 +284,15 @@ class _Sweep:
         grad_norm = str(run.config.grad_norm)
         for i in range(e - 1, c - 1, -1):
             block = reader.next(i)
-            names = linear_names(block)
-            linears, accs = grad_accumulators(block, names, run.device)
+            names = run.model.block_linears(i)
+            experts = run.model.expert_units
+            linears, accs = grad_accumulators(block, names, run.device, experts)
             fold, done = ChunkFold(self.ranks, run.part, f"gradients of block {i}"), 0
             for step in range(run.part.steps):
                 for n, count in run.part.batches(step, run.batch_size):
                     self.g_out.put(n, block_windows(block, run.ctx, linears, accs, bounds[i].get(n, count),
-                                                    self.g_in.get(n, count), grad_norm, run.device, run.dtype))
+                                                    self.g_in.get(n, count), grad_norm, run.device, run.dtype,
+                                                    experts))
                     done += count
                     progress.windows(done)
                 fold.step(step, accs)

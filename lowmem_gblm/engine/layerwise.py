@@ -76,14 +76,13 @@ def _outlier_ratios(run: Run, config: PruneConfig) -> list[float] | None:
         for i in range(nblocks):
             block = reader.next(i)
             names = run.model.block_linears(i, config.prunes)
-            with collect_inputs(block, names, frozenset({"scaler_row"})) as stats:
+            with collect_inputs(block, names, frozenset({"scaler_row"}), run.model.expert_units) as stats:
                 fold = ChunkFold(run.ranks, run.part, f"OWL statistics of block {i}")
                 forward(block, run.ctx, src, dst, run.device, run.dtype, run.part, run.batch_size, progress.windows,
                         lambda step, _stats=stats, _fold=fold: _fold.step(
                             step, {n: accs["scaler_row"].total for n, accs in _stats.items()}))
             if run.ranks.writer:
-                modules = dict(block.named_modules())
-                ratios.append(outlier_ratio([modules[n].weight.data for n in names],
+                ratios.append(outlier_ratio([run.model.unit_weight(block, n) for n in names],
                                             [fold.result(n) / run.nsamples for n in names], config.owl_m))
             del block
             src, dst = dst, src

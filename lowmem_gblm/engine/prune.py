@@ -161,7 +161,10 @@ def _prune_run(run: Run, config: PruneConfig, method: Method, manifest: RunState
                                                          "predicted": run.plan.summary(),
                                                          "layer_sparsity": {"kind": str(config.layer_sparsity),
                                                                             **(owl or {})},
-                                                         "skipped": _skipped(model, chosen)} | ranks)
+                                                         "skipped": _skipped(model, chosen),
+                                                         "magnitude_fallback": sorted(
+                                                             n for n, r in linears.items() if "fallback" in r)}
+                      | ranks)
     _cleanup_state(out)
     return report
 
@@ -263,7 +266,7 @@ class _PruneSweep:
         run, method = self.run, self.method
         names = self.selected[i]
         wanted = statistics_needed(method, STATISTICS)
-        with collect_inputs(block, names, wanted) as stats:
+        with collect_inputs(block, names, wanted, run.model.expert_units) as stats:
             if wanted:
                 fold = ChunkFold(run.ranks, run.part, f"statistics of block {i}")
                 parts = {f"{name}/{s}": acc for name, accs in stats.items() for s, acc in accs.items()}
@@ -275,10 +278,17 @@ class _PruneSweep:
         if not run.ranks.writer:
             return {}, {}
         stored = run.model.stored_tensors(block, i, run.dtype)  # stored bytes, for exact unchanged tensors
-        self.pruner_for(i).prune(block, run.model.family.block_prefix(i), stats, run.nsamples,
-                                 self.grads.read(i) if self.grads else None, stored, names)
+        weights = {name: run.model.unit_weight(block, name) for name in names}
+        fallback = self.pruner_for(i).prune(block, run.model.family.block_prefix(i), stats, run.nsamples,
+                                            self.grads.read(i) if self.grads else None, stored, names, weights)
+        if fallback:
+            log.warning("block %d: no calibration token reached %d expert matrix(es) (%s%s); pruned by magnitude",
+                        i, len(fallback), fallback[0], ", ..." if len(fallback) > 1 else "")
         prefix = run.model.family.block_prefix(i)
-        return stored, {f"{prefix}{name}.weight": linear_report(stored[f"{prefix}{name}.weight"]) for name in names}
+        report = {f"{prefix}{name}.weight": linear_report(stored[f"{prefix}{name}.weight"]) for name in names}
+        for full in fallback:
+            report[full]["fallback"] = "magnitude: no calibration token was routed to this expert"
+        return stored, report
 
 
 def _write_non_block_shard(run: Run, manifest: RunState) -> None:

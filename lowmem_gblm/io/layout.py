@@ -12,6 +12,62 @@ from lowmem_gblm.errors import InputError
 
 
 @dataclass(frozen=True)
+class ExpertLayout:
+    """Where a mixture of experts keeps its experts on disk and in transformers 5's modules.
+
+    In the module (what the block computes with) the experts are fused: ``mlp.experts.gate_up_proj``
+    [E, 2I, D] (each expert's gate rows, then its up rows), ``mlp.experts.down_proj`` [E, D, I], and the
+    router is ``mlp.gate.weight``. Checkpoints (and transformers' own ``save_pretrained``) keep one 2-D
+    tensor per expert and matrix, named by ``stored``. Those stored matrices are the pruned units, each
+    with the tokens the router sends to its expert; the output keeps the checkpoint's layout.
+    """
+
+    stored: str  # a stored expert matrix, from {e} (expert) and {m} (one of the names below)
+    gate_up: tuple[str, str]  # the two stored matrices whose rows make gate_up_proj[e] (gate, then up)
+    down: str  # the stored matrix that is down_proj[e]
+    router: str  # the router's stored name (module: mlp.gate.weight; never pruned)
+    module: str = "mlp.experts"  # the fused experts module in transformers 5
+    module_router: str = "mlp.gate.weight"
+
+    def stored_name(self, e: int, m: str) -> str:
+        return self.stored.format(e=e, m=m)
+
+    def units(self, num_experts: int, inter: int) -> list[tuple[str, str, int, slice]]:
+        """(stored matrix name without ``.weight``, fused parameter, expert, its rows in that parameter[e])."""
+        out = []
+        for e in range(num_experts):
+            gate, up = self.gate_up
+            out.append((self.stored_name(e, gate)[:-7], f"{self.module}.gate_up_proj", e, slice(0, inter)))
+            out.append((self.stored_name(e, up)[:-7], f"{self.module}.gate_up_proj", e, slice(inter, 2 * inter)))
+            out.append((self.stored_name(e, self.down)[:-7], f"{self.module}.down_proj", e, slice(None)))
+        return out
+
+    def fuse(self, tensors: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+        """A block's tensors in the stored layout (names relative to the block) -> the module's layout."""
+        out = dict(tensors)
+        gate, up = self.gate_up
+        pop = out.pop
+        out[f"{self.module}.gate_up_proj"] = torch.stack([
+            torch.cat([pop(self.stored_name(e, gate)), pop(self.stored_name(e, up))]) for e in range(num_experts)])
+        out[f"{self.module}.down_proj"] = torch.stack([pop(self.stored_name(e, self.down))
+                                                        for e in range(num_experts)])
+        out[self.module_router] = pop(self.router)
+        return out
+
+    def stored_shapes(self, module_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The module layout's shapes -> the stored layout's (names relative to the block)."""
+        out = dict(module_shapes)
+        e_count, two_i, d = out.pop(f"{self.module}.gate_up_proj")
+        _, _, inter = out.pop(f"{self.module}.down_proj")
+        out[self.router] = out.pop(self.module_router)
+        for e in range(e_count):
+            for m in self.gate_up:
+                out[self.stored_name(e, m)] = (two_i // 2, d)
+            out[self.stored_name(e, self.down)] = (d, inter)
+        return out
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     architectures: tuple[str, ...]
@@ -37,6 +93,7 @@ class Family:
     rotary_per_kind: bool = False  # the rotary class takes the layer's kind (Gemma 3: local and global rope)
     embed_scale: bool = False  # embeddings are multiplied by sqrt(hidden_size) (Gemma)
     bos_per_window: bool = False  # every calibration/evaluation window starts with BOS (Gemma needs it)
+    experts: ExpertLayout | None = None  # mixtures of experts (see ExpertLayout)
 
     def cls(self, attr: str):
         return getattr(importlib.import_module(self.module), getattr(self, attr))
@@ -82,6 +139,10 @@ class Family:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InputError(f"{where}: {field} is {value!r}; a positive integer is needed")
+        if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) not in (None, 1):
+            raise InputError(f"{where}: mlp_only_layers {getattr(config, 'mlp_only_layers', None)!r} / "
+                             f"decoder_sparse_step {getattr(config, 'decoder_sparse_step', None)!r} mix dense and "
+                             "expert blocks, which is not supported: every block must hold the same tensors")
         for field in ("final_logit_softcapping", "attn_logit_softcapping"):
             if getattr(config, field, None) is not None:
                 raise InputError(f"{where}: {field} is {getattr(config, field)!r}; logit soft-capping is not "
@@ -111,6 +172,16 @@ FAMILIES: tuple[Family, ...] = (
     # Phi-3/3.5: fused qkv_proj and gate_up_proj (ordinary linears, pruned per output row)
     Family("phi3", ("Phi3ForCausalLM",), "transformers.models.phi3.modeling_phi3",
            "Phi3DecoderLayer", "Phi3RotaryEmbedding", "Phi3RMSNorm"),
+    # mixtures of experts (transformers 5: experts fused as mlp.experts.gate_up_proj [E, 2I, D] and
+    # mlp.experts.down_proj [E, D, I]; the router mlp.gate is not an nn.Linear and is left dense)
+    Family("mixtral", ("MixtralForCausalLM",), "transformers.models.mixtral.modeling_mixtral",
+           "MixtralDecoderLayer", "MixtralRotaryEmbedding", "MixtralRMSNorm",
+           experts=ExpertLayout("block_sparse_moe.experts.{e}.{m}.weight", ("w1", "w3"), "w2",
+                                "block_sparse_moe.gate.weight")),
+    Family("qwen3_moe", ("Qwen3MoeForCausalLM",), "transformers.models.qwen3_moe.modeling_qwen3_moe",
+           "Qwen3MoeDecoderLayer", "Qwen3MoeRotaryEmbedding", "Qwen3MoeRMSNorm",
+           experts=ExpertLayout("mlp.experts.{e}.{m}.weight", ("gate_proj", "up_proj"), "down_proj",
+                                "mlp.gate.weight")),
 )
 
 

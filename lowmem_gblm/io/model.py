@@ -33,6 +33,9 @@ def load_hf_config(model_dir: str | Path):
     # Streamed blocks get attention_mask=None and rely on SDPA's causal path, as the full model
     # does for unpadded input; eager attention would need an explicit mask.
     config._attn_implementation = "sdpa"
+    # Fused experts run transformers' own per-expert loop (one F.linear per expert and matrix), which the
+    # statistics and gradient taps see; the grouped kernels would hide the experts from them.
+    config._experts_implementation = "eager"
     return config
 
 
@@ -87,7 +90,7 @@ class StreamedModel:
         expected = {self.family.embed: (vocab, d), self.family.final_norm: (d,)}
         if self.family.lm_head in self.index:
             expected[self.family.lm_head] = (vocab, d)
-        block = self.block_shapes
+        block = self.stored_block_shapes
         for i in range(self.num_blocks):
             prefix = self.family.block_prefix(i)
             expected.update({prefix + suffix: shape for suffix, shape in block.items()})
@@ -141,10 +144,40 @@ class StreamedModel:
         return {k: tuple(v.shape) for k, v in self._meta_block.state_dict().items()}
 
     @cached_property
+    def stored_block_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name relative to a block -> shape, in the checkpoint's layout (a mixture of experts stores one
+        matrix per expert where the module fuses them)."""
+        if self.family.experts is None:
+            return self.block_shapes
+        return self.family.experts.stored_shapes(self.block_shapes)
+
+    @cached_property
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """Linear name relative to a block -> (out_features, in_features), in module order."""
+        """Every pruned unit of a block -> (out, in), in module order: each nn.Linear by its module name, and
+        each stored expert matrix (mixtures of experts) by its stored name without ``.weight``."""
         modules = dict(self._meta_block.named_modules())
-        return {n: (modules[n].out_features, modules[n].in_features) for n in linear_names(self._meta_block)}
+        shapes = {n: (modules[n].out_features, modules[n].in_features) for n in linear_names(self._meta_block)}
+        stored = self.stored_block_shapes
+        shapes.update({name: tuple(stored[name + ".weight"]) for name in self.expert_units})
+        return shapes
+
+    @cached_property
+    def expert_units(self) -> dict[str, tuple[str, int, slice]]:
+        """Stored expert matrix (relative, without ``.weight``) -> (fused parameter, expert, rows of
+        parameter[expert]); empty for families without experts."""
+        layout = self.family.experts
+        if layout is None:
+            return {}
+        fused = self.block_shapes[f"{layout.module}.gate_up_proj"]
+        return {name: (param, e, rows) for name, param, e, rows in layout.units(fused[0], fused[1] // 2)}
+
+    def unit_weight(self, block: nn.Module, name: str) -> torch.Tensor:
+        """The [out, in] weight of a pruned unit of ``block``: a linear's weight, or a view of its expert's rows
+        in the fused parameter (writing to it writes the block's parameter)."""
+        if name in self.expert_units:
+            param, e, rows = self.expert_units[name]
+            return block.get_parameter(param).data[e, rows]
+        return block.get_submodule(name).weight.data
 
     def block_linears(self, i: int, chosen=None) -> list[str]:
         """Block i's linear names (relative to the block, in module order) that ``chosen(full module name)``
@@ -182,6 +215,8 @@ class StreamedModel:
         """Block i from ``read_block``'s tensors, moved to ``device`` in ``dtype`` (the device half)."""
         state = {name: t.to(device=device, dtype=dtype) for name, t in host.items()}
         del host
+        if self.family.experts is not None:  # stored per-expert matrices -> the module's fused parameters
+            state = self.family.experts.fuse(state, self.block_shapes[f"{self.family.experts.module}.down_proj"][0])
         block = self.build_block(i)
         block.load_state_dict(state, strict=True, assign=True)
         block.requires_grad_(False)
@@ -219,8 +254,9 @@ class StreamedModel:
         """
         names = self.block_names(i)
         stored = {n: storage_dtype(self.index.tensors[n].dtype, f"tensor {n!r}") for n in names}
-        if not all(s == dtype or s in _EXACT_WIDENING.get(dtype, ()) for s in stored.values()):
-            return self.index.read(names)
+        if self.family.experts is not None or not all(s == dtype or s in _EXACT_WIDENING.get(dtype, ())
+                                                      for s in stored.values()):
+            return self.index.read(names)  # (a mixture of experts: the block fuses what the checkpoint stores)
         prefix = self.family.block_prefix(i)
         state = block.state_dict()
         return {n: state[n[len(prefix):]].detach().to(device="cpu", dtype=stored[n], copy=True) for n in names}

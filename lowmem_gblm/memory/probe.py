@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.utils import _pytree as pytree
@@ -102,7 +105,22 @@ def _fake_block(shape: ModelShape, dtype: torch.dtype, device: torch.device):
     state = {k: torch.empty(v, dtype=dtype, device=device) for k, v in shape.block_shapes.items()}
     block.load_state_dict(state, strict=True, assign=True)  # as StreamedModel.load_block
     block.requires_grad_(False)
+    if shape.family.experts is not None:
+        experts = block.get_submodule(shape.family.experts.module)
+        experts.forward = partial(_experts_bound, experts)
     return block.eval()
+
+
+def _experts_bound(experts, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """Fake tensors cannot route (the expert loop's nonzero has a data-dependent shape): each of the top-k
+    choices sends every token through one expert instead. That is the routing's worst case: the forward holds
+    one expert's [tokens, 2I] at a time, as the loop does for its busiest expert, and the backward saves
+    top_k x tokens of intermediates, which is what the loop saves in total."""
+    out = torch.zeros_like(hidden)
+    for k in range(top_k_index.shape[-1]):
+        gate, up = F.linear(hidden, experts.gate_up_proj[0]).chunk(2, dim=-1)
+        out = out + F.linear(experts.act_fn(gate) * up, experts.down_proj[0]) * top_k_weights[:, k, None]
+    return out
 
 
 def _fake_ctx(shape: ModelShape, seqlen: int, dtype: torch.dtype, device: torch.device) -> BlockContext:
@@ -236,7 +254,7 @@ def baseline_rss(refresh: bool = False, device: str = "cpu") -> int:
     """RSS of a python process that imported torch, transformers and this package and ran one tiny
     block forward and backward on ``device`` (kernels, thread pools, on CUDA the context and cuBLAS
     loaded). Measured once in a subprocess and cached."""
-    key = f"{sys.executable}|{torch.__version__}|{transformers.__version__}|{device}"
+    key = f"{sys.executable}|{torch.__version__}|{transformers.__version__}|{device}|{_installed_sha()}"
     cache = _CACHE / f"baseline_rss{'' if device == 'cpu' else '_' + device}.json"
     if not refresh and cache.is_file():
         try:
@@ -268,6 +286,15 @@ def baseline_rss(refresh: bool = False, device: str = "cpu") -> int:
     except OSError:
         pass
     return rss
+
+
+def _installed_sha() -> str:
+    """A digest of every installed distribution and version: installing or upgrading any package (which may
+    change what importing transformers pulls in) invalidates the cached baseline."""
+    from importlib.metadata import distributions
+
+    names = sorted(f"{d.metadata['Name']}=={d.version}" for d in distributions())
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
 def cuda_host_bytes() -> int:

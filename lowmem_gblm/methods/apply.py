@@ -18,7 +18,10 @@ from torch import nn
 from lowmem_gblm.errors import UsageError
 from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.mask import Pattern
-from lowmem_gblm.methods import LinearJob, Method, MethodOptions
+from lowmem_gblm.methods import LinearJob, Method, MethodOptions, get_method
+from lowmem_gblm.stream.stats import ROUTED
+
+MAGNITUDE = get_method("magnitude")  # for an expert no calibration token reached
 
 
 def statistics_needed(method: Method, available: Mapping) -> frozenset[str]:
@@ -52,24 +55,37 @@ class BlockPruner:
     dtype: torch.dtype
 
     def prune(self, block: nn.Module, prefix: str, stats: dict[str, dict], nsamples: int,
-              gradients: Mapping | None, stored: dict[str, torch.Tensor], names: list[str] | None = None) -> None:
-        """Prune the linears ``names`` of ``block`` (default: every one; weights named ``prefix`` + name +
-        ``.weight``); ``stored[name]`` is replaced by the bytes to write. stats: linear name -> {statistic:
-        accumulator} (cleared here); gradients: full weight name -> G [out, in] (GBLM)."""
+              gradients: Mapping | None, stored: dict[str, torch.Tensor], names: list[str] | None = None,
+              weights: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+        """Prune the units ``names`` of ``block`` (default: every linear; weights named ``prefix`` + name +
+        ``.weight``); ``stored[name]`` is replaced by the bytes to write. weights: unit -> its [out, in] weight
+        in the block (default: the linear's; an expert's is a view into the fused parameter). stats: unit ->
+        {statistic: accumulator} (cleared here); gradients: full weight name -> G [out, in] (GBLM).
+
+        An expert unit no calibration token reached (its ROUTED count is 0) has no statistics: it is pruned by
+        magnitude with the same pattern. Returns those units' full names."""
         modules = dict(block.named_modules())
+        fallback = []
         for name in linear_names(block) if names is None else names:
             full = f"{prefix}{name}.weight"
+            weight = modules[name].weight.data if weights is None else weights[name]
             finished = {s: acc.result(nsamples) for s, acc in stats.get(name, {}).items()}
-            if self.method.needs_gradients:
-                finished["gradient"] = gradients[full].to(self.device)
             stats.get(name, {}).clear()
+            method = self.method
+            routed = finished.pop(ROUTED, None)
+            if routed is not None and float(routed) == 0.0:
+                method, finished = MAGNITUDE, {}
+                fallback.append(full)
+            elif method.needs_gradients:
+                finished["gradient"] = gradients[full].to(self.device)
             for statistic, value in finished.items():
                 _require_finite(value, f"{full}: its {statistic} statistic", self.dtype)
-            job = LinearJob(full, modules[name].weight.data, finished, self.pattern, self.options)
-            stored[full] = prune_linear(job, self.method, stored[full], self.device, self.dtype)
-            if self.method.updates_weights:
+            job = LinearJob(full, weight, finished, self.pattern, self.options)
+            stored[full] = prune_linear(job, method, stored[full], self.device, self.dtype)
+            if method.updates_weights:
                 _require_finite(stored[full], f"{full}: the updated weight", self.dtype)
             del finished, job
+        return fallback
 
 
 def _require_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:

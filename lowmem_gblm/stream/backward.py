@@ -11,6 +11,7 @@ same functions on fake tensors to predict their peaks.
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowmem_gblm.stream.context import BlockContext, run_block
+from lowmem_gblm.stream.stats import ExpertTap, by_expert
 
 ACC_DTYPE = torch.float32  # gradient accumulators, logits and loss: fp32 whatever the compute dtype
 
@@ -77,7 +79,8 @@ def head_windows(norm: nn.Module, head: torch.Tensor, samples: torch.Tensor, lab
 
 def block_windows(block: nn.Module, ctx: BlockContext, linears: dict[str, nn.Linear],
                   accs: dict[str, torch.Tensor], samples: torch.Tensor, incoming: torch.Tensor, grad_norm: str,
-                  device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+                  device: torch.device, dtype: torch.dtype,
+                  experts: dict[str, tuple[str, int, slice]] | None = None) -> torch.Tensor:
     """Recompute B windows' block forward (gradient checkpointing), backpropagate ``incoming`` (dL/d output
     [B, T, D]) in one batched call, and fold every window's own weight gradient into the fp32 accumulators.
 
@@ -85,8 +88,16 @@ def block_windows(block: nn.Module, ctx: BlockContext, linears: dict[str, nn.Lin
     computes no weight gradient at all: each linear's input x [B, T, in] is kept by a forward hook, and when
     backward reaches the linear's output gradient d [B, T, out], g_n = d_n^T x_n is formed one window at a
     time (the matmul autograd does for one window) and folded in window order, then dropped: at most one
-    [out, in] gradient is alive at a time. linears / accs: by linear name. Returns dL/d input [B, T, D].
+    [out, in] gradient is alive at a time. linears / accs: by unit name. Returns dL/d input [B, T, D].
+
+    ``experts`` (StreamedModel.expert_units, for the stored expert matrices among ``accs``): an ExpertTap keeps
+    the routed tokens x_e of each expert's matmul and folds d_e^T x_e, split into the units' rows. The routed
+    tokens of several windows are not told apart, so a block with experts runs its windows one at a time.
     """
+    groups = by_expert(experts or {}, list(accs))
+    if groups and samples.shape[0] > 1:
+        return torch.cat([block_windows(block, ctx, linears, accs, samples[n:n + 1], incoming[n:n + 1], grad_norm,
+                                        device, dtype, experts) for n in range(samples.shape[0])])
     x = as_leaf(samples, device, dtype)  # [B, T, D]
     inputs: dict[str, torch.Tensor] = {}
 
@@ -99,9 +110,21 @@ def block_windows(block: nn.Module, ctx: BlockContext, linears: dict[str, nn.Lin
         for n in range(inp.shape[0]):
             accumulate(acc, window_grad(grad_out[n], inp[n]), grad_norm)
 
+    def keep_expert(param: str, e: int, inp: torch.Tensor, out: torch.Tensor) -> None:
+        units = groups.get((param, e))
+        if units and out.requires_grad:
+            out.register_hook(partial(fold_expert, units, inp.detach()))
+
+    def fold_expert(units: list[str], inp: torch.Tensor, grad_out: torch.Tensor) -> None:
+        g = window_grad(grad_out, inp)  # [rows of param[e], in]: this window's tokens routed to expert e
+        for name in units:
+            accumulate(accs[name], g[experts[name][2]], grad_norm)
+
     hooks = [m.register_forward_hook(partial(keep_input, name)) for name, m in linears.items()]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), contextlib.ExitStack() as stack:
+            if groups:
+                stack.enter_context(ExpertTap(block, {p for p, _ in groups}, keep_expert))
             y = run_block(block, ctx, x)  # recompute
             y.backward(incoming.to(device=device, dtype=y.dtype))
         del y
@@ -117,11 +140,20 @@ def window_grad(grad_out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
     return torch.mm(grad_out.reshape(-1, grad_out.shape[-1]).t(), inp.reshape(-1, inp.shape[-1]))
 
 
-def grad_accumulators(block: nn.Module, names: list[str], device: torch.device
+def grad_accumulators(block: nn.Module, names: list[str], device: torch.device,
+                      experts: dict[str, tuple[str, int, slice]] | None = None
                       ) -> tuple[dict[str, nn.Linear], dict[str, torch.Tensor]]:
-    """(the linears, zeroed fp32 accumulators of their weights' shapes), by linear name. The weights keep
-    requires_grad False: block_windows forms each window's gradient itself."""
-    modules = dict(block.named_modules())
-    linears = {name: modules[name] for name in names}
-    accs = {name: torch.zeros(m.weight.shape, dtype=ACC_DTYPE, device=device) for name, m in linears.items()}
+    """(the linears, zeroed fp32 accumulators of their weights' shapes), by unit name (stored expert matrices:
+    their rows of the fused parameter[e]). The weights keep requires_grad False: block_windows forms each
+    window's gradient itself."""
+    experts = experts or {}
+    linears = {name: block.get_submodule(name) for name in names if name not in experts}
+    accs = {}
+    for name in names:
+        if name in experts:
+            param, e, rows = experts[name]
+            shape = block.get_parameter(param)[e, rows].shape
+        else:
+            shape = linears[name].weight.shape
+        accs[name] = torch.zeros(shape, dtype=ACC_DTYPE, device=device)
     return linears, accs
