@@ -78,7 +78,8 @@ GradDtypeOpt = Annotated[GradDtype, typer.Option(
     "--grad-dtype", help="GBLM gradient files: float32 (exact) or bfloat16 (half the disk; accumulation stays fp32)")]
 GradNormOpt = Annotated[GradNorm, typer.Option("--grad-norm", help="GBLM: norm of the per-sample gradients")]
 HeadChunk = Annotated[int | None, typer.Option(
-    "--head-chunk", help="tokens per head call: bounds the fp32 logits to chunk x vocab (default: the whole window)")]
+    "--head-chunk", help="tokens per head call: bounds the fp32 logits to chunk x vocab (default: the whole window; "
+    "eval: the whole window while its fp32 logits fit 256 MiB, e.g. 256 tokens for a 262k vocabulary)")]
 CheckpointEvery = Annotated[int | None, typer.Option(
     "--checkpoint-every", help="gradient sweep: keep every K-th block input and recompute the rest in the reverse "
     "walk (fewer boundaries in RAM/on disk, about one more forward pass; same gradients). Default: 1 if it "

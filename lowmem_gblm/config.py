@@ -281,7 +281,7 @@ class EvalConfig:
     batch_size: int = 1
     device: str = "auto"
     dtype: Dtype = Dtype.AUTO
-    head_chunk: int | None = None  # tokens per head call (None: the whole window)
+    head_chunk: int | None = None  # tokens per head call (None: the whole window while its fp32 logits fit 256 MiB)
     chunk_windows: int | None = None  # windows per chunk dealt to ranks (None: ceil(W/8))
     prefetch: bool = True
     progress: bool = True

@@ -90,3 +90,25 @@ def test_rejects_ids_outside_vocab(tmp_path):
     model = StreamedModel.open(make_tiny_llama(tmp_path / "m", layers=1, tokenizer=False))
     with pytest.raises(InputError, match="vocabulary"):
         streamed_perplexity(model, torch.full((1, 4), 128), "cpu", torch.float32)
+
+
+def test_eval_chunks_a_large_vocabulary_head_by_default():
+    from lowmem_gblm.stream.head import EVAL_LOGITS_BYTES, auto_head_chunk
+
+    assert auto_head_chunk(32000, 2048) is None  # LLaMA-2: 250 MiB of fp32 logits, the whole window
+    assert auto_head_chunk(262144, 2048) == 256  # Gemma 3: 256 positions per call
+    assert auto_head_chunk(262144, 258) == 256 and auto_head_chunk(262144, 257) is None  # 256 positions fit
+    assert auto_head_chunk(10**9, 2048) == 1
+    assert EVAL_LOGITS_BYTES >= 256 * 262144 * 4
+
+
+def test_streamed_eval_with_the_default_chunk_equals_the_whole_window(tmp_path, monkeypatch):
+    from lowmem_gblm.stream import head
+
+    path = make_tiny_llama(tmp_path / "m")
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(4))
+    whole = streamed_perplexity(StreamedModel.open(path), ids, "cpu", torch.float32)
+    monkeypatch.setattr(head, "EVAL_LOGITS_BYTES", 5 * 128 * 4)  # 5 positions of a 128-word vocabulary
+    chunked = streamed_perplexity(StreamedModel.open(path), ids, "cpu", torch.float32)
+    assert whole["head_chunk"] is None and chunked["head_chunk"] == 5
+    assert chunked["nll"] == pytest.approx(whole["nll"], rel=1e-6)

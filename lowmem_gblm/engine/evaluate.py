@@ -32,7 +32,7 @@ from lowmem_gblm.memory.work import achieved, eval_work, measured_peak
 from lowmem_gblm.ranks import Ranks, current
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.stream.context import BlockContext
-from lowmem_gblm.stream.head import HEAD_DTYPE, window_nll
+from lowmem_gblm.stream.head import HEAD_DTYPE, auto_head_chunk, window_nll
 from lowmem_gblm.stream.store import ActivationStore
 from lowmem_gblm.stream.sweep import embed, forward
 
@@ -76,13 +76,16 @@ def streamed_perplexity(model: StreamedModel, ids: torch.Tensor, device: torch.d
             del block
             bar.block(f"block {i}")
     norm, head = model.load_head(device, HEAD_DTYPE)  # head: [V, D] fp32
+    if head_chunk is None:
+        head_chunk = auto_head_chunk(head.shape[0], t)
     mine = {n: window_nll(norm, head, hidden.get(k)[0], local[k, 1:].to(device), head_chunk)
             for k, n in enumerate(part.local_windows)}
     every = {n: v for nlls in ranks.all_objects(mine, "gathering the windows' NLL") for n, v in nlls.items()}
     total = sum(every[n] for n in range(w))
     count = w * (t - 1)
     nll = total / count
-    result = {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": int(w), "seqlen": int(t)}
+    result = {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": int(w), "seqlen": int(t),
+              "head_chunk": head_chunk}
     log.info("perplexity %.4f (nll %.5f over %d tokens, %d windows x %d) in %.1fs on %s/%s",
              result["ppl"], nll, count, w, t, time.perf_counter() - t0, device, dtype)
     return result

@@ -13,6 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 HEAD_DTYPE = torch.float32  # evaluation logits and loss are computed in fp32
+EVAL_LOGITS_BYTES = 256 * 2**20  # eval's default: fp32 logits of one head call stay under this
+
+
+def auto_head_chunk(vocab: int, seqlen: int) -> int | None:
+    """Eval's head chunk when none is asked for: the whole window while its fp32 logits [T-1, V] fit in
+    EVAL_LOGITS_BYTES (LLaMA-2's 32k vocabulary at T = 2048: 250 MiB), else the most positions that do
+    (a 262k vocabulary: 256 positions per call, 256 MiB instead of 2 GiB at T = 2048)."""
+    per_position = vocab * torch.finfo(HEAD_DTYPE).bits // 8
+    if (seqlen - 1) * per_position <= EVAL_LOGITS_BYTES:
+        return None
+    return max(1, EVAL_LOGITS_BYTES // per_position)
 
 
 @torch.no_grad()
