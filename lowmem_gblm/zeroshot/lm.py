@@ -107,18 +107,18 @@ class StreamedLM(TemplateLM):
     # -- scoring -----------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) or None, context ids, continuation ids) -> (log p, is_greedy)."""
-        tokens, conts = [], []
+        tokens, conts, cut = [], [], 0
         for _, context_enc, continuation_enc in requests:
             if not context_enc or not continuation_enc or len(continuation_enc) > self.max_length:
                 raise UsageError(f"a loglikelihood request with {len(context_enc)} context and "
                                  f"{len(continuation_enc)} continuation tokens cannot be scored "
                                  f"(max length {self.max_length})")
-            if len(context_enc) + len(continuation_enc) > self.max_length + 1:
-                log.warning("a request of %d tokens exceeds the model's %d positions: %d tokens cut from the left",
-                            len(context_enc) + len(continuation_enc), self.max_length,
-                            len(context_enc) + len(continuation_enc) - self.max_length - 1)
+            cut += len(context_enc) + len(continuation_enc) > self.max_length + 1
             tokens.append(truncate_left(context_enc, continuation_enc, self.max_length))
             conts.append(len(continuation_enc))
+        if cut:
+            log.warning("%d of %d requests exceed the model's %d positions: their contexts are cut from the left",
+                        cut, len(requests), self.max_length)
         results = streamed_loglikelihoods(self.model, tokens, conts, self._device, self.dtype, self.batch_size,
                                           self.pass_tokens, self.prefetch, self.head_chunk,
                                           self.progress and not disable_tqdm)
