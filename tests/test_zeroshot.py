@@ -155,6 +155,11 @@ def test_wiki_task_is_deterministic(tmp_path):
     assert a == b and a != build_documents(arts, seed=1) and len(a) >= 8
     for doc in a:
         assert len(doc["choices"]) == 4 and doc["choices"][doc["label"]] == arts[doc["title"]].split(". ", 1)[1]
+    res = CliRunner().invoke(app, ["wiki-task", str(tmp_path / "cli"), "--source", str(tmp_path / "s.json"),
+                                   "--max-docs", "5"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "cli" / f"{TASK}.json").read_text()) == a[:5]
+    assert f"test: \"{(tmp_path / 'cli' / TASK).resolve()}.json\"" in (tmp_path / "cli" / f"{TASK}.yaml").read_text()
 
 
 def test_accuracy_matches_hflm_and_cli(model_dir, hflm, tmp_path, calib_text):
