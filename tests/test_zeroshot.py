@@ -17,7 +17,7 @@ from lowmem_gblm.errors import UsageError  # noqa: E402
 from lowmem_gblm.io.model import StreamedModel  # noqa: E402
 from lowmem_gblm.zeroshot import INSTALL_HINT, require_lm_eval  # noqa: E402
 from lowmem_gblm.zeroshot.wiki_task import TASK, build_documents, write_task  # noqa: E402
-from tests.tiny import WORDS, make_tiny_llama, sample_text  # noqa: E402
+from tests.tiny import WORDS, make_tiny_family, make_tiny_llama, sample_text  # noqa: E402
 
 MAX_POS = 32  # short, so that long requests are truncated from the left and rolling windows roll
 
@@ -90,6 +90,26 @@ def test_loglikelihood_matches_hflm(model_dir, hflm, batch_size):
         assert b == pytest.approx(a, abs=1e-4)
         assert greedy_a == greedy_b
     assert {g for _, g in got} == {True, False}
+
+
+@pytest.mark.parametrize("kind", ["mistral_sliding", "gemma3"])
+def test_other_families_match_hflm(model_dir, tmp_path, kind):
+    """Sliding-window attention (right padding and the window masks) and Gemma's scaled embedding with local /
+    global layers: the same log-likelihoods and is_greedy as HFLM (the tiny tokenizer copied in)."""
+    import shutil
+
+    from lm_eval.models.huggingface import HFLM
+
+    path = make_tiny_family(tmp_path / kind, kind)
+    for f in [*model_dir.glob("tokenizer*"), *model_dir.glob("special_tokens_map.json")]:
+        shutil.copy(f, path)
+    hf = HFLM(pretrained=str(path), device="cpu", dtype="float32", batch_size=1)
+    lm = streamed_lm(path, batch_size=3)
+    reqs, tokens = instances("loglikelihood", REQUESTS), greedy_requests(path)
+    ref = hf.loglikelihood(reqs) + hf._loglikelihood_tokens(tokens)
+    got = lm.loglikelihood(reqs) + lm._loglikelihood_tokens(tokens)
+    for (a, greedy_a), (b, greedy_b) in zip(ref, got, strict=True):
+        assert b == pytest.approx(a, abs=1e-4) and greedy_a == greedy_b
 
 
 def test_loglikelihood_rolling_matches_hflm(model_dir, hflm):
