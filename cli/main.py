@@ -32,7 +32,7 @@ from lowmem_gblm.config import (
     StoreDtype,
     Update,
 )
-from lowmem_gblm.engine import compute_gradients, evaluate_checkpoint
+from lowmem_gblm.engine import compute_gradients
 from lowmem_gblm.engine import prune as run_prune
 from lowmem_gblm.engine.progress import CONSOLE, live_terminal
 from lowmem_gblm.errors import UsageError
@@ -45,6 +45,8 @@ from lowmem_gblm.methods import registered
 from lowmem_gblm.ranks import close as close_ranks
 from lowmem_gblm.ranks import env_rank, env_world, failed_rank
 from lowmem_gblm.verify import verify as run_verify
+from lowmem_gblm.zeroshot.run import evaluate
+from lowmem_gblm.zeroshot.wiki_task import write_task
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Memory-lean, block-streamed pruning of Hugging Face causal LMs (GBLM, Wanda, SparseGPT).")
@@ -278,12 +280,26 @@ def gradients(
 @app.command("eval")
 def eval_cmd(
     model_dir: Annotated[Path, typer.Argument(help="checkpoint folder (dense or pruned)")],
-    data: Annotated[str, typer.Option(
-        "--data", help="evaluation text: a .txt/.jsonl file, a folder of .txt, wiki-offline:eval, wikitext2")],
+    data: Annotated[str | None, typer.Option(
+        "--data", help="perplexity on this evaluation text: a .txt/.jsonl file, a folder of .txt, wiki-offline:eval, "
+        "wikitext2")] = None,
+    tasks: Annotated[str | None, typer.Option(
+        "--tasks", help="zero-shot accuracy on these lm-evaluation-harness tasks, comma-separated (e.g. "
+        "boolq,arc_easy; needs pip install 'lowmem-gblm[zeroshot]'); with --data both run")] = None,
+    include_path: Annotated[Path | None, typer.Option(
+        "--include-path", help="--tasks: a folder of extra lm-eval task YAMLs (e.g. from `lowmem-gblm wiki-task`)")]
+    = None,
+    num_fewshot: Annotated[int | None, typer.Option(
+        "--num-fewshot", help="--tasks: few-shot examples per prompt (default: each task's own, 0 for most)")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="--tasks: only the first N documents per task")] = None,
+    pass_tokens: Annotated[int, typer.Option(
+        "--pass-tokens", help="--tasks: padded tokens of requests held per streamed pass (each pass reads every "
+        "block once; hidden states take pass_tokens x hidden size x dtype bytes)")] = 1 << 18,
     seqlen: SeqLen = 2048,
     max_windows: Annotated[int | None, typer.Option(
-        "--max-windows", help="evaluate only the first K windows")] = None,
-    batch_size: BatchSize = 1,
+        "--max-windows", help="--data: evaluate only the first K windows")] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="windows (--data) or requests (--tasks) per block call")] = 1,
     device: Device = "auto",
     dtype: DtypeOpt = "auto",
     head_chunk: HeadChunk = None,
@@ -292,21 +308,50 @@ def eval_cmd(
     as_json: AsJson = False,
     quiet: Quiet = False,
 ) -> None:
-    """Streamed perplexity (non-overlapping windows, last partial window dropped) and sparsity."""
+    """Streamed perplexity (--data: non-overlapping windows, last partial window dropped), zero-shot accuracy
+    (--tasks, through lm-evaluation-harness) and sparsity. At least one of --data and --tasks."""
     _setup_logging(quiet or as_json)
     with _expected_errors():
+        names = tuple(t.strip() for t in tasks.split(",")) if tasks else ()
         config = EvalConfig(model_dir=str(model_dir), data=data, seqlen=seqlen, max_windows=max_windows,
                             batch_size=batch_size, device=device, dtype=dtype, head_chunk=head_chunk,
-                            chunk_windows=chunk_windows, prefetch=prefetch, progress=not (quiet or as_json))
-        result = evaluate_checkpoint(config)
+                            chunk_windows=chunk_windows, prefetch=prefetch, progress=not (quiet or as_json),
+                            tasks=names, include_path=None if include_path is None else str(include_path),
+                            num_fewshot=num_fewshot, limit=limit, pass_tokens=pass_tokens)
+        result = evaluate(config)
     if env_rank() != 0:
         return
     if as_json:
-        keys = ("ppl", "nll", "tokens", "windows", "seqlen", "sparsity")
-        typer.echo(json.dumps({k: result[k] for k in keys} | {"phases": result["phases"]}))
-    else:
+        keys = ("ppl", "nll", "tokens", "windows", "seqlen", "sparsity", "tasks", "lm_eval", "num_fewshot", "limit")
+        typer.echo(json.dumps({k: result[k] for k in keys if k in result} | {"phases": result["phases"]}))
+        return
+    if data:
         typer.echo(f"{model_dir}: perplexity {result['ppl']:.4f} (nll {result['nll']:.5f}, {result['tokens']} tokens "
                    f"in {result['windows']} windows of {result['seqlen']}), sparsity {result['sparsity']:.4f}")
+    else:
+        typer.echo(f"{model_dir}: sparsity {result['sparsity']:.4f}")
+    for task, m in result.get("tasks", {}).items():
+        shown = ", ".join(f"{k} {m[k]:.4f} ± {m.get(k + '_stderr', float('nan')):.4f}"
+                          for k in ("acc", "acc_norm") if k in m)
+        typer.echo(f"  {task}: {shown or m} ({m.get('samples', '?')} documents, lm-eval {result['lm_eval']})")
+
+
+@app.command("wiki-task")
+def wiki_task_cmd(
+    folder: Annotated[Path, typer.Argument(parser=_folder, help="folder for the task's JSON and YAML")],
+    source: Annotated[Path | None, typer.Option(
+        "--source", help="summaries JSON (default: wiki-offline's lookup: $LOWMEM_WIKI_JSON, the package, ./assets)")]
+    = None,
+    seed: Annotated[int, typer.Option("--seed", help="distractor and order seed")] = 0,
+    max_docs: Annotated[int | None, typer.Option("--max-docs", help="only the first N articles")] = None,
+) -> None:
+    """Write the offline lm-eval task wiki_continuation (an article's first sentence -> its true next sentence among
+    4) from the Wikipedia evaluation split; run it with eval --tasks wiki_continuation --include-path FOLDER."""
+    _setup_logging(True)
+    with _expected_errors():
+        yaml = write_task(folder, source, seed, max_docs)
+    typer.echo(f"wrote {yaml} and its data; run: lowmem-gblm eval MODEL --tasks wiki_continuation "
+               f"--include-path {folder}")
 
 
 @app.command()

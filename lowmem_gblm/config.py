@@ -272,10 +272,11 @@ class PruneConfig(RunConfig):
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Streamed perplexity of a checkpoint (``lowmem-gblm eval``)."""
+    """Streamed evaluation of a checkpoint (``lowmem-gblm eval``): perplexity on ``data`` and/or lm-eval's
+    ``tasks`` (zero-shot accuracy); at least one of the two."""
 
     model_dir: str
-    data: str
+    data: str | None = None
     seqlen: int = 2048
     max_windows: int | None = None
     batch_size: int = 1
@@ -285,12 +286,38 @@ class EvalConfig:
     chunk_windows: int | None = None  # windows per chunk dealt to ranks (None: ceil(W/8))
     prefetch: bool = True
     progress: bool = True
+    tasks: tuple[str, ...] = ()  # lm-eval task names (empty: no zero-shot evaluation)
+    include_path: str | None = None  # a folder of extra lm-eval task YAMLs
+    num_fewshot: int | None = None  # None: each task's own default
+    limit: int | None = None  # documents per task (None: all)
+    pass_tokens: int = 1 << 18  # zero-shot: padded tokens held per streamed pass (engine.loglik)
 
     def __post_init__(self) -> None:
         _coerce(self, "dtype")
         _check_chunk(self.chunk_windows)
         _check_device(self.device)
         _check_head_chunk(self.head_chunk)
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if not self.data and not self.tasks:
+            raise UsageError("eval needs --data (perplexity) and/or --tasks (lm-eval zero-shot accuracy), "
+                             "e.g. --data wiki-offline:eval or --tasks arc_easy")
+        if not self.tasks:
+            for name, value in (("--include-path", self.include_path), ("--num-fewshot", self.num_fewshot),
+                                ("--limit", self.limit)):
+                if value is not None:
+                    raise UsageError(f"{name} applies to --tasks; pass --tasks too")
+        if self.data is None and self.max_windows is not None:
+            raise UsageError("--max-windows applies to --data; pass --data too")
+        if any(not t or t != t.strip() for t in self.tasks):
+            raise UsageError(f"--tasks: empty or padded task name in {list(self.tasks)}; use --tasks a,b,c")
+        if self.include_path is not None and not Path(self.include_path).is_dir():
+            raise UsageError(f"--include-path {self.include_path}: no such folder")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise UsageError(f"--num-fewshot must be >= 0, got {self.num_fewshot}")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"--limit must be >= 1, got {self.limit}")
+        if self.pass_tokens < 1:
+            raise UsageError(f"--pass-tokens must be >= 1, got {self.pass_tokens}")
         if self.seqlen < 2:
             raise UsageError(f"--seqlen must be >= 2, got {self.seqlen}")
         if self.batch_size < 1:

@@ -117,6 +117,8 @@ def evaluate_checkpoint(config: EvalConfig) -> dict:
     tokenizer), its decoder-linear sparsity and the measured peaks of the phase."""
     from transformers import AutoTokenizer
 
+    if not config.data:
+        raise InputError("perplexity needs --data (an evaluation text)")
     model = open_model(config.model_dir)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and config.seqlen > max_pos:

@@ -40,3 +40,22 @@ def window_nll(norm: nn.Module, head: torch.Tensor, hidden: torch.Tensor, target
         e = min(s + chunk, predicted)
         total += float(F.cross_entropy(h[s:e] @ head.T, targets[s:e], reduction="sum"))  # logits [c, V]
     return total
+
+
+@torch.no_grad()
+def continuation_logprob(norm: nn.Module, head: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor,
+                         chunk: int | None = None) -> tuple[float, bool]:
+    """(Σ log p(target), every target is the argmax) for the hidden states that predict ``targets``.
+
+    hidden: [C, D] (the positions just before each target); targets: [C] (on head's device); head: [V, D]
+    fp32. The log-softmax is over the whole vocabulary in fp32, as lm-evaluation-harness scores a
+    continuation; ``chunk`` bounds the logits to [chunk, V]."""
+    h = norm(hidden.to(device=head.device, dtype=HEAD_DTYPE))  # [C, D]
+    total, greedy = 0.0, True
+    step = chunk or h.shape[0]
+    for s in range(0, h.shape[0], step):
+        logp = torch.log_softmax(h[s:s + step] @ head.T, dim=-1)  # [c, V]
+        want = targets[s:s + step]
+        total += float(logp.gather(1, want.unsqueeze(1)).sum())
+        greedy = greedy and bool((logp.argmax(dim=-1) == want).all())
+    return total, greedy
