@@ -147,8 +147,17 @@ def test_streamed_eval_equals_the_full_model_loss(family_model):
     assert got["ppl"] == pytest.approx(math.exp(nll), rel=1e-4)
 
 
+# Resume reads finished shards back and replays their blocks: a family's own block layout matters there (Gemma's
+# tied scaled embedding, Phi-3's fused linears, the experts' stored per-expert matrices). Llama 3, sliding Mistral
+# and Qwen3 store their blocks exactly like LLaMA (tests/test_resume.py) and differ only in the block context,
+# which every other test here covers; they skip the two subprocess launches.
+RESUME_KINDS = ("gemma3", "phi3", *MOE_KINDS)
+
+
 def test_sigkill_then_resume_is_byte_identical(family_model, ids_file, tmp_path):
     kind, model_dir = family_model
+    if kind not in RESUME_KINDS:
+        pytest.skip("stored like LLaMA: tests/test_resume.py")
     _prune(model_dir, tmp_path / "ref", ids_file, device="auto")  # the CLI's run in-process, uninterrupted
     out = tmp_path / "out"
     args = [sys.executable, "-m", "cli.main", "prune", str(model_dir), str(out), "--calib-ids", str(ids_file),
