@@ -138,3 +138,25 @@ def test_disk_too_small_for_fp32_gradient_files_names_grad_dtype(wide, tmp_path)
     chosen = plan_run(shape, replace(settings, grad_dtype="bfloat16"), budgets, check=True)
     offload = chosen.settings["offload"]
     assert chosen.fits and offload == "cpu"
+
+
+def test_a_head_that_overflows_the_budget_suggests_head_chunk():
+    """A large vocabulary's whole-window logits dominate: the refusal names --head-chunk first."""
+    from lowmem_gblm.memory.plan import advice
+
+    class _Phase:
+        name, device_peak_bytes, host_peak_bytes, disk_bytes, terms = "gradient_sweep", 0, 7 << 30, 0, {}
+
+        def dominant(self, _kind):
+            return "compute: head step (norm + lm_head + 1-window fp32 loss/grad)", 6 << 30
+
+    class _Plan:
+        nsamples, seqlen, phases = 4, 2048, [_Phase()]
+        shortfalls, budgets = {"cpu_memory": 4 << 30}, {"cpu_memory": 3 << 30}
+        settings = {"offload": "disk", "head_chunk": None}
+        host_peak_bytes = 7 << 30
+
+    (line,) = advice(_Plan(), run=True)
+    assert "try --head-chunk 512" in line
+    _Plan.settings = {"offload": "disk", "head_chunk": 512}
+    assert "--head-chunk" not in advice(_Plan(), run=True)[0]

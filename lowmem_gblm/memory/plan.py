@@ -296,6 +296,14 @@ def _shortfalls(phases: list[PhasePlan], budgets: Budgets, offload: str) -> dict
     return short
 
 
+def _head_knob(p: Plan, dominant: str) -> list[str]:
+    """``--head-chunk`` first when the head's whole-window logits are what overflows (a large vocabulary)."""
+    if "head step" not in dominant or p.settings.get("head_chunk") is not None:
+        return []
+    return [f"--head-chunk {HEAD_CHUNKS[1]} (the head's fp32 logits for {HEAD_CHUNKS[1]} positions at a time "
+            f"instead of the whole window)"]
+
+
 def advice(p: Plan, *, run: bool = False, disk_store: Plan | None = None) -> list[str]:
     """One line per budget the plan is short of: what overflows and the knobs that would help.
     run: worded for the engine (the disk is OUT_DIR's); disk_store: the same run planned with
@@ -308,7 +316,8 @@ def advice(p: Plan, *, run: bool = False, disk_store: Plan | None = None) -> lis
         name, val = q.dominant("device")
         steps = q.terms.get("device_steps", {})
         batch = p.settings.get("forward_microbatch", 1)
-        knobs = [f"a smaller --seqlen (now {t})" + (f" or --batch-size (now {batch})" if batch > 1 else ""),
+        knobs = [*_head_knob(p, name),
+                 f"a smaller --seqlen (now {t})" + (f" or --batch-size (now {batch})" if batch > 1 else ""),
                  "--device cpu" if run else "raise --gpu-memory"]
         out.append(f"device memory short by {fmt_size(short['gpu_memory'])} in {q.name}: {name} = {fmt_size(val)}"
                    + (f" (block {fmt_size(steps['block'])}, head {fmt_size(steps['head'])})" if steps else "")
@@ -316,7 +325,7 @@ def advice(p: Plan, *, run: bool = False, disk_store: Plan | None = None) -> lis
     if "cpu_memory" in short:
         q = max(p.phases, key=lambda x: x.host_peak_bytes)
         name, val = q.dominant("host")
-        knobs = []
+        knobs = _head_knob(p, name)
         if p.settings["offload"] == "cpu":
             if run:
                 if disk_store is not None and disk_store.host_peak_bytes < p.host_peak_bytes:
