@@ -32,14 +32,18 @@ class ExpertLayout:
     def stored_name(self, e: int, m: str) -> str:
         return self.stored.format(e=e, m=m)
 
+    def unit_name(self, e: int, m: str) -> str:
+        """A stored matrix as a pruned unit: its name without ``.weight`` (as a linear's module name)."""
+        return self.stored_name(e, m).removesuffix(".weight")
+
     def units(self, num_experts: int, inter: int) -> list[tuple[str, str, int, slice]]:
         """(stored matrix name without ``.weight``, fused parameter, expert, its rows in that parameter[e])."""
         out = []
         for e in range(num_experts):
             gate, up = self.gate_up
-            out.append((self.stored_name(e, gate)[:-7], f"{self.module}.gate_up_proj", e, slice(0, inter)))
-            out.append((self.stored_name(e, up)[:-7], f"{self.module}.gate_up_proj", e, slice(inter, 2 * inter)))
-            out.append((self.stored_name(e, self.down)[:-7], f"{self.module}.down_proj", e, slice(None)))
+            out.append((self.unit_name(e, gate), f"{self.module}.gate_up_proj", e, slice(0, inter)))
+            out.append((self.unit_name(e, up), f"{self.module}.gate_up_proj", e, slice(inter, 2 * inter)))
+            out.append((self.unit_name(e, self.down), f"{self.module}.down_proj", e, slice(None)))
         return out
 
     def fuse(self, tensors: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:

@@ -30,8 +30,8 @@ def load_hf_config(model_dir: str | Path):
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as exc:
         raise InputError(f"MODEL_DIR {model_dir}: cannot read config.json ({exc})") from exc
-    # Streamed blocks get attention_mask=None and rely on SDPA's causal path, as the full model
-    # does for unpadded input; eager attention would need an explicit mask.
+    # Streamed blocks get the masks the full model would pass for unpadded input (stream.context: None for
+    # full attention, where SDPA's causal path applies; eager attention would need an explicit mask there).
     config._attn_implementation = "sdpa"
     # Fused experts run transformers' own per-expert loop (one F.linear per expert and matrix), which the
     # statistics and gradient taps see; the grouped kernels would hide the experts from them.
