@@ -3,7 +3,9 @@
 ``tests/golden/output_sha256.json`` holds the sha256 of every output file (shards, index, calibration
 ids, gradient files) of the commands below, recorded with the code before the engine redesign
 (commit c34fd1f). A change that moves code must leave every hash as it is; a change that means to
-alter outputs says so and re-records them (``python -m tests.test_byte_identity --record``).
+alter outputs says so and re-records them (``python -m tests.test_byte_identity --record``). Re-recorded
+once since, adding a file and changing no hash: gradient folders' ``input_sq.safetensors`` (the dense
+forward's input statistics that OWL reuses).
 
 Not hashed: ``prune_report.json`` (timings, versions), ``.lowmem/manifest.json`` and ``gradients.json``
 (the model fingerprint holds file times), copied side files (the fixture's own config and tokenizer).

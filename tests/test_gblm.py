@@ -370,7 +370,8 @@ def test_segment_checkpoints_give_the_same_gradient_files(tmp_path, five_blocks,
         assert _grad_files(tmp_path / f"k{k}") == ref, k
     folder = tmp_path / "stopped"
     testing_hooks.reset()
-    monkeypatch.setenv(testing_hooks.ENOSPC_ENV, "shard_write:4")  # blocks 4, 3, 2 written; block 1 fails
+    # input_sq first (the forward's statistics), then blocks 4, 3, 2 written; block 1 fails
+    monkeypatch.setenv(testing_hooks.ENOSPC_ENV, "shard_write:5")
     with pytest.raises(OutOfSpace):
         _gradients(five_blocks, folder, ids_file, checkpoint_every=2)
     monkeypatch.delenv(testing_hooks.ENOSPC_ENV)

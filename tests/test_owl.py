@@ -113,3 +113,40 @@ def test_owl_resumes_byte_identical_and_keeps_its_sparsities(tiny_model, calib_t
     prune(config(tiny_model, out, calib_text, layer_sparsity="owl"))
     assert not diff_trees(ref, out)
     assert json.loads((out / "prune_report.json").read_text())["layer_sparsity"]["sparsity"] == saved["sparsity"]
+
+
+def test_gblm_owl_takes_its_statistics_from_the_gradient_sweep(tiny_model, calib_text, tmp_path):
+    """GBLM's gradient sweep records every linear's dense Σx² in its folder; OWL then needs no forward sweep of its
+    own, and gives exactly what the forward sweep gives (same windows, fold order and store), which equals the
+    in-memory reference."""
+    from lowmem_gblm.config import GradientConfig
+    from lowmem_gblm.engine import compute_gradients
+    from lowmem_gblm.io.gradfiles import INPUT_NORMS_FILE, INPUT_NORMS_KEY
+    from tests.test_prune_stream import NSAMPLES, SEQLEN
+
+    opts = dict(method="gblm", sparsity=0.6, layer_sparsity="owl", owl_lambda=0.1, owl_m=3.0, device="cpu")
+    own = run(tiny_model, tmp_path / "own", calib_text, **opts)
+    assert own["layer_sparsity"]["statistics"] == "gradient_sweep"
+    assert "owl_weights" in [p["phase"] for p in own["phases"]]
+    assert "owl_sweep" not in [p["phase"] for p in own["phases"]]
+    ids = load_ids(tmp_path / "own")
+    expected = _reference_owl(tiny_model, ids, 0.6, 0.1, 3.0)
+    assert own["layer_sparsity"]["sparsity"] == pytest.approx(expected, abs=1e-6)
+    assert len(set(round(s, 6) for s in expected)) > 1
+
+    # a gradient folder without the statistics (as older ones are): OWL runs its forward sweep, same numbers
+    grads = tmp_path / "grads"
+    compute_gradients(GradientConfig(model_dir=str(tiny_model), out_dir=str(grads), device="cpu", progress=False,
+                                     calib=CalibConfig(source=str(calib_text), nsamples=NSAMPLES, seqlen=SEQLEN)))
+    state = json.loads((grads / "gradients.json").read_text())
+    assert state[INPUT_NORMS_KEY]["file"] == INPUT_NORMS_FILE and (grads / INPUT_NORMS_FILE).is_file()
+    with_file = run(tiny_model, tmp_path / "with", calib_text, gradients=str(grads), **opts)
+    del state[INPUT_NORMS_KEY]
+    (grads / "gradients.json").write_text(json.dumps(state))
+    without = run(tiny_model, tmp_path / "without", calib_text, gradients=str(grads), **opts)
+    assert with_file["layer_sparsity"]["statistics"] == "gradient_sweep"
+    assert without["layer_sparsity"]["statistics"] == "forward_sweep"
+    assert without["layer_sparsity"]["outlier_ratio"] == with_file["layer_sparsity"]["outlier_ratio"] \
+        == own["layer_sparsity"]["outlier_ratio"]
+    a, b = read_all(tmp_path / "with"), read_all(tmp_path / "without")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -52,6 +52,7 @@ from lowmem_gblm.runtime import dtype_name, named_dtype
 from lowmem_gblm.stream.backward import block_windows, finish, grad_accumulators, head_windows
 from lowmem_gblm.stream.reduce import ChunkFold
 from lowmem_gblm.stream.segments import kept_boundaries, segments
+from lowmem_gblm.stream.stats import collect_inputs
 from lowmem_gblm.stream.store import save_windows, saved_windows, scratch
 from lowmem_gblm.stream.sweep import embed, forward
 from lowmem_gblm.testing_hooks import crash_point
@@ -239,17 +240,27 @@ class _Sweep:
         scratch = [new("scratch_a"), new("scratch_b")] if len(kept) < last + 1 else []
         embed(run.model, run.local_ids, bounds[0], run.dtype)
         src = bounds[0]
+        # a whole dense forward (not a resumed one) also records every linear's input statistics for OWL
+        norms = {} if last == run.model.num_blocks else None
         with PhaseProgress("gradient forward", last, run.part.nlocal, self.progress) as progress:
             for i in range(last):
                 block = reader.next(i)
                 dst = bounds[i + 1] if i + 1 in bounds else next(b for b in scratch if b is not src)
-                forward(block, run.ctx, src, dst, run.device, run.dtype, run.part, run.batch_size,
-                        progress.windows)
+                names = run.model.block_linears(i) if norms is not None else []
+                with collect_inputs(block, names, frozenset({"scaler_row"}), run.model.expert_units) as stats:
+                    fold = ChunkFold(self.ranks, run.part, f"input statistics of block {i}")
+                    forward(block, run.ctx, src, dst, run.device, run.dtype, run.part, run.batch_size,
+                            progress.windows, partial(_fold_scalers, fold, stats) if names else None)
+                if names and self.folder is not None:
+                    prefix = run.model.family.block_prefix(i)
+                    norms.update({prefix + n: fold.result(n).cpu() for n in names})
                 del block
                 src = dst
                 progress.block(f"block {i}")
         for buf in scratch:
             buf.release()
+        if norms is not None and self.folder is not None:
+            self.folder.save_input_norms(norms)
         return bounds
 
     def head(self, top) -> None:
@@ -324,6 +335,10 @@ class _Sweep:
             self._save_incoming(i)
         self.folder.mark_block(i, sha, hashes)
         crash_point("gradient_block")  # after block i (reverse order) is durable
+
+
+def _fold_scalers(fold: ChunkFold, stats: dict, step: int) -> None:
+    fold.step(step, {n: accs["scaler_row"].total for n, accs in stats.items()})
 
 
 def open_for_reuse(path: Path, expected: dict) -> GradientFolder:

@@ -146,7 +146,9 @@ def _prune_run(run: Run, config: PruneConfig, method: Method, manifest: RunState
     log.info("%s: %d blocks, %s, %d windows x %d tokens, method %s, pattern %s, store %s", model.root,
              model.num_blocks, model.family.name, n, t, method.name, config.parsed_pattern, run.offload)
     grads = gradient_feed(run, manifest, config.gradients) if method.needs_gradients else None
-    owl = layer_sparsity(run, config, manifest)
+    owl_norms = grads.folder.input_norms() if grads is not None and str(config.layer_sparsity) == "owl" else None
+    owl = layer_sparsity(run, config, manifest, owl_norms)
+    del owl_norms
     if manifest is not None:
         _write_non_block_shard(run, manifest)
         run.done_blocks = sum(1 for k in manifest.done if k.startswith("block."))

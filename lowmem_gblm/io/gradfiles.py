@@ -17,10 +17,15 @@ import torch
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.checkpoint import read_header, read_tensors
 from lowmem_gblm.io.runstate import GRADIENTS_JSON, RunState
+from lowmem_gblm.io.writer import save_tensors_atomic
 
 
 def block_file(i: int) -> str:
     return f"block_{i:05d}.safetensors"
+
+
+INPUT_NORMS_FILE = "input_sq.safetensors"  # the dense forward's sum_n sum_t x^2 of every linear's input
+INPUT_NORMS_KEY = "input_sq"  # its entry in gradients.json: file, sha256, size
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -58,6 +63,25 @@ class GradientFolder(RunState):
         if not file.is_file() or file.stat().st_size != entry["size"] or "tensors" not in entry:
             raise _changed(self.folder, entry["file"])
         return BlockGradients(file, entry["tensors"], self.folder)
+
+    def save_input_norms(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Record the dense forward's input statistics {full unit name: [in] fp32 sum over windows of sum_t x^2}
+        (durable before it is recorded). OWL's outlier ratios come from them without a forward sweep of its own."""
+        sha = save_tensors_atomic(self.folder / INPUT_NORMS_FILE, tensors)
+        size = (self.folder / INPUT_NORMS_FILE).stat().st_size
+        self.data[INPUT_NORMS_KEY] = {"file": INPUT_NORMS_FILE, "sha256": sha, "size": size}
+        self.save()
+
+    def input_norms(self) -> dict[str, torch.Tensor] | None:
+        """The recorded input statistics, or None when the folder has none (older folders, or a sweep whose forward
+        was resumed) or the file changed since it was written."""
+        entry = self.data.get(INPUT_NORMS_KEY)
+        path = self.folder / INPUT_NORMS_FILE
+        if entry is None or not path.is_file() or path.stat().st_size != entry["size"]:
+            return None
+        if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+            return None
+        return read_tensors(path, [k for k in read_header(path) if k != "__metadata__"])
 
     def discard(self, i: int) -> None:
         """Delete block i's file (its entry stays, so hashes recorded elsewhere still match); the prune

@@ -66,7 +66,7 @@ from lowmem_gblm.stream.store import store_nbytes
 
 log = logging.getLogger(__name__)
 
-PHASES = ("gradient_sweep", "prune_sweep", "eval", "owl_sweep")
+PHASES = ("gradient_sweep", "prune_sweep", "eval", "owl_sweep", "owl_weights")
 # terms computed in fp32 whatever the compute dtype (their speed is the fp32 peak's, not the run dtype's):
 # eval's logits (stream.head.HEAD_DTYPE), the Hessian (stream.stats.ACC_DTYPE) and SparseGPT's solve
 FP32_TERMS = frozenset({"head_forward_fp32", "hessian", "sparsegpt_cholesky", "sparsegpt_inverse",
@@ -241,6 +241,9 @@ def phase_work(shape: ModelShape, settings: PlanSettings, phase: str, *, done: i
         return eval_work(shape, s.nsamples, s.seqlen, s.compute_dtype)
     if phase == "owl_sweep":
         return owl_work(shape, s)
+    if phase == "owl_weights":  # OWL from the gradient sweep's input statistics: the linears' weights, read once
+        return Work(phase, {}, {"checkpoint: linear weights": shape.num_blocks * shape.linear_numel
+                                * dtype_bytes(shape.storage_dtype)}, {})
     if phase == "gradient_sweep":
         if not get_method(s.method).needs_gradients:
             return Work(phase)
