@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--all-seeds", action="store_true",
+                   help="run every selected row for every seed (default: extra seeds for wanda and gblm-l1 at 50%%)")
     p.add_argument("--eval-windows", type=int, default=0, help="0: every full window of the eval split")
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--batch", type=int, default=1, help="prune-sweep forward micro-batch")
@@ -151,13 +153,13 @@ def main() -> None:
         calib = CalibConfig(source=None, ids_file=str(ids_file), nsamples=a.nsamples, seqlen=a.seqlen, seed=seed)
         grads = {}
         for method, extra in METHODS:
-            if method not in a.methods or (not primary and method not in ("wanda", "gblm-l1")):
+            if method not in a.methods or (not primary and not a.all_seeds and method not in ("wanda", "gblm-l1")):
                 continue
             if method.startswith("gblm"):
                 gdir = work / f"grad-{extra['grad_norm']}-s{seed}"
                 grads[method] = (gdir, *run_gradients(model, gdir, calib, extra["grad_norm"], a.device))
             for (options, short), update, layers in itertools.product(PATTERNS, a.updates, a.layer_sparsities):
-                if short not in a.patterns or (not primary and short != "50%"):
+                if short not in a.patterns or (not primary and not a.all_seeds and short != "50%"):
                     continue
                 if (update != "none" or layers != "uniform") and method not in SCORE_METHODS:
                     continue
@@ -195,12 +197,14 @@ def main() -> None:
         print(f"{r['method']:<16}{r['pattern']:<9}{'' if r['seed'] is None else r['seed']!s:<6}{r['ppl']:>10.3f}"
               f"{r['sparsity']:>10.4f}{r.get('prune_seconds') or 0:>9.1f}{r.get('gradient_seconds') or 0:>8.1f}{zs}")
     spread = {}
-    for method in ("wanda", "gblm-l1"):
-        vals = [r["ppl"] for r in rows if r["method"] == method and r["pattern"] == "50%"]
+    for method, pattern in dict.fromkeys((r["method"], r["pattern"]) for r in rows if r["seed"] is not None):
+        vals = [r["ppl"] for r in rows if r["method"] == method and r["pattern"] == pattern]
         if len(vals) > 1:
-            spread[method] = {"mean": statistics.mean(vals), "stdev": statistics.stdev(vals), "ppl": vals}
-            print(f"{method} 50% over seeds {a.seeds}: mean {spread[method]['mean']:.3f} "
-                  f"± {spread[method]['stdev']:.3f} (stdev)")
+            key = method if pattern == "50%" else f"{method}@{pattern}"  # (50%: the key earlier results used)
+            spread[key] = {"mean": statistics.mean(vals), "stdev": statistics.stdev(vals), "ppl": vals,
+                           "min": min(vals), "max": max(vals)}
+            print(f"{method} {pattern} over seeds {a.seeds}: mean {spread[key]['mean']:.3f} "
+                  f"± {spread[key]['stdev']:.3f} (stdev), range {min(vals):.3f}..{max(vals):.3f}")
     result = {
         "benchmark": "quality", "model": a.name,
         "nsamples": a.nsamples, "seqlen": a.seqlen, "seeds": a.seeds, "eval_windows": dense["windows"],
