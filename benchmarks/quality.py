@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rows", nargs="+", default=None,
+                   help="only these rows by name (e.g. sparsegpt gblm-l1+lsq); default: every combination")
     p.add_argument("--all-seeds", action="store_true",
                    help="run every selected row for every seed (default: extra seeds for wanda and gblm-l1 at 50%%)")
     p.add_argument("--eval-windows", type=int, default=0, help="0: every full window of the eval split")
@@ -166,6 +168,8 @@ def main() -> None:
                 if layers == "owl" and options["pattern"] != "unstructured":
                     continue
                 name = method if update == "none" else f"{method}+{update}"
+                if a.rows and name not in a.rows:
+                    continue
                 if layers == "owl":
                     name += "+owl"
                     options = options | {"layer_sparsity": "owl", "owl_lambda": a.owl_lambda, "owl_m": a.owl_m}
