@@ -261,8 +261,7 @@ class _PruneSweep:
             # what the run that pruned it recorded (None when it recorded none: that code predates the record)
             self.output_errors.append(self.manifest.entry(key).get("output_error"))
             return self.manifest.entry(key)["linears"]
-        dense = dense_copy(block, run.model.unit_params(self.selected[i]))  # every rank: its block is dense still
-        tensors, report = self.prune_block(i, block, src, progress)
+        tensors, report, dense = self.prune_block(i, block, src, progress)
         ranks.broadcast_(list(block.state_dict().values()), f"block {i}: sending its tensors as written")
         output_error = self._forward_pruned(i, block, dense, src, dst, progress)
         del block, dense
@@ -281,10 +280,11 @@ class _PruneSweep:
         progress.block("pruned")
         return report
 
-    def prune_block(self, i: int, block, src: ActivationBuffer, progress: PhaseProgress) -> tuple[dict, dict]:
+    def prune_block(self, i: int, block, src: ActivationBuffer, progress: PhaseProgress) -> tuple[dict, dict, dict]:
         """Statistics on the dense block (every rank's chunks folded on the writer), then, on the writer, every
         linear pruned in place. Returns (block i's tensors to write under their checkpoint names in the stored
-        dtypes, per-linear report); empty on the other ranks."""
+        dtypes, per-linear report; both empty on the other ranks, and on every rank a copy of the parameters the
+        pruning changes as they were dense, for the output error)."""
         run, method = self.run, self.method
         names = self.selected[i]
         wanted = statistics_needed(method, STATISTICS)
@@ -297,8 +297,9 @@ class _PruneSweep:
                 if run.ranks.writer:
                     for key, acc in parts.items():
                         acc.total = fold.result(key)
+        dense = dense_copy(block, run.model.unit_params(names))  # after the statistics forward: a lower peak
         if not run.ranks.writer:
-            return {}, {}
+            return {}, {}, dense
         stored = run.model.stored_tensors(block, i, run.dtype)  # stored bytes, for exact unchanged tensors
         weights = {name: run.model.unit_weight(block, name) for name in names}
         diagnostics: dict[str, dict[str, float]] = {}
@@ -314,7 +315,7 @@ class _PruneSweep:
             report[full].update(values)
         for full in fallback:
             report[full]["fallback"] = "magnitude: no calibration token was routed to this expert"
-        return stored, report
+        return stored, report, dense
 
 
 def _write_non_block_shard(run: Run, manifest: RunState) -> None:

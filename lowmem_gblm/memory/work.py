@@ -37,7 +37,8 @@ Phases as the engine runs them (``engine/gradients.py``, ``engine/prune.py``, ``
   segment's inputs are first recomputed (``checkpoint_recompute``).
 * ``prune_sweep``: per block: a forward for statistics when the method needs any
   (``methods.apply.statistics_needed``: magnitude needs none, so it has no statistics forward), SparseGPT's
-  Hessian and solve, then the pruned block's forward (always: it makes the next block's inputs).
+  Hessian and solve, then the pruned block's forward (always: it makes the next block's inputs) and, for the
+  report's output error, the same inputs through the block's dense weights (blocks pruned here, not replayed).
 * ``eval``: every block forward, then the fp32 head per window.
 """
 
@@ -313,6 +314,7 @@ def _prune_work(shape: ModelShape, s: PlanSettings, done: int) -> Work:
             for term, value in SOLVE_FLOPS[meth.solve](o, i).items():
                 flops[term] = flops.get(term, 0) + todo * value
     flops["forward"] = L * block  # every block, pruned or replayed, makes the next block's inputs
+    flops["forward_dense_output_error"] = todo * block  # a pruned block's inputs through its dense weights too
     boundary = store_nbytes((n, t, d), s.store_dtype)
     # io.model.StreamedModel.stored_tensors reads a block again when the compute dtype cannot hold its stored values
     exact = s.compute_dtype == shape.storage_dtype or (
