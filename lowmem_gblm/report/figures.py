@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 DPI = 110
 COLORS = ("tab:blue", "tab:orange")  # run A, run B
+MAX_COLUMNS = 4  # mask panels per row of the figure, when a linear needs fewer
 
 
 def _figure(width: float, height: float):
@@ -67,8 +68,8 @@ def output_error_figure(runs: list[RunSummary], path: Path) -> Path:
 
 def gradient_share_figure(runs: list[RunSummary], path: Path) -> Path | None:
     """GBLM, per linear kind: the gradient term's share of the score (top) and the fraction of keep decisions
-    flipped against Wanda (bottom); bars are the mean over blocks, whiskers the min and max. None (nothing
-    written) when no run holds those numbers (not GBLM)."""
+    flipped against Wanda (bottom); bars are the mean over the kind's linears (blocks, experts), whiskers the min
+    and max. None (nothing written) when no run holds those numbers (not GBLM)."""
     gblm = [r for r in runs if per_kind(r, "gradient_share")]
     if not gblm:
         log.info("no GBLM run: no gradient-share figure")
@@ -88,7 +89,7 @@ def gradient_share_figure(runs: list[RunSummary], path: Path) -> Path | None:
             ax.bar(xs, means, width=width, color=color, yerr=[lo, hi], capsize=3,
                    label=f"{run.label} ({run.method})")
     axes[0].set_ylabel("gradient share of the score\nΣ α|W|G / Σ (|W|√s + α|W|G)")
-    axes[0].set_title("GBLM: share of the gradient term per linear kind (mean over blocks, min–max)")
+    axes[0].set_title("GBLM: share of the gradient term per linear kind (mean over its linears, min–max)")
     axes[1].set_ylabel("fraction of keep decisions\nflipped vs Wanda")
     axes[1].set_title("GBLM: keep decisions that differ from Wanda's (same Σx², same pattern)")
     axes[1].set_xticks(range(len(kinds)), kinds, rotation=30, ha="right")
@@ -102,44 +103,52 @@ def gradient_share_figure(runs: list[RunSummary], path: Path) -> Path | None:
 
 
 def mask_figure(runs: list[RunSummary], names: list[str], path: Path) -> Path:
-    """One row per linear, runs side by side: the whole matrix as the kept fraction of each cell (block averages
-    into at most GRID_CELLS x GRID_CELLS cells) and, when some matrix is larger than that, its top-left
+    """Per linear a group of panels, runs side by side: the whole matrix as the kept fraction of each cell (block
+    averages into at most GRID_CELLS x GRID_CELLS cells) and, when some matrix is larger than that, its top-left
     CORNER x CORNER weights at full resolution (where N:M groups and single weights show). With two runs, a last
-    panel shows where their keep decisions differ. Zeros in the written weights are shown as pruned (the masks
-    themselves are not stored)."""
+    panel shows where their keep decisions differ. Narrow groups are laid out several to a row. Zeros in the
+    written weights are shown as pruned (the masks themselves are not stored)."""
     keeps = {(name, run.out): read_keep(run.out, name) for name in names for run in runs}
     corners = any(max(k.shape) > GRID_CELLS for k in keeps.values())
     per_run = 2 if corners else 1
-    cols = per_run * len(runs) + (len(runs) == 2)
-    fig = _figure(3.4 * cols + 1.2, 2.9 * len(names) + 0.7)
-    axes = fig.subplots(len(names), cols, squeeze=False)
+    group = per_run * len(runs) + (len(runs) == 2)  # panels per linear
+    across = max(1, MAX_COLUMNS // group)  # linears per row of the figure
+    rows = -(-len(names) // across)
+    cols = group * min(across, len(names))
+    fig = _figure(max(3.4 * cols + 1.4, 8.0), 2.9 * rows + 0.9)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[len(names) * group:]:
+        ax.set_axis_off()  # the last row's unused places
+    kept_axes, diff_axes = [], []
     kept_image = diff_image = None
-    for r, name in enumerate(names):
+    for k, name in enumerate(names):
+        row, first = divmod(k, across)
+        panels = axes[row][first * group:(first + 1) * group]
         for j, run in enumerate(runs):
             keep = keeps[(name, run.out)]
-            rows, columns = keep.shape
-            ax = axes[r][per_run * j]
-            kept_image = _heat(ax, keep_grid(keep), (rows, columns), "gray")
-            ax.set_title(f"{run.label}: {_short(name)}\n[{rows} x {columns}], kept {float(keep.float().mean()):.3f}",
-                         fontsize="small")
+            ax = panels[per_run * j]
+            kept_image = _heat(ax, keep_grid(keep), tuple(keep.shape), "gray")
+            ax.set_title(f"{run.label}: {_short(name)}\n[{keep.shape[0]} x {keep.shape[1]}], kept "
+                         f"{float(keep.float().mean()):.3f}", fontsize="small")
+            kept_axes.append(ax)
             if corners:
                 c = keep[:CORNER, :CORNER]
-                _heat(axes[r][per_run * j + 1], c.float(), tuple(c.shape), "gray")
-                axes[r][per_run * j + 1].set_title(f"{run.label}: top-left {c.shape[0]} x {c.shape[1]}\n"
-                                                   "(every weight)", fontsize="small")
+                _heat(panels[per_run * j + 1], c.float(), tuple(c.shape), "gray")
+                panels[per_run * j + 1].set_title(f"{run.label}: top-left {c.shape[0]} x {c.shape[1]}\n"
+                                                  "(every weight)", fontsize="small")
+                kept_axes.append(panels[per_run * j + 1])
         if len(runs) == 2:
             a, b = (keeps[(name, run.out)] for run in runs)
-            ax = axes[r][-1]
+            ax = panels[-1]
             diff_image = _heat(ax, keep_grid(a ^ b), tuple(a.shape), "magma")
             differ = float((a ^ b).float().mean())
             ax.set_title(f"{runs[0].label} vs {runs[1].label}: {_short(name)}\ndiffer in {differ:.3f}",
                          fontsize="small")
-    fig.suptitle("Keep masks (white: kept, black: pruned; whole-matrix panels: kept fraction per cell)")
-    kept_axes = [axes[r][c] for r in range(len(names)) for c in range(per_run * len(runs))]
+            diff_axes.append(ax)
+    fig.suptitle("Keep masks: white kept, black pruned (whole-matrix panels: kept fraction per cell)")
     fig.colorbar(kept_image, ax=kept_axes, shrink=0.5, label="kept fraction")
     if diff_image is not None:
-        fig.colorbar(diff_image, ax=[axes[r][-1] for r in range(len(names))], shrink=0.5,
-                     label="fraction of keep decisions that differ")
+        fig.colorbar(diff_image, ax=diff_axes, shrink=0.5, label="fraction of keep decisions that differ")
     return _save(fig, path)
 
 

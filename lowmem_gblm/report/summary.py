@@ -110,8 +110,9 @@ def per_block_rows(run: RunSummary) -> list[dict]:
 
 
 def per_kind(run: RunSummary, key: str) -> dict[str, dict]:
-    """Per linear kind (``linear_kind``), ``key``'s mean / min / max over the blocks, and its values in block order;
-    kinds without the value are left out (e.g. every kind for a non-GBLM run)."""
+    """Per linear kind (``linear_kind``), ``key``'s mean / min / max over the linears of that kind (one per block, or
+    one per block and expert), and its values in block order; kinds without the value are left out (e.g. every kind
+    for a non-GBLM run)."""
     groups: dict[str, list[tuple[int, float]]] = {}
     for name, r in run.per_linear.items():
         if key in r:
@@ -224,11 +225,13 @@ def summary_lines(run: RunSummary) -> list[str]:
     if gblm:
         shares, flips = per_kind(run, "gradient_share"), per_kind(run, "flipped_vs_wanda")
         width = max(len(k) for k in shares)
-        lines.append(f"{'linear kind':<{width}}  gradient share mean [min, max]    flipped vs Wanda mean [min, max]")
+        lines.append(f"{'linear kind':<{width}}  {'gradient share mean [min, max]':<32}  "
+                     "flipped vs Wanda mean [min, max]")
         for kind in sorted(shares):
             s, f = shares[kind], flips.get(kind)
+            share = f"{s['mean']:.4f} [{s['min']:.4f}, {s['max']:.4f}]"
             flipped = f"{f['mean']:.4f} [{f['min']:.4f}, {f['max']:.4f}]" if f else "-"
-            lines.append(f"{kind:<{width}}  {s['mean']:.4f} [{s['min']:.4f}, {s['max']:.4f}]         {flipped}")
+            lines.append(f"{kind:<{width}}  {share:<32}  {flipped}")
     return lines
 
 
