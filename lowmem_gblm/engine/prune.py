@@ -40,7 +40,7 @@ from lowmem_gblm.mask import Pattern
 from lowmem_gblm.methods import Method
 from lowmem_gblm.methods.apply import BlockPruner, linear_report, statistics_needed
 from lowmem_gblm.runtime import dtype_name
-from lowmem_gblm.stream.compare import OutputError, dense_copy, output_error_entry
+from lowmem_gblm.stream.compare import OutputError, output_error_entry
 from lowmem_gblm.stream.reduce import ChunkFold
 from lowmem_gblm.stream.stats import STATISTICS, collect_inputs
 from lowmem_gblm.stream.store import ActivationBuffer, scratch
@@ -227,13 +227,13 @@ class _PruneSweep:
         forward(block, run.ctx, src, dst, run.device, run.dtype, run.part, run.batch_size, progress.windows,
                 on_step, on_output)
 
-    def _forward_pruned(self, i: int, block, dense: dict, src: ActivationBuffer, dst: ActivationBuffer,
+    def _forward_pruned(self, i: int, block, src: ActivationBuffer, dst: ActivationBuffer,
                         progress: PhaseProgress) -> dict | None:
-        """The pruned block's forward into ``dst`` (the next block's inputs), each batch also through the ``dense``
-        weights: the output error's chunk sums, folded on the writer like the statistics (stream.compare). Returns
-        block i's output_error_entry on the writer, None elsewhere."""
+        """The pruned block's forward into ``dst`` (the next block's inputs); ``dst`` holds the dense block's outputs
+        until each batch replaces them: the output error's chunk sums, folded on the writer like the statistics
+        (stream.compare). Returns block i's output_error_entry on the writer, None elsewhere."""
         run = self.run
-        error = OutputError(block, run.ctx, dense, run.device)
+        error = OutputError(dst, run.device)
         fold = ChunkFold(run.ranks, run.part, f"output error of block {i}")
         self._forward(block, src, dst, progress, lambda step: fold.step(step, {"output_error": error.part}), error)
         return output_error_entry(fold.result("output_error")) if run.ranks.writer else None
@@ -261,10 +261,10 @@ class _PruneSweep:
             # what the run that pruned it recorded (None when it recorded none: that code predates the record)
             self.output_errors.append(self.manifest.entry(key).get("output_error"))
             return self.manifest.entry(key)["linears"]
-        tensors, report, dense = self.prune_block(i, block, src, progress)
+        tensors, report = self.prune_block(i, block, src, dst, progress)
         ranks.broadcast_(list(block.state_dict().values()), f"block {i}: sending its tensors as written")
-        output_error = self._forward_pruned(i, block, dense, src, dst, progress)
-        del block, dense
+        output_error = self._forward_pruned(i, block, src, dst, progress)
+        del block
         if self.manifest is None:
             progress.block("pruned")
             return {}
@@ -280,26 +280,28 @@ class _PruneSweep:
         progress.block("pruned")
         return report
 
-    def prune_block(self, i: int, block, src: ActivationBuffer, progress: PhaseProgress) -> tuple[dict, dict, dict]:
-        """Statistics on the dense block (every rank's chunks folded on the writer), then, on the writer, every
-        linear pruned in place. Returns (block i's tensors to write under their checkpoint names in the stored
-        dtypes, per-linear report; both empty on the other ranks, and on every rank a copy of the parameters the
-        pruning changes as they were dense, for the output error)."""
+    def prune_block(self, i: int, block, src: ActivationBuffer, dst: ActivationBuffer,
+                    progress: PhaseProgress) -> tuple[dict, dict]:
+        """Statistics on the dense block (every rank's chunks folded on the writer), its outputs written to ``dst``
+        (the output error compares the pruned outputs with them), then, on the writer, every linear pruned in
+        place. Returns (block i's tensors to write under their checkpoint names in the stored dtypes, per-linear
+        report); empty on the other ranks."""
         run, method = self.run, self.method
         names = self.selected[i]
         wanted = statistics_needed(method, STATISTICS)
         with collect_inputs(block, names, wanted, run.model.expert_units) as stats:
-            if wanted:
+            if wanted:  # the dense outputs go to dst: the output error reads them back (stream.compare)
                 fold = ChunkFold(run.ranks, run.part, f"statistics of block {i}")
                 parts = {f"{name}/{s}": acc for name, accs in stats.items() for s, acc in accs.items()}
-                self._forward(block, src, None, progress,
+                self._forward(block, src, dst, progress,
                               lambda step: fold.step(step, {k: acc.total for k, acc in parts.items()}))
                 if run.ranks.writer:
                     for key, acc in parts.items():
                         acc.total = fold.result(key)
-        dense = dense_copy(block, run.model.unit_params(names))  # after the statistics forward: a lower peak
+        if not wanted:  # no statistics forward (magnitude): one dense forward for the output error
+            self._forward(block, src, dst, progress)
         if not run.ranks.writer:
-            return {}, {}, dense
+            return {}, {}
         stored = run.model.stored_tensors(block, i, run.dtype)  # stored bytes, for exact unchanged tensors
         weights = {name: run.model.unit_weight(block, name) for name in names}
         diagnostics: dict[str, dict[str, float]] = {}
@@ -315,7 +317,7 @@ class _PruneSweep:
             report[full].update(values)
         for full in fallback:
             report[full]["fallback"] = "magnitude: no calibration token was routed to this expert"
-        return stored, report, dense
+        return stored, report
 
 
 def _write_non_block_shard(run: Run, manifest: RunState) -> None:

@@ -197,10 +197,6 @@ class StreamedModel:
             return block.get_parameter(param).data[e, rows]
         return block.get_submodule(name).weight.data
 
-    def unit_params(self, names) -> list[str]:
-        """The block parameters that hold the units ``names``: a linear's weight, an expert's fused parameter."""
-        return sorted({self.expert_units[n][0] if n in self.expert_units else f"{n}.weight" for n in names})
-
     def block_linears(self, i: int, chosen=None) -> list[str]:
         """Block i's linear names (relative to the block, in module order) that ``chosen(full module name)``
         accepts (None: every one)."""

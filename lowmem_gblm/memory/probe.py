@@ -37,7 +37,6 @@ from lowmem_gblm.methods import LinearJob, MethodOptions, get_method
 from lowmem_gblm.methods.apply import prune_linear, statistics_needed
 from lowmem_gblm.runtime import dtype_bytes
 from lowmem_gblm.stream import backward
-from lowmem_gblm.stream.compare import OutputError, dense_copy
 from lowmem_gblm.stream.context import BlockContext, KindInputs, run_block
 from lowmem_gblm.stream.head import HEAD_DTYPE, window_nll
 from lowmem_gblm.stream.stats import STATISTICS, collect_inputs
@@ -93,8 +92,7 @@ class LiveBytes(TorchDispatchMode):
 class Probe:
     """Device bytes measured on fake tensors, per step; every value includes the weights then live."""
 
-    prune_step: int  # block + statistics + one sample forward, then every linear's prune, then the pruned and
-    # the dense weights' forward (output error)
+    prune_step: int  # block + statistics + one sample forward, then every linear's prune
     grad_step: int  # block + fp32 accumulators + one sample recompute forward and backward
     forward_step: int  # block + one sample forward (eval)
     head_grad: int  # final norm + head + one window's loss and gradient
@@ -178,9 +176,6 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
             x = torch.empty(batch, seqlen, d, dtype=dtype, device=device)  # stream.sweep.forward's micro-batch
             y = run_block(block, ctx, x)
             del x, y
-            # the dense weights kept for the output error (engine.prune: after the statistics forward)
-            dense = dense_copy(block, [f"{n}.weight" for n in names]
-                               + [p for p, t in block.named_parameters() if t.dim() == 3])  # fused experts
             for name in names:
                 linear = modules[name]
                 stats = {s: accs[name][s].result(nsamples) for s in wanted}
@@ -202,8 +197,8 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
         x = torch.empty(batch, seqlen, d, dtype=dtype, device=device)
         with torch.no_grad():
             y = run_block(block, ctx, x)  # the pruned block's forward, stats hooks gone
-            OutputError(block, ctx, dense, device)(x, y)  # and the dense weights' on the same batch
-        del x, y, dense
+            y_dense = torch.empty_like(y)  # the dense outputs it replaces, read back (the report's output error)
+        del x, y, y_dense
         prune_step = mem.peak
 
         # -- eval: a plain forward of one sample

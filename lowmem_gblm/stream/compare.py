@@ -1,33 +1,27 @@
 """A pruned block's output against the dense block's on the same inputs (``prune_report.json``'s output error).
 
-The prune sweep keeps a copy of the block's dense weights on the device while it prunes, then runs every batch
-of windows through the pruned block (the next block's inputs, as always) and through the dense weights, and
-accumulates, per chunk of windows (stream.partition, folded in chunk order like the statistics):
+The prune sweep's statistics forward runs the dense block on the block's inputs anyway; it writes those dense
+outputs into the buffer that is about to receive the next block's inputs (for a method without statistics, such
+as magnitude, one dense forward does it). The pruned block's forward then reads each batch's dense output back
+just before it overwrites it with the pruned output, and accumulates, per chunk of windows (stream.partition,
+folded in chunk order like the statistics):
 
     part = [ sum (Y_pruned - Y_dense)^2 , sum Y_dense^2 ]        float64, over the chunk's windows, tokens, features
 
 so the relative output error sqrt(part_0 / part_1) = ||Y_pruned - Y_dense||_F / ||Y_dense||_F is the same for 1
-or several processes. No weight or store is read again: the copy is made from the weights already on the
-device; the cost is one more forward per block and one block's linears on the device.
+or several processes. No weight is read again and no forward is added (magnitude: one); the cost is one more
+write and read of the activation buffer. With a lossy ``--store-dtype`` (bfloat16, int8) Y_dense is the stored,
+rounded one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
-from torch import nn
-
-from lowmem_gblm.stream.context import BlockContext, run_block
 
 ERROR_DTYPE = torch.float64  # the two sums of squares
 DIFF_DTYPE = torch.float32  # Y_pruned - Y_dense is formed in fp32 whatever the compute dtype
-
-
-def dense_copy(block: nn.Module, params: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Copies of the block's parameters ``params`` (names in the block) as they are now, on their device."""
-    return {name: block.get_parameter(name).detach().clone() for name in sorted(set(params))}
 
 
 def error_sums(y: torch.Tensor, y_dense: torch.Tensor) -> torch.Tensor:
@@ -38,15 +32,16 @@ def error_sums(y: torch.Tensor, y_dense: torch.Tensor) -> torch.Tensor:
 
 
 class OutputError:
-    """Accumulates ``error_sums`` of one chunk of windows into ``part`` (a [2] float64 tensor on the device)."""
+    """Accumulates ``error_sums`` of one chunk of windows into ``part`` (a [2] float64 tensor on the device); the
+    dense outputs are read from ``dense`` (an activation buffer holding them, before the pruned ones replace them)."""
 
-    def __init__(self, block: nn.Module, ctx: BlockContext, dense: dict[str, torch.Tensor], device: torch.device):
-        self.block, self.ctx, self.dense = block, ctx, dense
+    def __init__(self, dense, device: torch.device):
+        self.dense, self.device = dense, device
         self.part = torch.zeros(2, dtype=ERROR_DTYPE, device=device)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """x: the batch the pruned block turned into y; the dense weights run on the same x."""
-        y_dense = run_block(self.block, self.ctx, x, self.dense)
+    def __call__(self, n: int, y: torch.Tensor) -> None:
+        """y: the pruned block's outputs of windows n..n+B-1."""
+        y_dense = self.dense.get(n, y.shape[0]).to(device=self.device)
         self.part += error_sums(y, y_dense)
 
 

@@ -56,15 +56,9 @@ def layer_index(block: nn.Module) -> int:
     raise ValueError(f"{type(block).__name__} records no layer_idx; its attention kind is unknown")
 
 
-def run_block(block: nn.Module, ctx: BlockContext, hidden: torch.Tensor,
-              params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """hidden: [B, T, D] -> [B, T, D]; no cache. The mask (when the block's kind has one) broadcasts over B.
-    ``params``: parameter name -> tensor used instead of the block's own for this call (the others stay)."""
+def run_block(block: nn.Module, ctx: BlockContext, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden: [B, T, D] -> [B, T, D]; no cache. The mask (when the block's kind has one) broadcasts over B."""
     inputs = ctx.for_block(block)
-    kwargs = dict(attention_mask=inputs.attention_mask, position_ids=ctx.position_ids,
-                  position_embeddings=inputs.position_embeddings, use_cache=False)
-    if params:
-        out = torch.func.functional_call(block, params, (hidden,), kwargs, strict=False)
-    else:
-        out = block(hidden, **kwargs)
+    out = block(hidden, attention_mask=inputs.attention_mask, position_ids=ctx.position_ids,
+                position_embeddings=inputs.position_embeddings, use_cache=False)
     return out[0] if isinstance(out, tuple) else out
