@@ -44,6 +44,7 @@ from lowmem_gblm.memory.tracker import limit_heap_retention
 from lowmem_gblm.methods import registered
 from lowmem_gblm.ranks import close as close_ranks
 from lowmem_gblm.ranks import env_rank, env_world, failed_rank
+from lowmem_gblm.report.command import report as make_report
 from lowmem_gblm.verify import verify as run_verify
 from lowmem_gblm.zeroshot.run import evaluate
 from lowmem_gblm.zeroshot.wiki_task import write_task
@@ -417,6 +418,32 @@ def verify(
     if as_json:
         typer.echo(json.dumps({"ok": ok, "checks": {c.name: c.ok for c in checks}}))
     raise typer.Exit(code=0 if ok else 1)
+
+
+@app.command()
+def report(
+    out_dir: Annotated[Path, typer.Argument(parser=_folder, help="a finished lowmem-gblm prune output folder")],
+    png: Annotated[Path | None, typer.Option(
+        "--png", parser=_folder, help="write PNG figures to this folder: per-block output error and sparsity, GBLM's "
+        "gradient share per linear kind, keep-mask heatmaps (needs pip install 'lowmem-gblm[report]')")] = None,
+    compare: Annotated[Path | None, typer.Option(
+        "--compare", parser=_folder, help="another finished run of the same model: both runs' per-block errors side "
+        "by side, and their masks side by side in the figures")] = None,
+    block: Annotated[int | None, typer.Option(
+        "--block", help="--png: the block whose linears the mask figure shows (default: the middle block)")] = None,
+    linears: Annotated[str | None, typer.Option(
+        "--linears", help="--png: the linears the mask figure shows, a regular expression searched in the full "
+        "weight name (e.g. 'layers\\.2\\.mlp'); at most 8")] = None,
+) -> None:
+    """Summarize a finished run's diagnostics: per block the sparsity and the pruned block's relative output error on
+    the calibration windows, per GBLM linear kind the gradient term's share and the keep decisions flipped vs Wanda."""
+    _setup_logging(True)
+    with _expected_errors():
+        lines, written = make_report(out_dir, png=png, compare=compare, block=block, linears=linears)
+    for line in lines:
+        typer.echo(line)
+    for path in written:
+        typer.echo(f"wrote {path}")
 
 
 @app.command("import-gguf")

@@ -26,7 +26,7 @@ from lowmem_gblm.io import gguf_import
 from lowmem_gblm.stream.head import window_nll
 from tests.faults import REPO
 
-COMMANDS = ("prune", "gradients", "eval", "plan", "verify", "import-gguf", "wiki-task")
+COMMANDS = ("prune", "gradients", "eval", "plan", "verify", "import-gguf", "wiki-task", "report")
 
 
 def _command(name: str):

@@ -24,6 +24,7 @@ from lowmem_gblm.memory.plan import PlanSettings
 from lowmem_gblm.memory.shape import load_shape
 from lowmem_gblm.methods.sparsegpt import sparsegpt_prune
 from lowmem_gblm.stream import backward
+from lowmem_gblm.stream.compare import OutputError
 from lowmem_gblm.stream.context import BlockContext, run_block
 from lowmem_gblm.stream.head import window_nll
 from lowmem_gblm.stream.stats import collect_inputs
@@ -154,13 +155,17 @@ def test_prune_sweep_golden(shape):
     fwd = N * (LINEAR_TOKEN * T + ATTN_WINDOW)
     gblm = work.phase_work(shape, _settings("gblm"), "prune_sweep")
     assert gblm.flops == {"forward_statistics": fwd, "forward": fwd}
+    # the statistics forward writes the dense outputs, the pruned forward reads them back (output error)
     assert gblm.bytes_read == {"checkpoint: blocks": 36992 * 4, "checkpoint: embedding rows": N * T * 64 * 4,
-                               "gradient files": 36864 * 4, "store: boundaries": 2 * N * T * 64 * 4}
-    assert gblm.bytes_written == {"store: boundaries": 2 * N * T * 64 * 4, "output shards": 36992 * 4}
+                               "gradient files": 36864 * 4, "store: boundaries": 2 * N * T * 64 * 4,
+                               "store: dense outputs": N * T * 64 * 4}
+    assert gblm.bytes_written == {"store: boundaries": 2 * N * T * 64 * 4, "output shards": 36992 * 4,
+                                  "store: dense outputs": N * T * 64 * 4}
     assert work.phase_work(shape, _settings("wanda"), "prune_sweep").flops == gblm.flops
-    # magnitude needs no statistics: the pruned block's forward only (it still makes the next inputs)
+    # magnitude needs no statistics: the pruned block's forward (it still makes the next inputs) and one dense
+    # forward for the output error
     mag = work.phase_work(shape, _settings("magnitude"), "prune_sweep")
-    assert mag.flops == {"forward": fwd}
+    assert mag.flops == {"forward": fwd, "forward_dense_output_error": fwd}
     assert mag.bytes_read["store: boundaries"] == N * T * 64 * 4
     sgpt = work.phase_work(shape, _settings("sparsegpt"), "prune_sweep")
     # sum(in^2) = 6 * 64^2 + 128^2 = 40960; potrf(64) = 89440 (x6), potrf(128) = 128*129*257/6 = 707264;
@@ -276,6 +281,7 @@ def test_sparsegpt_prune_step_matches_flop_counter(shape):
     block = _block(shape)
     ctx = BlockContext.build(shape, T, CPU, torch.float32)
     src = ActivationStore("cpu").new((N, T, shape.hidden), torch.float32, exact=True)
+    dst = ActivationStore("cpu").new((N, T, shape.hidden), torch.float32, exact=True)
     for n in range(N):
         src.put(n, torch.randn(1, T, shape.hidden))
     names = linear_names(block)
@@ -284,12 +290,13 @@ def test_sparsegpt_prune_step_matches_flop_counter(shape):
 
     def step():
         with collect_inputs(block, names, frozenset({"hessian"})) as stats:
-            forward(block, ctx, src, None, CPU, torch.float32)
+            forward(block, ctx, src, dst, CPU, torch.float32)  # the dense outputs, kept for the output error
         for name in names:
             weight = modules[name].weight
             new, _ = sparsegpt_prune(weight, stats[name]["hessian"].result(N), pattern, blocksize=16)
             weight.copy_(new)
-        forward(block, ctx, src, None, CPU, torch.float32)
+        # the pruned forward, each batch compared with the dense outputs it replaces (the report's output error)
+        forward(block, ctx, src, dst, CPU, torch.float32, on_output=OutputError(dst, CPU))
 
     counted = _count(step)
     w = work.phase_work(shape, _settings("sparsegpt"), "prune_sweep")

@@ -40,6 +40,7 @@ from lowmem_gblm.mask import Pattern
 from lowmem_gblm.methods import Method
 from lowmem_gblm.methods.apply import BlockPruner, linear_report, statistics_needed
 from lowmem_gblm.runtime import dtype_name
+from lowmem_gblm.stream.compare import OutputError, output_error_entry
 from lowmem_gblm.stream.reduce import ChunkFold
 from lowmem_gblm.stream.stats import STATISTICS, collect_inputs
 from lowmem_gblm.stream.store import ActivationBuffer, scratch
@@ -153,8 +154,9 @@ def _prune_run(run: Run, config: PruneConfig, method: Method, manifest: RunState
         _write_non_block_shard(run, manifest)
         run.done_blocks = sum(1 for k in manifest.done if k.startswith("block."))
     store = run.store_folder(out / STATE_DIR / "store")
+    sweep = _PruneSweep(run, config, method, manifest, grads, owl and owl["sparsity"], chosen)
     with run.phase("prune_sweep"), scratch(store):
-        linears = _PruneSweep(run, config, method, manifest, grads, owl and owl["sparsity"], chosen).sweep()
+        linears = sweep.sweep()
     ranks = run.rank_phases()
     if manifest is None:
         return None
@@ -164,6 +166,7 @@ def _prune_run(run: Run, config: PruneConfig, method: Method, manifest: RunState
                                                          "layer_sparsity": {"kind": str(config.layer_sparsity),
                                                                             **(owl or {})},
                                                          "skipped": _skipped(model, chosen),
+                                                         "diagnostics": _diagnostics(sweep.output_errors, model),
                                                          "magnitude_fallback": sorted(
                                                              n for n, r in linears.items() if "fallback" in r)}
                       | ranks)
@@ -201,6 +204,7 @@ class _PruneSweep:
         # finished blocks replay from their own shards (on the writer); the rest read from the input checkpoint
         schedule = [(i, self._replay_source(i)) for i in range(run.model.num_blocks)]
         linears: dict[str, dict] = {}
+        self.output_errors: list[dict | None] = []  # per block (the writer's): output_error_entry, None if unknown
         with BlockReader(run.model, schedule, run.device, run.dtype, run.config.prefetch) as reader, \
                 PhaseProgress("prune", run.model.num_blocks, run.part.nlocal,
                               run.config.progress and run.ranks.writer) as progress:
@@ -220,10 +224,21 @@ class _PruneSweep:
         return self.run.out / entry["file"], entry["sha256"]
 
     def _forward(self, block, src: ActivationBuffer, dst: ActivationBuffer | None, progress: PhaseProgress,
-                 on_step=None) -> None:
+                 on_step=None, on_output=None) -> None:
         run = self.run
         forward(block, run.ctx, src, dst, run.device, run.dtype, run.part, run.batch_size, progress.windows,
-                on_step)
+                on_step, on_output)
+
+    def _forward_pruned(self, i: int, block, src: ActivationBuffer, dst: ActivationBuffer,
+                        progress: PhaseProgress) -> dict | None:
+        """The pruned block's forward into ``dst`` (the next block's inputs); ``dst`` holds the dense block's outputs
+        until each batch replaces them: the output error's chunk sums, folded on the writer like the statistics
+        (stream.compare). Returns block i's output_error_entry on the writer, None elsewhere."""
+        run = self.run
+        error = OutputError(dst, run.device)
+        fold = ChunkFold(run.ranks, run.part, f"output error of block {i}")
+        self._forward(block, src, dst, progress, lambda step: fold.step(step, {"output_error": error.part}), error)
+        return output_error_entry(fold.result("output_error")) if run.ranks.writer else None
 
     def block(self, i: int, reader: BlockReader, src: ActivationBuffer, dst: ActivationBuffer,
               progress: PhaseProgress) -> dict:
@@ -243,51 +258,65 @@ class _PruneSweep:
             ranks.broadcast_(list(block.state_dict().values()), f"block {i}: sending its tensors as written")
             self._forward(block, src, dst, progress)
             progress.block("replayed from its shard", replayed=True)
-            return self.manifest.entry(key)["linears"] if self.manifest is not None else {}
-        tensors, report = self.prune_block(i, block, src, progress)
+            if self.manifest is None:
+                return {}
+            # what the run that pruned it recorded (None when it recorded none: that code predates the record)
+            self.output_errors.append(self.manifest.entry(key).get("output_error"))
+            return self.manifest.entry(key)["linears"]
+        tensors, report = self.prune_block(i, block, src, dst, progress)
         ranks.broadcast_(list(block.state_dict().values()), f"block {i}: sending its tensors as written")
-        self._forward(block, src, dst, progress)
+        output_error = self._forward_pruned(i, block, src, dst, progress)
         del block
         if self.manifest is None:
             progress.block("pruned")
             return {}
+        self.output_errors.append(output_error)
         file = shard_name(i, self.total_shards)
         sha = save_tensors_atomic(run.out / file, tensors)
         crash_point("manifest")
-        self.manifest.mark_done(key, file, sha, {"linears": report, "names": sorted(tensors)})
+        self.manifest.mark_done(key, file, sha, {"linears": report, "names": sorted(tensors),
+                                                 "output_error": output_error})
         if self.grads:
             self.grads.consumed(i)
         crash_point("block_done")
         progress.block("pruned")
         return report
 
-    def prune_block(self, i: int, block, src: ActivationBuffer, progress: PhaseProgress) -> tuple[dict, dict]:
-        """Statistics on the dense block (every rank's chunks folded on the writer), then, on the writer, every
-        linear pruned in place. Returns (block i's tensors to write under their checkpoint names in the stored
-        dtypes, per-linear report); empty on the other ranks."""
+    def prune_block(self, i: int, block, src: ActivationBuffer, dst: ActivationBuffer,
+                    progress: PhaseProgress) -> tuple[dict, dict]:
+        """Statistics on the dense block (every rank's chunks folded on the writer), its outputs written to ``dst``
+        (the output error compares the pruned outputs with them), then, on the writer, every linear pruned in
+        place. Returns (block i's tensors to write under their checkpoint names in the stored dtypes, per-linear
+        report); empty on the other ranks."""
         run, method = self.run, self.method
         names = self.selected[i]
         wanted = statistics_needed(method, STATISTICS)
         with collect_inputs(block, names, wanted, run.model.expert_units) as stats:
-            if wanted:
+            if wanted:  # the dense outputs go to dst: the output error reads them back (stream.compare)
                 fold = ChunkFold(run.ranks, run.part, f"statistics of block {i}")
                 parts = {f"{name}/{s}": acc for name, accs in stats.items() for s, acc in accs.items()}
-                self._forward(block, src, None, progress,
+                self._forward(block, src, dst, progress,
                               lambda step: fold.step(step, {k: acc.total for k, acc in parts.items()}))
                 if run.ranks.writer:
                     for key, acc in parts.items():
                         acc.total = fold.result(key)
+        if not wanted:  # no statistics forward (magnitude): one dense forward for the output error
+            self._forward(block, src, dst, progress)
         if not run.ranks.writer:
             return {}, {}
         stored = run.model.stored_tensors(block, i, run.dtype)  # stored bytes, for exact unchanged tensors
         weights = {name: run.model.unit_weight(block, name) for name in names}
+        diagnostics: dict[str, dict[str, float]] = {}
         fallback = self.pruner_for(i).prune(block, run.model.family.block_prefix(i), stats, run.nsamples,
-                                            self.grads.read(i) if self.grads else None, stored, names, weights)
+                                            self.grads.read(i) if self.grads else None, stored, names, weights,
+                                            diagnostics)
         if fallback:
             log.warning("block %d: no calibration token reached %d expert matrix(es) (%s%s); pruned by magnitude",
                         i, len(fallback), fallback[0], ", ..." if len(fallback) > 1 else "")
         prefix = run.model.family.block_prefix(i)
         report = {f"{prefix}{name}.weight": linear_report(stored[f"{prefix}{name}.weight"]) for name in names}
+        for full, values in diagnostics.items():  # GBLM: gradient_share, flipped_vs_wanda
+            report[full].update(values)
         for full in fallback:
             report[full]["fallback"] = "magnitude: no calibration token was routed to this expert"
         return stored, report
@@ -335,6 +364,26 @@ def _finalize(run: Run, config: PruneConfig, manifest: RunState, linears: dict, 
     atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))  # last: marks complete
     manifest.finish()
     return report
+
+
+def _diagnostics(output_errors: list[dict | None], model) -> dict:
+    """The report's per-block diagnostics: the relative output error of each pruned block on its calibration inputs
+    (stream.compare), and where the per-linear GBLM numbers are (in sparsity.per_linear)."""
+    return {
+        "model": model.identity(),
+        "output_error": [None if e is None else e["relative"] for e in output_errors],
+        "output_error_sums": output_errors,
+        "definitions": {
+            "output_error": "per block: ||Y_pruned - Y_dense||_F / ||Y_dense||_F over all calibration windows, tokens "
+                            "and features; Y_dense and Y_pruned are the dense and the pruned block's outputs on the "
+                            "same inputs (the outputs of the already pruned earlier blocks); null: not recorded "
+                            "(a block replayed from a run that did not record it)",
+            "gradient_share": "GBLM, per linear (sparsity.per_linear): sum(alpha |W| G) / sum(|W| sqrt(scaler_row) + "
+                              "alpha |W| G) over the linear's weights, in [0, 1]",
+            "flipped_vs_wanda": "GBLM, per linear: |keep_gblm XOR keep_wanda| / numel, keep_wanda chosen from "
+                                "|W| sqrt(scaler_row) with the same pattern and sparsity",
+        },
+    }
 
 
 def _skipped(model, chosen: list[list[str]]) -> list[str]:

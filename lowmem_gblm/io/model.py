@@ -6,6 +6,8 @@ block being processed (or the embedding / head while they are used) is ever mate
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -73,6 +75,22 @@ class StreamedModel:
     @property
     def tied(self) -> bool:
         return bool(getattr(self.config, "tie_word_embeddings", False)) or self.family.lm_head not in self.index
+
+    def identity(self) -> dict:
+        """What tells this model from another in a report (``lowmem-gblm report --compare``): the folder, the
+        architecture, sha256 of config.json's bytes and of its tensor layout (every tensor's name, dtype and shape,
+        whatever the sharding), and of the files' size, time and header (CheckpointIndex.fingerprint). Weight
+        values are not hashed (that would read the whole model)."""
+        layout = {name: [info["dtype"], info["shape"]] for header in self.index.headers.values()
+                  for name, info in header.items() if name != "__metadata__"}
+        config = self.root / "config.json"
+        return {
+            "dir": str(self.root.resolve()),
+            "architecture": self.family.name,
+            "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+            "layout_sha256": hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest(),
+            "files_sha256": hashlib.sha256(json.dumps(self.index.fingerprint(), sort_keys=True).encode()).hexdigest(),
+        }
 
     def block_names(self, i: int) -> list[str]:
         prefix = self.family.block_prefix(i)

@@ -1,3 +1,3 @@
-from lowmem_gblm.mask.pattern import Pattern, select_keep
+from lowmem_gblm.mask.pattern import Pattern, flip_fraction, select_keep
 
-__all__ = ["Pattern", "select_keep"]
+__all__ = ["Pattern", "flip_fraction", "select_keep"]

@@ -98,3 +98,10 @@ def _keep_rows(score: torch.Tensor, keep: torch.Tensor, pattern: Pattern) -> Non
     k = int(in_f * pattern.sparsity)
     drop = torch.sort(score, dim=1, stable=True).indices[:, :k]  # [rows, k]
     keep.scatter_(1, drop, False)
+
+
+def flip_fraction(keep: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """|keep XOR other| / numel: the share of entries whose keep decision differs between two masks of one weight
+    (a 0-dim float64 tensor in [0, 1]; with the same number kept per comparison group, half are kept-to-pruned
+    and half pruned-to-kept)."""
+    return (keep ^ other).sum(dtype=torch.float64) / max(keep.numel(), 1)

@@ -197,7 +197,8 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
         x = torch.empty(batch, seqlen, d, dtype=dtype, device=device)
         with torch.no_grad():
             y = run_block(block, ctx, x)  # the pruned block's forward, stats hooks gone
-        del x, y
+            y_dense = torch.empty_like(y)  # the dense outputs it replaces, read back (the report's output error)
+        del x, y, y_dense
         prune_step = mem.peak
 
         # -- eval: a plain forward of one sample

@@ -37,7 +37,9 @@ Phases as the engine runs them (``engine/gradients.py``, ``engine/prune.py``, ``
   segment's inputs are first recomputed (``checkpoint_recompute``).
 * ``prune_sweep``: per block: a forward for statistics when the method needs any
   (``methods.apply.statistics_needed``: magnitude needs none, so it has no statistics forward), SparseGPT's
-  Hessian and solve, then the pruned block's forward (always: it makes the next block's inputs).
+  Hessian and solve, then the pruned block's forward (always: it makes the next block's inputs). The
+  statistics forward writes the dense outputs to the next inputs' buffer and the pruned forward reads them
+  back before replacing them (the report's output error, stream.compare); magnitude has a dense forward for it.
 * ``eval``: every block forward, then the fp32 head per window.
 """
 
@@ -308,7 +310,8 @@ def _prune_work(shape: ModelShape, s: PlanSettings, done: int) -> Work:
     wanted = statistics_needed(meth, STATISTICS)
     todo = L - done  # blocks pruned here; the others are replayed (forward only)
     block = sum(matmul_flops(shape, t, n).values())
-    flops = {"forward_statistics": todo * block if wanted else 0}
+    flops = {"forward_statistics": todo * block if wanted else 0,
+             "forward_dense_output_error": 0 if wanted else todo * block}  # magnitude: a dense forward for it
     if "hessian" in wanted:
         flops["hessian"] = todo * sum(hessian_flops(i, n * t) for _, i in shape.linear_shapes.values())
     if meth.solve is not None:
@@ -327,9 +330,11 @@ def _prune_work(shape: ModelShape, s: PlanSettings, done: int) -> Work:
         "checkpoint: embedding rows": embedding_rows_bytes(shape, n * t),
         "gradient files": todo * shape.linear_numel * dtype_bytes(s.grad_dtype) if meth.needs_gradients else 0,
         "store: boundaries": (L + (todo if wanted else 0)) * boundary,
+        "store: dense outputs": todo * boundary,  # read back by the pruned forward (output error)
     }
     written = {
         "store: boundaries": (L + 1) * boundary,
+        "store: dense outputs": todo * boundary,
         "output shards": todo * block_bytes(shape),  # the non-block shard is written before the phase
     }
     return Work("prune_sweep", _nonzero(flops), _nonzero(read), _nonzero(written))

@@ -7,7 +7,7 @@ The engine asks the registry; it never branches on a method's name. A method rec
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,9 @@ class LinearJob:
     stats: dict[str, torch.Tensor]  # statistic name -> finished value (e.g. scaler_row [in]), "gradient" -> G
     pattern: Pattern
     options: MethodOptions
+    # what the method reports about its choice, 0-dim tensors (GBLM: gradient_share, flipped_vs_wanda); the
+    # caller turns them into numbers for prune_report.json
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -56,14 +56,17 @@ class BlockPruner:
 
     def prune(self, block: nn.Module, prefix: str, stats: dict[str, dict], nsamples: int,
               gradients: Mapping | None, stored: dict[str, torch.Tensor], names: list[str] | None = None,
-              weights: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+              weights: Mapping[str, torch.Tensor] | None = None,
+              diagnostics: dict[str, dict[str, float]] | None = None) -> list[str]:
         """Prune the units ``names`` of ``block`` (default: every linear; weights named ``prefix`` + name +
         ``.weight``); ``stored[name]`` is replaced by the bytes to write. weights: unit -> its [out, in] weight
         in the block (default: the linear's; an expert's is a view into the fused parameter). stats: unit ->
         {statistic: accumulator} (cleared here); gradients: full weight name -> G [out, in] (GBLM).
 
         An expert unit no calibration token reached (its ROUTED count is 0) has no statistics: it is pruned by
-        magnitude with the same pattern. Returns those units' full names."""
+        magnitude with the same pattern. Returns those units' full names. ``diagnostics`` (filled when given): full
+        weight name -> what its method reported about its choice, as numbers (GBLM: gradient_share,
+        flipped_vs_wanda)."""
         modules = dict(block.named_modules())
         fallback = []
         for name in linear_names(block) if names is None else names:
@@ -84,6 +87,8 @@ class BlockPruner:
             stored[full] = prune_linear(job, method, stored[full], self.device, self.dtype)
             if method.updates_weights:
                 _require_finite(stored[full], f"{full}: the updated weight", self.dtype)
+            if diagnostics is not None and job.diagnostics:
+                diagnostics[full] = {k: float(v) for k, v in sorted(job.diagnostics.items())}
             del finished, job
         return fallback
 

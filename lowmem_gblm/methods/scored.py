@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from lowmem_gblm.errors import UsageError
-from lowmem_gblm.mask import select_keep
+from lowmem_gblm.mask import flip_fraction, select_keep
 from lowmem_gblm.methods import LinearJob, Method, register
 from lowmem_gblm.runtime import concrete
-from lowmem_gblm.score import gblm_score, magnitude_score, wanda_score
+from lowmem_gblm.score import gradient_term, magnitude_score, term_share, wanda_score
 
 
 def _apply(job: LinearJob, score: torch.Tensor, scope: str = "row") -> torch.Tensor:
@@ -29,8 +29,17 @@ def _wanda(job: LinearJob) -> torch.Tensor:
 
 
 def _gblm(job: LinearJob) -> torch.Tensor:
-    score = gblm_score(job.weight, job.stats["scaler_row"], job.stats["gradient"], job.options.alpha)
-    return _apply(job, score)
+    """GBLM's keep-mask, and two diagnostics of it: the gradient term's share of the linear's summed score, and
+    the fraction of keep decisions that differ from Wanda's on the same Σx² (the score without that term, same
+    pattern). The score is ``score.gblm_score`` bit for bit (Wanda's term + the gradient term, same arithmetic)."""
+    grad = gradient_term(job.weight, job.stats["gradient"], job.options.alpha)  # [out, in] fp32
+    score = wanda_score(job.weight, job.stats["scaler_row"])  # Wanda's term, then GBLM's score in place
+    job.diagnostics["gradient_share"] = term_share(grad, score)
+    wanda_keep = select_keep(score, job.pattern)  # [out, in] bool (a non-finite score is refused by _apply)
+    keep = _apply(job, score.add_(grad))
+    del grad, score
+    job.diagnostics["flipped_vs_wanda"] = flip_fraction(keep, wanda_keep)
+    return keep
 
 
 register(Method("magnitude", frozenset(), _magnitude, "|W| per output row (or per matrix)"))

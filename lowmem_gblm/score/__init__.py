@@ -28,3 +28,19 @@ def gblm_score(
     grad_term = w_abs * grad_norm.to(SCORE_DTYPE)
     grad_term.mul_(alpha)  # alpha * (|W| * G), in place: two [out, in] temporaries in all, not four
     return w_abs.mul_(torch.sqrt(scaler_row.to(SCORE_DTYPE)).reshape(1, -1)).add_(grad_term)
+
+
+def gradient_term(weight: torch.Tensor, grad_norm: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GBLM's second term alpha * |W| * G [out, in] fp32, with the same arithmetic as ``gblm_score``'s, so
+    ``wanda_score(W, s) + gradient_term(W, G, alpha)`` equals ``gblm_score(W, s, G, alpha)`` bit for bit."""
+    term = weight.to(SCORE_DTYPE).abs().mul_(grad_norm.to(SCORE_DTYPE))
+    return term.mul_(alpha)
+
+
+def term_share(part: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """sum(part) / (sum(part) + sum(rest)) over a whole linear, a 0-dim float64 tensor in [0, 1] for non-negative
+    terms (0 when both sums are 0). GBLM's gradient share: part = alpha |W| G, rest = |W| sqrt(scaler_row).
+    Stays a tensor (no host sync; the planner's fake tensors run through it)."""
+    a, b = part.sum(dtype=torch.float64), rest.sum(dtype=torch.float64)
+    total = a + b
+    return torch.where(total > 0, a / torch.where(total > 0, total, 1.0), 0.0)

@@ -30,18 +30,22 @@ def windows(total: int, batch_size: int) -> list[tuple[int, int]]:
 @torch.no_grad()
 def forward(block: nn.Module, ctx: BlockContext, src, dst, device: torch.device, dtype: torch.dtype,
             part: Partition | None = None, batch_size: int = 1, on_windows: Callable[[int], None] | None = None,
-            on_step: Callable[[int], None] | None = None) -> None:
+            on_step: Callable[[int], None] | None = None,
+            on_output: Callable[[int, torch.Tensor], None] | None = None) -> None:
     """Run this rank's windows of ``src`` through ``block``, chunk by chunk, ``batch_size`` windows per call
     (a call never crosses a chunk); write the outputs to ``dst`` (None: statistics hooks only; ``src``
     itself: in place). ``on_windows(k)``: k windows are done; ``on_step(s)``: after step s (every rank calls
-    it at every step, with or without a chunk there: statistics are folded then). ``part`` None: one process,
-    all of ``src`` one chunk."""
+    it at every step, with or without a chunk there: statistics are folded then). ``on_output(n, y)``: each
+    call's first window and output batch, before y is stored (``dst`` still holds what was there). ``part``
+    None: one process, all of ``src`` one chunk."""
     part = part or Partition(len(src), len(src))
     done = 0
     for step in range(part.steps):
         for n, count in part.batches(step, batch_size):
             x = src.get(n, count).to(device=device, dtype=dtype)  # [B, T, D]
             y = run_block(block, ctx, x)
+            if on_output is not None:
+                on_output(n, y)
             if dst is not None:
                 dst.put(n, y)
             done += count
