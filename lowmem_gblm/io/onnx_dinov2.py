@@ -206,8 +206,8 @@ def _position_embeddings(g: _Graph, prefix: str, hidden: int, source: str) -> np
 
 def _num_heads(g: _Graph, prefix: str, hidden: int, source: str) -> int:
     """Heads from the constant dims of the Reshape that splits layer 0's query projection into heads."""
-    bias = prefix + "encoder.layer.0.attention.attention.query.bias"
-    for add in g.uses(bias, "Add"):
+    biases = [f"{prefix}encoder.layer.0.attention.{q}.bias" for q in ("attention.query", "q_proj")]
+    for add in [a for bias in biases for a in g.uses(bias, "Add")]:
         for reshape in g.uses(add.output[0], "Reshape"):
             dims = _shape_dims(g, reshape.input[1])
             if dims is not None and len(dims) >= 2:
@@ -302,6 +302,7 @@ def dinov2_from_onnx(model, source: str = "ONNX model") -> Converted:
     if any(".weights_in." in k for k in arrays):
         raise InputError(f"{source}: a SwiGLU DINOv2 (giant) is not supported; only the GELU MLP")
     arrays.update(_matmul_weights(g, prefix))
+    arrays = {checkpoint_name(k): v for k, v in arrays.items()}  # an export from transformers >= 5: q/k/v/o_proj
     hidden = int(arrays[_ANCHOR].shape[-1])
     proj = arrays.get("embeddings.patch_embeddings.projection.weight")
     if proj is None or proj.ndim != 4:
@@ -374,6 +375,13 @@ def build_dinov2(converted: Converted):
 # below to them when loading); transformers 4.x uses the checkpoint names themselves
 _MODULE_NAMES = (("attention.attention.query.", "attention.q_proj."), ("attention.attention.key.", "attention.k_proj."),
                  ("attention.attention.value.", "attention.v_proj."), ("attention.output.dense.", "attention.o_proj."))
+
+
+def checkpoint_name(key: str) -> str:
+    """``key`` under DINOv2's checkpoint names (``attention.attention.query``), whichever transformers named it."""
+    for old, new in _MODULE_NAMES:
+        key = key.replace(new, old)
+    return key
 
 
 def module_name(key: str, wanted: set[str]) -> str:
