@@ -37,7 +37,6 @@ def main() -> None:
     a = p.parse_args()
     from transformers import AutoImageProcessor, Dinov2Model
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     images = photos()
     processor = AutoImageProcessor.from_pretrained(a.model_dir)
     pixels = processor(images=list(images.values()), return_tensors="pt")["pixel_values"]  # [N, 3, 224, 224]
