@@ -1,5 +1,7 @@
 """Errors a user can fix. The CLI prints them as one line on stderr and exits with code 2."""
 
+import importlib
+
 
 class UsageError(Exception):
     """Bad input or a bad option. The message names the problem and the fix."""
@@ -15,3 +17,13 @@ class ResumeMismatch(UsageError):
 
 class OutOfSpace(UsageError):
     """A write failed for lack of disk space; the run stopped cleanly and can be resumed."""
+
+
+def require_extra(module: str, needed_by: str, extra: str, after: str = "") -> None:
+    """Refuse (UsageError naming ``pip install 'lowmem-gblm[extra]'``) when the optional ``module`` of that extra
+    is not installed; ``needed_by`` names the option that needs it, ``after`` is added to the message."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise UsageError(f"{needed_by}, which is not installed ({exc}); install it with: "
+                         f"pip install 'lowmem-gblm[{extra}]'{after}") from exc

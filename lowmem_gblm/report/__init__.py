@@ -8,15 +8,12 @@ text summary works without it.
 
 from __future__ import annotations
 
-from lowmem_gblm.errors import UsageError
+from lowmem_gblm.errors import require_extra
 
 INSTALL_HINT = "pip install 'lowmem-gblm[report]'"
 
 
 def require_matplotlib() -> None:
     """Refuse with the install command when matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise UsageError(f"--png needs matplotlib, which is not installed ({exc}); install it with: "
-                         f"{INSTALL_HINT} (the text summary works without it: drop --png)") from exc
+    require_extra("matplotlib", "--png needs matplotlib", "report",
+                  " (the text summary works without it: drop --png)")

@@ -8,15 +8,11 @@ offline multiple-choice task from the Wikipedia evaluation split. lm-eval is an 
 
 from __future__ import annotations
 
-from lowmem_gblm.errors import UsageError
+from lowmem_gblm.errors import require_extra
 
 INSTALL_HINT = "pip install 'lowmem-gblm[zeroshot]'"
 
 
 def require_lm_eval() -> None:
     """Refuse with the install command when lm-evaluation-harness is missing."""
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError as exc:
-        raise UsageError(f"--tasks needs lm-evaluation-harness, which is not installed ({exc}); "
-                         f"install it with: {INSTALL_HINT}") from exc
+    require_extra("lm_eval", "--tasks needs lm-evaluation-harness", "zeroshot")
