@@ -70,7 +70,15 @@ Calib = Annotated[str | None, typer.Option(
     "wikitext2")]
 CalibIds = Annotated[Path | None, typer.Option(
     "--calib-ids", help="safetensors file with input_ids [N, T]: reuse exact windows (e.g. a run's own)")]
-NSamples = Annotated[int, typer.Option("--nsamples", help="calibration windows")]
+CalibImages = Annotated[Path | None, typer.Option(
+    "--calib-images", help="vision transformers: an image folder (FOLDER/<class>/<image>, or flat with "
+    "--calib-labels), preprocessed by the model's preprocessor_config.json or the documented default")]
+CalibLabels = Annotated[Path | None, typer.Option(
+    "--calib-labels", help="--calib-images of a flat folder: a CSV of file,label lines")]
+CalibPixels = Annotated[Path | None, typer.Option(
+    "--calib-pixels", help="vision transformers: safetensors with pixel_values [N, 3, H, W] and optional labels [N] "
+    "(exact inputs, e.g. a run's own calibration_pixels.safetensors)")]
+NSamples = Annotated[int, typer.Option("--nsamples", help="calibration windows (or images)")]
 SeqLen = Annotated[int, typer.Option("--seqlen", help="tokens per window")]
 Seed = Annotated[int, typer.Option("--seed", help="window sampling seed")]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
@@ -152,9 +160,13 @@ def _expected_errors():
         raise typer.Exit(code=2) from None
 
 
-def _calib(calib: str | None, calib_ids: Path | None, nsamples: int, seqlen: int, seed: int) -> CalibConfig:
-    return CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                       ids_file=None if calib_ids is None else str(calib_ids))
+def _calib(calib: str | None, calib_ids: Path | None, nsamples: int, seqlen: int, seed: int,
+           images: Path | None = None, labels: Path | None = None, pixels: Path | None = None) -> CalibConfig:
+    def text(path: Path | None) -> str | None:
+        return None if path is None else str(path)
+
+    return CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, ids_file=text(calib_ids),
+                       images=text(images), labels_file=text(labels), pixels_file=text(pixels))
 
 
 @app.command()
@@ -182,6 +194,9 @@ def prune(
         "--ignore", help="regex: leave the matching decoder linears dense, e.g. 'down_proj'")] = None,
     calib: Calib = None,
     calib_ids: CalibIds = None,
+    calib_images: CalibImages = None,
+    calib_labels: CalibLabels = None,
+    calib_pixels: CalibPixels = None,
     nsamples: NSamples = 128,
     seqlen: SeqLen = 2048,
     seed: Seed = 0,
@@ -216,7 +231,7 @@ def prune(
     with _expected_errors():
         config = PruneConfig(
             model_dir=str(model_dir), out_dir=str(out_dir),
-            calib=_calib(calib, calib_ids, nsamples, seqlen, seed), method=method, sparsity=sparsity,
+            calib=_calib(calib, calib_ids, nsamples, seqlen, seed, calib_images, calib_labels, calib_pixels), method=method, sparsity=sparsity,
             pattern=pattern, magnitude_scope=magnitude_scope, update=update,
             layer_sparsity=layer_sparsity, owl_lambda=owl_lambda, owl_m=owl_m, targets=targets, ignore=ignore,
             device=device, dtype=dtype, alpha=alpha,
@@ -243,6 +258,9 @@ def gradients(
     grad_norm: GradNormOpt = "l1",
     calib: Calib = None,
     calib_ids: CalibIds = None,
+    calib_images: CalibImages = None,
+    calib_labels: CalibLabels = None,
+    calib_pixels: CalibPixels = None,
     nsamples: NSamples = 128,
     seqlen: SeqLen = 2048,
     seed: Seed = 0,
@@ -266,7 +284,7 @@ def gradients(
     _setup_logging(quiet)
     with _expected_errors():
         config = GradientConfig(
-            model_dir=str(model_dir), out_dir=str(grad_dir), calib=_calib(calib, calib_ids, nsamples, seqlen, seed),
+            model_dir=str(model_dir), out_dir=str(grad_dir), calib=_calib(calib, calib_ids, nsamples, seqlen, seed, calib_images, calib_labels, calib_pixels),
             grad_norm=grad_norm, device=device, dtype=dtype, offload=offload, store_dtype=store_dtype,
             grad_dtype=grad_dtype, head_chunk=head_chunk, batch_size=batch_size, checkpoint_every=checkpoint_every,
             chunk_windows=chunk_windows, prefetch=prefetch, progress=not quiet, plan_check=plan_check,

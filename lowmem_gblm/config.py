@@ -84,6 +84,7 @@ _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "
 _FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chunk": None, "update": "none",
                        "layer_sparsity": "uniform", "owl_lambda": 0.08, "owl_m": 5.0, "targets": None,
                        "ignore": None}
+_VISION_CALIB = ("images", "labels_file", "pixels_file")  # fingerprinted only when set (older runs resume)
 _CHOICES = {"dtype": Dtype, "store_dtype": StoreDtype, "grad_dtype": GradDtype, "offload": Offload,
             "grad_norm": GradNorm, "magnitude_scope": MagnitudeScope, "method": MethodName, "update": Update,
             "layer_sparsity": LayerSparsity}
@@ -127,10 +128,22 @@ class CalibConfig:
     seqlen: int = 2048
     seed: int = 0
     ids_file: str | None = None  # reuse exact windows: safetensors with int tensor input_ids [N, T]
+    # vision transformers: an image folder (ImageFolder layout, or flat with ``labels_file``), or exact inputs
+    # (safetensors pixel_values [N, 3, H, W] and optional labels [N]); see calib.images
+    images: str | None = None
+    labels_file: str | None = None
+    pixels_file: str | None = None
 
     def __post_init__(self) -> None:
-        if self.source is None and self.ids_file is None:
-            raise UsageError("no calibration data: pass --calib PATH|c4|wikitext2 or --calib-ids FILE.safetensors")
+        given = [f for f, v in (("--calib", self.source), ("--calib-ids", self.ids_file),
+                                ("--calib-images", self.images), ("--calib-pixels", self.pixels_file)) if v]
+        if not given:
+            raise UsageError("no calibration data: pass --calib PATH|c4|wikitext2 or --calib-ids FILE.safetensors "
+                             "(language models), --calib-images FOLDER or --calib-pixels FILE.safetensors (vision)")
+        if len(given) > 1 and not (set(given) == {"--calib", "--calib-ids"}):
+            raise UsageError(f"{' and '.join(given)}: pass one source of calibration data")
+        if self.labels_file and not self.images:
+            raise UsageError("--calib-labels needs --calib-images (a flat image folder)")
         if self.nsamples < 1:
             raise UsageError(f"--nsamples must be >= 1, got {self.nsamples}")
         if self.seqlen < 2:
@@ -260,6 +273,7 @@ class PruneConfig(RunConfig):
         fingerprinted separately (io.checkpoint.CheckpointIndex.fingerprint)."""
         data = {k: v for k, v in self.to_dict().items()
                 if k not in _NOT_FINGERPRINTED and _FINGERPRINT_IF_NOT.get(k, object()) != v}
+        data["calib"] = {k: v for k, v in data["calib"].items() if k not in _VISION_CALIB or v is not None}
         data["model_dir"] = str(Path(self.model_dir).resolve())
         data["pattern"] = str(self.parsed_pattern)
         data["sparsity"] = self.parsed_pattern.sparsity

@@ -16,10 +16,12 @@ import torch
 
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.checkpoint import INDEX_NAME, read_header, read_tensors, read_weight_map
+from lowmem_gblm.io.layout import family_for
+from lowmem_gblm.io.model import load_hf_config
 from lowmem_gblm.io.runstate import MANIFEST_NAME, REPORT_NAME, STATE_DIR, state_problem
 from lowmem_gblm.io.writer import file_sha256
 
-_BLOCK_MATRIX = re.compile(r"\.layers\.\d+\..+\.weight$")
+_BLOCK_MATRIX = re.compile(r"(^|\.)(layers|layer)\.\d+\..+\.weight$")  # decoder layers, vision encoder layers
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -138,8 +140,17 @@ def _report_problem(per_linear) -> str | None:
     return None
 
 
+def _family(root: Path):
+    """The family row of the checkpoint in ``root`` (None when config.json names none we know)."""
+    try:
+        return family_for(load_hf_config(root))
+    except InputError:
+        return None
+
+
 def check_sparsity(root: Path, weight_map: dict, headers: dict) -> list[Check]:
-    """Recount zeros per linear against prune_report.json; N:M groups when the report's pattern is N:M."""
+    """Recount zeros per linear against prune_report.json; N:M groups when the report's pattern is N:M. The report
+    names linears as transformers' modules do; the index, as the checkpoint stores them (io.layout)."""
     path = root / REPORT_NAME
     if not path.is_file():
         return [Check("sparsity", False, f"no {REPORT_NAME}; cannot compare sparsity")]
@@ -152,6 +163,9 @@ def check_sparsity(root: Path, weight_map: dict, headers: dict) -> list[Check]:
         problem = str(exc) or type(exc).__name__
     if problem:
         return [Check("sparsity", False, f"{path}: unreadable report ({problem})")]
+    family = _family(root)
+    if family is not None:
+        per_linear = {family.to_stored(k): v for k, v in per_linear.items()}
     nm = _NM.match(pattern)
     problems, nm_problems, zeros, numel = [], [], 0, 0
     matrices = {k for k, s in weight_map.items()
@@ -202,16 +216,21 @@ def _tied_keys(model, config) -> set[str]:
 
 def check_keys(root: Path, weight_map: dict, headers: dict) -> Check:
     """Build the model on the meta device from config.json; every key it loads must be in the index."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
+    family = _family(root)
+    task = family.task if family is not None else "causal_lm"
+    auto = {"causal_lm": AutoModelForCausalLM, "image_classification": AutoModelForImageClassification}.get(task, AutoModel)
     try:
         config = AutoConfig.from_pretrained(str(root), trust_remote_code=False)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            model = auto.from_config(config, trust_remote_code=False)
     except Exception as exc:
         return Check("keys", False, f"cannot build the model from {root / 'config.json'} ({exc})")
-    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    needed = set(state) - _tied_keys(model, config)
+    # the model's names as the checkpoint stores them (transformers 5 renames vision layers' modules on load)
+    rename = family.to_stored if family is not None else str
+    state = {rename(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    needed = set(state) - {rename(k) for k in _tied_keys(model, config)}
     problems = [f"from_pretrained needs {k!r}, the index lacks it" for k in sorted(needed - set(weight_map))]
     problems += [f"index holds {k!r}, which the model does not load" for k in sorted(set(weight_map) - set(state))]
     for k in sorted(needed & set(weight_map)):

@@ -101,8 +101,8 @@ def checkpoint_sparsity(model: StreamedModel) -> dict:
     zeros = total = 0
     for i in range(model.num_blocks):
         names = [n for n in model.block_names(i)
-                 if n.endswith(".weight") and len(model.index.tensors[n].shape) == 2]
-        for name, tensor in model.index.read(names).items():
+                 if n.endswith(".weight") and len(model.stored_shape(n)) == 2]
+        for name, tensor in model.read_tensors(names).items():
             z = int((tensor == 0).sum())
             per_linear[name] = z / tensor.numel()
             zeros += z

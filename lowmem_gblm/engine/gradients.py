@@ -38,6 +38,7 @@ from lowmem_gblm.io.gradfiles import BlockGradients, GradientFolder, block_file,
 from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.runstate import (
     CALIB_IDS_NAME,
+    CALIB_PIXELS_NAME,
     GRADIENTS_JSON,
     OWN_GRADIENTS,
     STATE_DIR,
@@ -49,12 +50,12 @@ from lowmem_gblm.io.runstate import (
 )
 from lowmem_gblm.io.writer import save_tensors_atomic
 from lowmem_gblm.runtime import dtype_name, named_dtype
-from lowmem_gblm.stream.backward import block_windows, finish, grad_accumulators, head_windows
+from lowmem_gblm.stream.backward import block_windows, classifier_windows, finish, grad_accumulators, head_windows
 from lowmem_gblm.stream.reduce import ChunkFold
 from lowmem_gblm.stream.segments import kept_boundaries, segments
 from lowmem_gblm.stream.stats import collect_inputs
 from lowmem_gblm.stream.store import save_windows, saved_windows, scratch
-from lowmem_gblm.stream.sweep import embed, forward
+from lowmem_gblm.stream.sweep import embed_samples, forward
 from lowmem_gblm.testing_hooks import crash_point
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ REUSE_KEYS = ("format_version", "model", "calibration_sha256", "nsamples", "seql
               "grad_dtype", "head_chunk", "chunk_windows")
 
 
-_OWN = (STATE_DIR, CALIB_IDS_NAME)  # what a gradient folder holds besides its state file and block files
+_OWN = (STATE_DIR, CALIB_IDS_NAME, CALIB_PIXELS_NAME)  # what a gradient folder holds besides its state file and block files
 
 
 def gradient_identity(run: Run) -> dict:
@@ -78,9 +79,9 @@ def gradient_identity(run: Run) -> dict:
     return {k: v for k, v in optional.items() if v is not None} | {
         "format_version": FORMAT_VERSION,
         "model": run.model.index.fingerprint(),
-        "calibration_sha256": run.ids_sha256,
+        "calibration_sha256": run.calib_sha256,
         "nsamples": run.nsamples,
-        "seqlen": int(run.ids.shape[1]),
+        "seqlen": run.seqlen,
         "grad_norm": str(cfg.grad_norm),
         "chunk_windows": run.part.chunk,  # the order the windows' gradients are summed in
         "compute_dtype": dtype_name(run.dtype),
@@ -199,7 +200,7 @@ class _Sweep:
         run.done_blocks = nblocks - start
         if start == 0:
             return
-        n, t = run.ids.shape
+        n, t = run.nsamples, run.seqlen
         log.info("gradient sweep: %d/%d blocks to do, %d windows x %d tokens, %s norm, compute %s on %s "
                  "(logits, loss and accumulators fp32), store %s (%s)", start, nblocks, n, t, run.config.grad_norm,
                  dtype_name(run.dtype), run.device, run.offload, run.config.store_dtype)
@@ -238,7 +239,7 @@ class _Sweep:
         new = partial(self.store.new, run.boundary_shape, run.dtype)
         bounds = {i: new(f"h{i:05d}") for i in sorted(kept)}
         scratch = [new("scratch_a"), new("scratch_b")] if len(kept) < last + 1 else []
-        embed(run.model, run.local_ids, bounds[0], run.dtype)
+        embed_samples(run.model, run.local_samples, bounds[0], run.dtype)
         src = bounds[0]
         # a whole dense forward (not a resumed one) also records every linear's input statistics for OWL
         norms = {} if last == run.model.num_blocks else None
@@ -266,20 +267,30 @@ class _Sweep:
     def head(self, top) -> None:
         """Per-window loss and dL/d(last hidden state) into g_in; the losses gathered on the writer."""
         run = self.run
-        norm, head = run.model.load_head(run.device, run.dtype)  # head: [V, D]
+        vision = run.model.family.vision
+        if vision:  # images: cross-entropy of the classifier on the label (or the dense model's own prediction)
+            head, labels = run.model.load_classifier(run.device, run.dtype), run.local_samples.labels
+        else:
+            norm, head = run.model.load_head(run.device, run.dtype)  # head: [V, D]
         losses: dict[int, float] = {}
         for n, count in run.part.all_batches(run.batch_size):
-            loss, grad = head_windows(norm, head, top.get(n, count), run.local_ids[n:n + count, 1:].to(run.device),
-                                      run.device, run.dtype, run.config.head_chunk)
+            if vision:
+                want = None if labels is None else labels[n:n + count].to(run.device)
+                loss, grad, _used = classifier_windows(head, top.get(n, count), want, run.device, run.dtype)
+            else:
+                loss, grad = head_windows(norm, head, top.get(n, count), run.local_ids[n:n + count, 1:].to(run.device),
+                                          run.device, run.dtype, run.config.head_chunk)
             self.g_in.put(n, grad)
             losses.update(zip(run.part.local_windows[n:n + count], loss.tolist(), strict=True))
             del loss, grad
-        del norm, head
+        del head
         top.release()
         every = {k: v for part in self.ranks.all_objects(losses, "gathering the calibration losses") for k, v in
                  part.items()}
         if self.folder is not None:
             self.folder.data["mean_loss"] = sum(every[k] for k in range(run.nsamples)) / run.nsamples
+            if vision:
+                self.folder.data["labels"] = run.samples.label_source
             log.info("gradient sweep: mean calibration loss %.4f", self.folder.data["mean_loss"])
 
     def segment(self, reader: BlockReader, bounds: dict, c: int, e: int, progress: PhaseProgress) -> None:
@@ -435,9 +446,9 @@ def compute_gradients(config: GradientConfig) -> dict:
     ranks_report = run.rank_phases()
     if folder is None:
         return {"rank": run.ranks.rank}
-    calib_path = run.out / CALIB_IDS_NAME
+    calib_path = run.out / run.calib_file
     if not calib_path.is_file():
-        save_tensors_atomic(calib_path, {"input_ids": run.ids.contiguous()})
+        save_tensors_atomic(calib_path, run.samples.file_tensors())
     return {"folder": str(run.out), "identity": folder.identity, "blocks": len(folder.done),
             "mean_loss": folder.data.get("mean_loss"), "phase": run.phase_dicts()[0],
             "offload": run.offload, "predicted": run.plan.summary()} | ranks_report

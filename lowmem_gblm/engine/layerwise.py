@@ -27,7 +27,7 @@ from lowmem_gblm.score.owl import outlier_ratio, owl_sparsities
 from lowmem_gblm.stream.reduce import ChunkFold
 from lowmem_gblm.stream.stats import collect_inputs
 from lowmem_gblm.stream.store import scratch
-from lowmem_gblm.stream.sweep import embed, forward
+from lowmem_gblm.stream.sweep import embed_samples, forward
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _ratios_from_norms(run: Run, config: PruneConfig, norms: dict[str, torch.Ten
     for i in range(model.num_blocks):
         prefix = model.family.block_prefix(i)
         names = model.block_linears(i, config.prunes)
-        raw = model.index.read([f"{prefix}{n}.weight" for n in names])
+        raw = model.read_tensors([f"{prefix}{n}.weight" for n in names])
         weights = [raw.pop(f"{prefix}{n}.weight").to(run.dtype) for n in names]
         ratios.append(outlier_ratio(weights, [norms[prefix + n] / run.nsamples for n in names], config.owl_m))
         del weights
@@ -94,7 +94,7 @@ def _outlier_ratios(run: Run, config: PruneConfig) -> list[float] | None:
     """The dense model's blocks in order: each block's outlier ratio (on the writer; None elsewhere)."""
     store = run.store(run.out / STATE_DIR / "owl_store")
     src, dst = store.new(run.boundary_shape, run.dtype, "o_a"), store.new(run.boundary_shape, run.dtype, "o_b")
-    embed(run.model, run.local_ids, src, run.dtype)
+    embed_samples(run.model, run.local_samples, src, run.dtype)
     nblocks = run.model.num_blocks
     ratios: list[float] = []
     with BlockReader(run.model, [(i, None) for i in range(nblocks)], run.device, run.dtype,

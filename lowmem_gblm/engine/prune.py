@@ -25,6 +25,7 @@ from lowmem_gblm.io.checkpoint import INDEX_NAME, ShardChanged
 from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.runstate import (
     CALIB_IDS_NAME,
+    CALIB_PIXELS_NAME,
     MANIFEST_NAME,
     OWN_GRADIENTS,
     REPORT_NAME,
@@ -44,7 +45,7 @@ from lowmem_gblm.stream.compare import OutputError, output_error_entry
 from lowmem_gblm.stream.reduce import ChunkFold
 from lowmem_gblm.stream.stats import STATISTICS, collect_inputs
 from lowmem_gblm.stream.store import ActivationBuffer, scratch
-from lowmem_gblm.stream.sweep import embed, forward
+from lowmem_gblm.stream.sweep import embed_samples, forward
 from lowmem_gblm.testing_hooks import crash_point
 from lowmem_gblm.units import fmt_size, prod
 
@@ -116,7 +117,7 @@ def _open_output(run: Run, config: PruneConfig, stack: contextlib.ExitStack) -> 
     if config.overwrite:
         _remove_previous_run(out, config, model.root)
     identity = {"config": config.fingerprint_dict(), "model": model.index.fingerprint(),
-                "calibration_sha256": run.ids_sha256, "device_type": run.device.type,
+                "calibration_sha256": run.calib_sha256, "device_type": run.device.type,
                 "compute_dtype": str(run.dtype), "chunk_windows": run.part.chunk}
     manifest = RunState.open(out, f"{STATE_DIR}/{MANIFEST_NAME}", identity, what="OUT_DIR",
                              fix="pass --overwrite to start over")
@@ -133,8 +134,8 @@ def _open_output(run: Run, config: PruneConfig, stack: contextlib.ExitStack) -> 
     done = sum(1 for k in manifest.done if k.startswith("block."))
     if done:
         log.info("resuming: %d blocks already done in %s", done, out)
-    if not (out / CALIB_IDS_NAME).is_file():
-        save_tensors_atomic(out / CALIB_IDS_NAME, {"input_ids": run.ids.contiguous()})
+    if not (out / run.calib_file).is_file():
+        save_tensors_atomic(out / run.calib_file, run.samples.file_tensors())
     return manifest, None
 
 
@@ -143,7 +144,7 @@ def _prune_run(run: Run, config: PruneConfig, method: Method, manifest: RunState
     """(Gradient sweep), prune sweep and finalize on every rank; the report on the writer (None elsewhere).
     chosen[i]: block i's linears to prune (--targets / --ignore)."""
     model, out = run.model, run.out
-    n, t = run.ids.shape
+    n, t = run.nsamples, run.seqlen
     log.info("%s: %d blocks, %s, %d windows x %d tokens, method %s, pattern %s, store %s", model.root,
              model.num_blocks, model.family.name, n, t, method.name, config.parsed_pattern, run.offload)
     grads = gradient_feed(run, manifest, config.gradients) if method.needs_gradients else None
@@ -200,7 +201,7 @@ class _PruneSweep:
         run = self.run
         store = run.store(run.out / STATE_DIR / "store")
         src, dst = store.new(run.boundary_shape, run.dtype, "h_a"), store.new(run.boundary_shape, run.dtype, "h_b")
-        embed(run.model, run.local_ids, src, run.dtype)
+        embed_samples(run.model, run.local_samples, src, run.dtype)
         # finished blocks replay from their own shards (on the writer); the rest read from the input checkpoint
         schedule = [(i, self._replay_source(i)) for i in range(run.model.num_blocks)]
         linears: dict[str, dict] = {}
@@ -272,6 +273,7 @@ class _PruneSweep:
             return {}
         self.output_errors.append(output_error)
         file = shard_name(i, self.total_shards)
+        tensors = run.model.stored_names(tensors)  # the checkpoint's names (vision: transformers 4's)
         sha = save_tensors_atomic(run.out / file, tensors)
         crash_point("manifest")
         self.manifest.mark_done(key, file, sha, {"linears": report, "names": sorted(tensors),
@@ -352,7 +354,8 @@ def _finalize(run: Run, config: PruneConfig, manifest: RunState, linears: dict, 
         "pattern": str(config.parsed_pattern),
         "device": str(run.device),
         "compute_dtype": dtype_name(run.dtype),
-        "calibration": {"windows": list(run.ids.shape), "sha256": run.ids_sha256},
+        "calibration": {"windows": run.samples.shape, "sha256": run.calib_sha256}
+        | ({"labels": run.samples.label_source} if run.samples.label_source else {}),
         "sparsity": {"overall": zeros / max(numel, 1), "zeros": zeros, "numel": numel, "per_linear": linears,
                      "per_block": _per_block(model, linears)},
         "phases": run.phase_dicts(),
@@ -428,7 +431,7 @@ def _previous_run_files(out: Path, config: PruneConfig, model_dir: Path) -> list
                              "(nothing was deleted)")
         return []
     ours = {entry.get("file") for entry in manifest.done.values() if isinstance(entry, dict)}
-    ours |= {INDEX_NAME, REPORT_NAME, CALIB_IDS_NAME, *manifest.data.get("side_files", []), *side_files(model_dir)}
+    ours |= {INDEX_NAME, REPORT_NAME, CALIB_IDS_NAME, CALIB_PIXELS_NAME, *manifest.data.get("side_files", []), *side_files(model_dir)}
     ours = {name for name in ours if isinstance(name, str) and name and Path(name).name == name}  # plain names only
     foreign = sorted(entries - ours)
     if foreign:

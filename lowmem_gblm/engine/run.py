@@ -15,11 +15,21 @@ from pathlib import Path
 
 import torch
 
-from lowmem_gblm.calib.data import ids_sha256, resolve_windows
+from lowmem_gblm.calib.data import resolve_windows
+from lowmem_gblm.calib.images import load_image_folder, load_pixels
+from lowmem_gblm.calib.samples import TOKENS, Samples
 from lowmem_gblm.config import RunConfig
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.model import StreamedModel
-from lowmem_gblm.io.runstate import GRADIENTS_JSON, MANIFEST_NAME, OWN_GRADIENTS, STATE_DIR, written_bytes
+from lowmem_gblm.io.runstate import (
+    CALIB_IDS_NAME,
+    CALIB_PIXELS_NAME,
+    GRADIENTS_JSON,
+    MANIFEST_NAME,
+    OWN_GRADIENTS,
+    STATE_DIR,
+    written_bytes,
+)
 from lowmem_gblm.memory.budget import machine_budgets, plan_run
 from lowmem_gblm.memory.plan import Plan, PlanSettings
 from lowmem_gblm.memory.shape import shape_of
@@ -41,7 +51,7 @@ class Run:
 
     config: RunConfig
     model: StreamedModel
-    ids: torch.Tensor  # [N, T] calibration windows
+    samples: Samples  # calibration windows [N, T] (language models) or images [N, 3, H, W] (vision)
     device: torch.device
     dtype: torch.dtype
     out: Path
@@ -67,20 +77,40 @@ class Run:
     @property
     def nsamples(self) -> int:
         """All windows of the run (every rank's); this rank holds ``part.nlocal`` of them."""
-        return int(self.ids.shape[0])
+        return len(self.samples)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """[N, T] calibration windows (language models)."""
+        return self.samples.ids
+
+    @cached_property
+    def seqlen(self) -> int:
+        """Tokens per sample: T of a window, or an image's patches and special tokens (StreamedModel.seqlen)."""
+        return self.model.seqlen(self.samples)
+
+    @cached_property
+    def local_samples(self) -> Samples:
+        """This rank's samples, in its store's order."""
+        return self.samples.select(self.part.local_windows)
 
     @cached_property
     def local_ids(self) -> torch.Tensor:
-        """[n_local, T]: this rank's windows, in its store's order."""
-        return self.ids[self.part.local_windows]
+        """[n_local, T]: this rank's windows, in its store's order (language models)."""
+        return self.local_samples.ids
 
     @cached_property
     def ctx(self) -> BlockContext:
-        return BlockContext.build(self.model, self.ids.shape[1], self.device, self.dtype)
+        return BlockContext.build(self.model, self.seqlen, self.device, self.dtype)
 
     @cached_property
-    def ids_sha256(self) -> str:
-        return ids_sha256(self.ids)
+    def calib_sha256(self) -> str:
+        return self.samples.sha256
+
+    @property
+    def calib_file(self) -> str:
+        """The file beside the outputs that keeps the exact calibration samples."""
+        return CALIB_IDS_NAME if self.samples.kind == TOKENS else CALIB_PIXELS_NAME
 
     def store_folder(self, folder: Path) -> Path:
         """Where a disk store named by its place in OUT_DIR lives on this rank: there on the writer, under this
@@ -107,7 +137,7 @@ class Run:
     @property
     def boundary_shape(self) -> tuple[int, int, int]:
         """[n_local, T, D]: the hidden states of this rank's windows."""
-        return self.part.nlocal, int(self.ids.shape[1]), self.model.hidden_size
+        return self.part.nlocal, self.seqlen, self.model.hidden_size
 
     @property
     def batch_size(self) -> int:
@@ -203,17 +233,17 @@ def open_model(model_dir: str | Path) -> StreamedModel:
 
 def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple[str, ...]) -> Run:
     """Windows, device, dtype and the plan check for ``phases`` of ``method`` on ``model``."""
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    ids = resolve_windows(config.calib, model.root, int(model.config.vocab_size), max_pos,
-                          model.family.bos_per_window)
-    if max_pos is not None and ids.shape[1] > max_pos:
-        raise InputError(f"--seqlen {ids.shape[1]} exceeds the model's context ({max_pos} positions)")
+    if "gradient_sweep" in phases and model.family.task == "image_features":
+        raise InputError(f"{model.root} is a backbone without a classifier ({model.family.architectures[0]}): "
+                         f"{method} needs a loss to take gradients of; prune it with wanda, sparsegpt or magnitude, "
+                         "or give it a classifier (e.g. Dinov2ForImageClassification)")
+    samples = resolve_samples(config, model)
     device = resolve_device(config.device)
     ranks = current(device.type)
     device = ranks.device(device)
     dtype = resolve_dtype(config.dtype, device, model.checkpoint_dtype())
     out = Path(config.out_dir)
-    n, t = ids.shape
+    n, t = len(samples), model.seqlen(samples)
     part = partition(n, config.chunk_windows, ranks)
     if config.batch_size > part.chunk:
         log.warning("--batch-size %d: a call never crosses a chunk of %d windows, so at most %d windows go per call; "
@@ -234,7 +264,41 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
     if budgets.disk_free is not None and ranks.writer:  # what an earlier run here wrote is kept or freed
         budgets = dataclasses.replace(budgets, disk_free=budgets.disk_free + reusable_bytes(out))
     plan = plan_run(shape_of(model), settings, budgets, check=config.plan_check)
-    return Run(config, model, ids, device, dtype, out, plan, settings=settings, ranks=ranks, part=part)
+    return Run(config, model, samples, device, dtype, out, plan, settings=settings, ranks=ranks, part=part)
+
+
+def resolve_samples(config: RunConfig, model: StreamedModel) -> Samples:
+    """The calibration samples the config describes, as the model takes them: token windows for a language model,
+    images (a folder through the model's preprocessing, or exact pixel values) for a vision transformer."""
+    calib = config.calib
+    images = calib.images or calib.pixels_file
+    if not model.family.vision:
+        if images:
+            raise InputError(f"{model.root} is a language model ({model.family.name}): --calib-images / --calib-pixels "
+                             "are for vision transformers; pass --calib or --calib-ids")
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        ids = resolve_windows(calib, model.root, int(model.config.vocab_size), max_pos, model.family.bos_per_window)
+        if max_pos is not None and ids.shape[1] > max_pos:
+            raise InputError(f"--seqlen {ids.shape[1]} exceeds the model's context ({max_pos} positions)")
+        return Samples.of_ids(ids)
+    if not images:
+        raise InputError(f"{model.root} is a vision transformer ({model.family.name}): pass --calib-images FOLDER "
+                         "(class subfolders, or --calib-labels FILE) or --calib-pixels FILE.safetensors")
+    if calib.images:
+        pixels, labels, _files = load_image_folder(calib.images, model.root, calib.nsamples, calib.seed,
+                                                   labels_file=calib.labels_file)
+    else:
+        pixels, labels = load_pixels(calib.pixels_file)
+        if pixels.shape[0] < calib.nsamples:
+            raise InputError(f"--calib-pixels {calib.pixels_file} holds {pixels.shape[0]} images; --nsamples "
+                             f"{calib.nsamples} needs at least that many")
+        pixels, labels = pixels[:calib.nsamples], None if labels is None else labels[:calib.nsamples]
+    samples = Samples.of_pixels(pixels, labels)
+    model.seqlen(samples)  # refuses images the model cannot take
+    if labels is not None and model.num_labels and (int(labels.min()) < 0 or int(labels.max()) >= model.num_labels):
+        raise InputError(f"calibration labels run from {int(labels.min())} to {int(labels.max())}; the model has "
+                         f"{model.num_labels} classes")
+    return samples
 
 
 def partition(nsamples: int, chunk_windows: int | None, ranks: Ranks) -> Partition:

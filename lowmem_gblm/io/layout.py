@@ -4,6 +4,7 @@ which transformers classes build one decoder block. Adding a family is adding a 
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,7 @@ class Family:
     architectures: tuple[str, ...]
     module: str  # transformers module holding the classes below
     layer_class: str
-    rotary_class: str
+    rotary_class: str  # "" for vision transformers (no rotary embedding)
     norm_class: str
     layers_prefix: str = "model.layers"
     embed: str = "model.embed_tokens.weight"
@@ -87,6 +88,7 @@ class Family:
     sizes: tuple[str, ...] = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                               "vocab_size")
     optional_sizes: tuple[str, ...] = ("num_key_value_heads", "head_dim")
+    eps_field: str = "rms_norm_eps"  # config.json's epsilon of the final norm
     # tensors some checkpoints carry that transformers ignores on load (buffers it recomputes): skipped,
     # not written to the output
     ignored_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
@@ -98,6 +100,39 @@ class Family:
     embed_scale: bool = False  # embeddings are multiplied by sqrt(hidden_size) (Gemma)
     bos_per_window: bool = False  # every calibration/evaluation window starts with BOS (Gemma needs it)
     experts: ExpertLayout | None = None  # mixtures of experts (see ExpertLayout)
+    # -- vision transformers (task "image_classification": a classifier on the pooled final features;
+    # "image_features": a backbone without one). Their encoder layers are the blocks, the patch embedding
+    # module ``embeddings`` the embedding, the final layernorm (``final_norm``, with its bias) + ``lm_head``
+    # (the classifier's weight) the head.
+    task: str = "causal_lm"
+    embeddings_class: str = ""  # the embeddings module's class (in ``module``), built at ``embed``'s prefix
+    pooling: str = "cls"  # the classifier's input: "cls" (the CLS token) or "cls+mean" (CLS, mean of the patches)
+    special_tokens: int = 1  # tokens before the patches (CLS; DeiT adds a distillation token)
+    fixed_image_size: bool = True  # images must be config.image_size (ViT, DeiT); DINOv2 interpolates positions
+    layer_idx: bool = True  # the layer class takes layer_idx (decoder layers do, encoder layers do not)
+    # stored checkpoints (and transformers' own save_pretrained) may name block tensors differently from the
+    # modules transformers 5 builds: ``stored_layers_prefix`` replaces ``layers_prefix`` and each
+    # (module, stored) pair of ``stored_renames`` a start of the name inside a block. Engine, reports and
+    # --targets use the module names; checkpoints are read and written with the stored ones.
+    stored_layers_prefix: str | None = None
+    stored_renames: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def vision(self) -> bool:
+        return self.task != "causal_lm"
+
+    @property
+    def embed_prefix(self) -> str:
+        """Vision: ``embed`` names the embeddings module; its tensors are this prefix + their names in it."""
+        return self.embed + "."
+
+    def to_stored(self, name: str) -> str:
+        """A full tensor name as transformers' modules name it -> as checkpoints store it."""
+        return _rename(name, self.layers_prefix, self.stored_layers_prefix, self.stored_renames, 0)
+
+    def to_module(self, name: str) -> str:
+        """A full tensor name as a checkpoint stores it -> as transformers' modules name it."""
+        return _rename(name, self.stored_layers_prefix, self.layers_prefix, self.stored_renames, 1)
 
     def cls(self, attr: str):
         return getattr(importlib.import_module(self.module), getattr(self, attr))
@@ -151,12 +186,52 @@ class Family:
             if getattr(config, field, None) is not None:
                 raise InputError(f"{where}: {field} is {getattr(config, field)!r}; logit soft-capping is not "
                                  "supported (Gemma 2 uses it, Gemma 3 does not)")
-        eps = getattr(config, "rms_norm_eps", None)
+        eps = getattr(config, self.eps_field, None)
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
-            raise InputError(f"{where}: rms_norm_eps is {eps!r}; a number between 0 and 1 is needed")
+            raise InputError(f"{where}: {self.eps_field} is {eps!r}; a number between 0 and 1 is needed")
 
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention")
+LAYER_INDEX = re.compile(r"(\d+)\.(.*)", re.S)
+
+
+def _rename(name: str, src_prefix: str | None, dst_prefix: str | None, renames: tuple[tuple[str, str], ...],
+            side: int) -> str:
+    """``name`` under ``src_prefix.<i>.`` -> under ``dst_prefix.<i>.``, its start inside the block replaced by
+    the first matching pair of ``renames`` (``side``: which element of a pair ``name`` uses). Other names, and
+    every name of a family without stored renames, are returned as they are."""
+    if src_prefix is None or dst_prefix is None or not name.startswith(src_prefix + "."):
+        return name
+    m = LAYER_INDEX.fullmatch(name[len(src_prefix) + 1:])
+    if m is None:
+        return name
+    rest = m.group(2)
+    for pair in renames:
+        if rest.startswith(pair[side]):
+            rest = pair[1 - side] + rest[len(pair[side]):]
+            break
+    return f"{dst_prefix}.{m.group(1)}.{rest}"
+
+_VIT_RENAMES = (("attention.q_proj.", "attention.attention.query."), ("attention.k_proj.", "attention.attention.key."),
+                 ("attention.v_proj.", "attention.attention.value."),
+                 ("attention.o_proj.", "attention.output.dense."))
+_VIT_MLP_RENAMES = (("mlp.fc1.", "intermediate.dense."), ("mlp.fc2.", "output.dense."))
+
+
+def _vit(base: str, embeddings_class: str, layers: str = "layers", rename_mlp: bool = False,
+         fixed_size: bool = True) -> dict:
+    """The fields every vision transformer row shares; ``base``: the backbone's attribute in the classifier
+    ("" for a bare backbone)."""
+    at = f"{base}." if base else ""
+    return dict(task="image_classification", layers_prefix=f"{at}{layers}", stored_layers_prefix=f"{at}encoder.layer",
+                stored_renames=_VIT_RENAMES + (_VIT_MLP_RENAMES if rename_mlp else ()),
+                embed=f"{at}embeddings", embeddings_class=embeddings_class, final_norm=f"{at}layernorm.weight",
+                lm_head="classifier.weight", sizes=VISION_SIZES, optional_sizes=(), eps_field="layer_norm_eps",
+                ignored_suffixes=(), layer_idx=False, fixed_image_size=fixed_size)
+
+
+VISION_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "image_size", "patch_size",
+                "num_channels")
 
 FAMILIES: tuple[Family, ...] = (
     # Llama 1-3 (Llama 3's rope scaling, rope_type "llama3", is the rotary class's business)
@@ -186,6 +261,20 @@ FAMILIES: tuple[Family, ...] = (
            "Qwen3MoeDecoderLayer", "Qwen3MoeRotaryEmbedding", "Qwen3MoeRMSNorm",
            experts=ExpertLayout("mlp.experts.{e}.{m}.weight", ("gate_proj", "up_proj"), "down_proj",
                                 "mlp.gate.weight")),
+    # -- vision transformers: the encoder layers are the blocks; transformers 5 renames their attention and MLP
+    # modules, while checkpoints (and its own save_pretrained) keep the names of transformers 4
+    Family("vit", ("ViTForImageClassification",), "transformers.models.vit.modeling_vit", "ViTLayer", "",
+           "LayerNorm", **_vit("vit", "ViTEmbeddings", rename_mlp=True)),
+    Family("deit", ("DeiTForImageClassification",), "transformers.models.deit.modeling_deit", "DeiTLayer", "",
+           "LayerNorm", **_vit("deit", "DeiTEmbeddings", rename_mlp=True), special_tokens=2),
+    # DINOv2: layer scale, and its classifier reads the CLS token and the mean of the patch tokens
+    Family("dinov2", ("Dinov2ForImageClassification",), "transformers.models.dinov2.modeling_dinov2",
+           "Dinov2Layer", "", "LayerNorm", **_vit("dinov2", "Dinov2Embeddings", layers="encoder.layer", fixed_size=False),
+           pooling="cls+mean"),
+    # a DINOv2 backbone alone: features, no classifier (methods without gradients only)
+    Family("dinov2_backbone", ("Dinov2Model",), "transformers.models.dinov2.modeling_dinov2",
+           "Dinov2Layer", "", "LayerNorm",
+           **_vit("", "Dinov2Embeddings", layers="encoder.layer", fixed_size=False) | {"task": "image_features", "lm_head": ""}),
 )
 
 

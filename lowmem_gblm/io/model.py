@@ -60,7 +60,8 @@ class StreamedModel:
         family = family_for(config)
         model = cls(Path(model_dir), config, family, index)
         model._check_tensors()
-        model._check_rotary()
+        if not family.vision:
+            model._check_rotary()
         return model
 
     # -- layout --------------------------------------------------------------------------------
@@ -74,6 +75,8 @@ class StreamedModel:
 
     @property
     def tied(self) -> bool:
+        if self.family.vision:
+            return False
         return bool(getattr(self.config, "tie_word_embeddings", False)) or self.family.lm_head not in self.index
 
     def identity(self) -> dict:
@@ -93,14 +96,30 @@ class StreamedModel:
         }
 
     def block_names(self, i: int) -> list[str]:
+        """Block i's tensors by their full module names (io.layout.Family.to_module of the stored ones)."""
         prefix = self.family.block_prefix(i)
-        return [n for n in self.index.names() if n.startswith(prefix) and not self.family.ignored(n)]
+        names = (self.family.to_module(n) for n in self.index.names() if not self.family.ignored(n))
+        return [n for n in names if n.startswith(prefix)]
 
     def non_block_names(self) -> list[str]:
-        pattern = re.compile(re.escape(self.family.layers_prefix) + r"\.\d+\.")
+        """Every tensor outside the blocks (stored and module names agree there)."""
+        stored = self.family.stored_layers_prefix or self.family.layers_prefix
+        pattern = re.compile(re.escape(stored) + r"\.\d+\.")
         return [n for n in self.index.names() if not pattern.match(n) and not self.family.ignored(n)]
 
+    def read_tensors(self, names, source=None) -> dict[str, torch.Tensor]:
+        """Tensors by their module names, read from ``source`` (default: this checkpoint) under their stored ones."""
+        names = list(names)
+        raw = (source or self.index).read([self.family.to_stored(n) for n in names])
+        return {n: raw[self.family.to_stored(n)] for n in names}
+
+    def stored_names(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{module name: tensor} -> {stored name: tensor}: what a shard holds."""
+        return {self.family.to_stored(n): t for n, t in tensors.items()}
+
     def _check_tensors(self) -> None:
+        if self.family.vision:
+            return self._check_vision_tensors()
         for name in (self.family.embed, self.family.final_norm):
             if name not in self.index:
                 raise InputError(f"{self.root}: tensor {name!r} is missing; the checkpoint is incomplete")
@@ -112,6 +131,37 @@ class StreamedModel:
         for i in range(self.num_blocks):
             prefix = self.family.block_prefix(i)
             expected.update({prefix + suffix: shape for suffix, shape in block.items()})
+        ignored = [n for n in self.index.names() if self.family.ignored(n)]
+        if ignored:
+            log.info("skipping %d buffer(s) transformers recomputes (%s, ...)", len(ignored), ignored[0])
+        self._compare_tensors(expected)
+
+    @cached_property
+    def vision_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Vision: every tensor's shape by stored name, from the whole model built from config.json on the meta
+        device (never materialized)."""
+        from transformers import AutoModel, AutoModelForImageClassification
+
+        auto = AutoModelForImageClassification if self.family.task == "image_classification" else AutoModel
+        try:
+            with torch.device("meta"):
+                full = auto.from_config(self.config)
+        except Exception as exc:
+            raise InputError(f"{self.root / 'config.json'}: transformers cannot build a {self.family.name} model from "
+                             f"it ({type(exc).__name__}: {exc})") from exc
+        return {self.family.to_stored(k): tuple(v.shape) for k, v in full.state_dict().items()}
+
+    def non_block_numel(self) -> int:
+        """Vision: the values outside the blocks (embeddings, final norm, classifier)."""
+        stored = self.family.stored_layers_prefix or self.family.layers_prefix
+        pattern = re.compile(re.escape(stored) + r"\.\d+\.")
+        return sum(int(torch.Size(s).numel()) for n, s in self.vision_shapes.items() if not pattern.match(n))
+
+    def _check_vision_tensors(self) -> None:
+        """Every stored tensor against the shapes config.json implies, by stored name."""
+        self._compare_tensors(self.vision_shapes)
+
+    def _compare_tensors(self, expected: dict[str, tuple[int, ...]]) -> None:
         for name, shape in expected.items():
             if name not in self.index:
                 raise InputError(f"{self.root}: tensor {name!r} is missing; the checkpoint is incomplete")
@@ -122,9 +172,6 @@ class StreamedModel:
                     f"{list(info.shape)}, config.json implies {list(shape)}"
                 )
             storage_dtype(info.dtype, f"tensor {name!r} in {self.root / info.shard}")
-        ignored = [n for n in self.index.names() if self.family.ignored(n)]
-        if ignored:
-            log.info("skipping %d buffer(s) transformers recomputes (%s, ...)", len(ignored), ignored[0])
         extra = [n for n in self.index.names() if n not in expected and not self.family.ignored(n)]
         if extra:
             shown = ", ".join(repr(n) for n in extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
@@ -207,7 +254,7 @@ class StreamedModel:
     def build_block(self, i: int) -> nn.Module:
         layer_cls = self.family.cls("layer_class")
         with torch.device("meta"):
-            return layer_cls(self.config, layer_idx=i)
+            return layer_cls(self.config, layer_idx=i) if self.family.layer_idx else layer_cls(self.config)
 
     def load_block(self, i: int, device: torch.device, dtype: torch.dtype,
                    source: CheckpointIndex | None = None) -> nn.Module:
@@ -219,9 +266,8 @@ class StreamedModel:
         """Block i's tensors in host memory, keyed relative to the block: the host half of ``load_block``
         (safe on a background thread). For a CPU device they are already in ``dtype``; for another device
         they stay in the stored dtype (converted on the device) and are pinned when CUDA is available."""
-        src = source or self.index
         prefix = self.family.block_prefix(i)
-        raw = src.read(self.block_names(i))
+        raw = self.read_tensors(self.block_names(i), source)
         device = torch.device(device)
         if device.type == "cpu":
             return {name[len(prefix):]: t.to(dtype=dtype) for name, t in raw.items()}
@@ -251,6 +297,56 @@ class StreamedModel:
             table = table * torch.tensor(self.hidden_size ** 0.5, dtype=torch.float32).to(dtype)
         return table, local
 
+    @property
+    def num_labels(self) -> int:
+        """Vision classifiers: the classifier's classes."""
+        return int(self.stored_shape(self.family.lm_head)[0]) if self.family.task == "image_classification" else 0
+
+    def seqlen(self, samples) -> int:
+        """Tokens per sample of ``samples`` (calib.samples.Samples): a window's T, or an image's patches plus the
+        special tokens. Images of a size the model cannot take are refused (ViT and DeiT need config.image_size;
+        DINOv2 interpolates its position embeddings to any size)."""
+        if samples.kind == "tokens":
+            return int(samples.ids.shape[1])
+        h, w = samples.pixel_values.shape[-2:]
+        size, patch = self.config.image_size, self.config.patch_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch)
+        if self.family.fixed_image_size and (h, w) != size:
+            raise InputError(f"images are {h}x{w}; {self.root} ({self.family.name}) takes {size[0]}x{size[1]} (its "
+                             "config.json image_size): preprocess them to that size")
+        if h < patch[0] or w < patch[1]:
+            raise InputError(f"images are {h}x{w}, smaller than one {patch[0]}x{patch[1]} patch")
+        return (h // patch[0]) * (w // patch[1]) + self.family.special_tokens
+
+    def load_embeddings(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """Vision: the patch embedding module (CLS and other special tokens, position embeddings) with its weights."""
+        prefix = self.family.embed_prefix
+        names = [n for n in self.non_block_names() if n.startswith(prefix)]
+        with torch.device("meta"):
+            module = self.family.cls("embeddings_class")(self.config)
+        state = {n[len(prefix):]: t.to(device=device, dtype=dtype) for n, t in self.index.read(names).items()}
+        module.load_state_dict(state, strict=True, assign=True)
+        module.requires_grad_(False)
+        return module.eval()
+
+    def load_classifier(self, device: torch.device, dtype: torch.dtype) -> ClassifierHead:
+        """Vision: the final layernorm, the pooling and (task image_classification) the classifier."""
+        d, fam = self.hidden_size, self.family
+        bias = fam.final_norm.removesuffix("weight") + "bias"
+        head = [fam.lm_head, fam.lm_head.removesuffix("weight") + "bias"] if fam.task == "image_classification" else []
+        raw = {n: t.to(device=device, dtype=dtype) for n, t in self.index.read([fam.final_norm, bias, *head]).items()}
+        with torch.device("meta"):
+            norm = nn.LayerNorm(d, eps=float(getattr(self.config, fam.eps_field)))
+        norm.load_state_dict({"weight": raw[fam.final_norm], "bias": raw[bias]}, assign=True)
+        classifier = None
+        if head:
+            weight = raw[head[0]]
+            with torch.device("meta"):
+                classifier = nn.Linear(weight.shape[1], weight.shape[0])
+            classifier.load_state_dict({"weight": weight, "bias": raw[head[1]]}, assign=True)
+        return ClassifierHead(norm, classifier, fam.pooling).requires_grad_(False).eval()
+
     def load_head(self, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
         """(final norm module, lm_head weight [vocab, D]); the embedding when tied."""
         head_name = self.family.embed if self.tied else self.family.lm_head
@@ -271,22 +367,50 @@ class StreamedModel:
         otherwise (e.g. an fp32 checkpoint computed in bf16) they are read from the checkpoint again.
         """
         names = self.block_names(i)
-        stored = {n: storage_dtype(self.index.tensors[n].dtype, f"tensor {n!r}") for n in names}
+        stored = {n: self.stored_dtype(n) for n in names}
         if self.family.experts is not None or not all(s == dtype or s in _EXACT_WIDENING.get(dtype, ())
                                                       for s in stored.values()):
-            return self.index.read(names)  # (a mixture of experts: the block fuses what the checkpoint stores)
+            return self.read_tensors(names)  # (a mixture of experts: the block fuses what the checkpoint stores)
         prefix = self.family.block_prefix(i)
         state = block.state_dict()
         return {n: state[n[len(prefix):]].detach().to(device="cpu", dtype=stored[n], copy=True) for n in names}
 
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of a tensor given by its module name."""
+        return storage_dtype(self.index.tensors[self.family.to_stored(name)].dtype, f"tensor {name!r}")
+
+    def stored_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.index.tensors[self.family.to_stored(name)].shape)
+
     def checkpoint_dtype(self) -> torch.dtype:
         """The stored dtype of the first block's weights (what ``--dtype auto`` computes in on CUDA)."""
-        first = self.block_names(0)[0]
-        return storage_dtype(self.index.tensors[first].dtype, first)
+        return self.stored_dtype(self.block_names(0)[0])
 
 
 # dtypes that hold every value of a stored dtype exactly (a cast back gives the stored bytes)
 _EXACT_WIDENING = {torch.float32: {torch.float32, torch.bfloat16, torch.float16}}
+
+
+class ClassifierHead(nn.Module):
+    """A vision transformer's head on the last block's output: final layernorm, pooling ("cls": the CLS token;
+    "cls+mean": the CLS token and the mean of the other tokens, as Dinov2ForImageClassification), classifier."""
+
+    def __init__(self, norm: nn.Module, classifier: nn.Linear | None, pooling: str):
+        super().__init__()
+        self.norm, self.classifier, self.pooling = norm, classifier, pooling
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, D] -> the classifier's input [B, F] (F = D, or 2D for cls+mean)."""
+        h = self.norm(hidden)  # [B, T, D]
+        if self.pooling == "cls+mean":
+            return torch.cat([h[:, 0], h[:, 1:].mean(dim=1)], dim=1)
+        return h[:, 0]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, D] -> logits [B, classes]."""
+        if self.classifier is None:
+            raise InputError("this model has no classifier (a backbone): it gives features, not logits")
+        return self.classifier(self.features(hidden))
 
 
 def linear_names(block: nn.Module) -> list[str]:

@@ -22,6 +22,7 @@ STATE_DIR = ".lowmem"  # inside a run folder: lock, temporary stores, the prune 
 MANIFEST_NAME = "manifest.json"  # the prune output folder's state file (under STATE_DIR)
 GRADIENTS_JSON = "gradients.json"  # a gradient folder's state file
 CALIB_IDS_NAME = "calibration_ids.safetensors"  # the windows a run used, beside its outputs
+CALIB_PIXELS_NAME = "calibration_pixels.safetensors"  # the images (and labels) a vision run used
 REPORT_NAME = "prune_report.json"
 OWN_GRADIENTS = "gradients"  # a GBLM prune run's own gradient folder, under STATE_DIR
 

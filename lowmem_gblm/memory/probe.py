@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lowmem_gblm.io.model import StreamedModel, linear_names
+from lowmem_gblm.io.model import ClassifierHead, StreamedModel, linear_names
 from lowmem_gblm.mask import Pattern
 from lowmem_gblm.memory.shape import ModelShape
 from lowmem_gblm.methods import LinearJob, MethodOptions, get_method
@@ -125,7 +126,9 @@ def _experts_bound(experts, hidden: torch.Tensor, top_k_index: torch.Tensor, top
 
 def _fake_ctx(shape: ModelShape, seqlen: int, dtype: torch.dtype, device: torch.device) -> BlockContext:
     """BlockContext.build's structure on fake tensors: per attention kind, rotary tables and, for sliding
-    layers, a [1, 1, T, T] bool mask (full layers use SDPA's causal path)."""
+    layers, a [1, 1, T, T] bool mask (full layers use SDPA's causal path); vision: none."""
+    if shape.family.vision:
+        return BlockContext(None, (), {})
     head_dim = getattr(shape.config, "head_dim", None) or shape.hidden // shape.config.num_attention_heads
     kinds = tuple(shape.family.layer_kinds(shape.config))
     inputs = {}
@@ -145,6 +148,32 @@ def _fake_head(shape: ModelShape, dtype: torch.dtype, device: torch.device):
     norm.load_state_dict({"weight": torch.empty(d, dtype=dtype, device=device)}, assign=True)
     norm.requires_grad_(False)
     return norm.eval(), torch.empty(shape.vocab, d, dtype=dtype, device=device)
+
+
+def _vision_head(shape: ModelShape, dtype: torch.dtype, device: torch.device, batch: int, seqlen: int,
+                 mem) -> tuple[int, int]:
+    """(head_grad, head_eval) of a vision transformer's head (io.model.ClassifierHead): the gradient sweep's
+    classifier_windows on a batch, and one image's logits."""
+    d, fam = shape.hidden, shape.family
+    features = 2 * d if fam.pooling == "cls+mean" else d
+    with torch.device("meta"):
+        norm, classifier = nn.LayerNorm(d), nn.Linear(features, shape.vocab)
+    norm.load_state_dict({k: torch.empty(d, dtype=dtype, device=device) for k in ("weight", "bias")}, assign=True)
+    classifier.load_state_dict({"weight": torch.empty(shape.vocab, features, dtype=dtype, device=device),
+                                "bias": torch.empty(shape.vocab, dtype=dtype, device=device)}, assign=True)
+    head = ClassifierHead(norm, classifier, fam.pooling).requires_grad_(False)
+    sample = torch.empty(batch, seqlen, d, dtype=dtype, device=device)  # in the store: not counted
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    base = mem.now
+    mem.reset_peak()
+    loss, grad, _ = backward.classifier_windows(head, sample, labels, device, dtype)
+    del loss, grad
+    head_grad = mem.peak - base
+    mem.reset_peak()
+    with torch.no_grad():
+        logits = head(sample[:1])
+    del logits
+    return head_grad, mem.peak - base
 
 
 def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamples: int,
@@ -226,6 +255,9 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
         gc.collect()
         leftover = mem.now  # nothing of the block steps should stay; do not charge it to the head
 
+        if shape.family.vision:  # a layernorm and a [classes, D] classifier on one pooled row per image: small
+            head_grad, head_eval = _vision_head(shape, dtype, device, batch, seqlen, mem)
+            return Probe(prune_step, grad_step, forward_step, head_grad, head_eval, tuple(notes))
         # -- the gradient sweep's head (stream.backward.head_windows), two batches as its loop runs them
         norm, head = _fake_head(shape, dtype, device)
         sample = torch.empty(batch, seqlen, d, dtype=dtype, device=device)  # in the store: not counted

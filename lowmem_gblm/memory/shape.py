@@ -33,6 +33,7 @@ class ModelShape:
     block_shapes: dict[str, tuple[int, ...]]  # names relative to the block
     linear_shapes: dict[str, tuple[int, int]]  # linear name -> [out, in]
     tied: bool
+    non_block: int | None = None  # vision: values outside the blocks (else the embedding, head and final norm)
 
     @property
     def block_numel(self) -> int:
@@ -44,6 +45,8 @@ class ModelShape:
 
     @property
     def non_block_numel(self) -> int:
+        if self.non_block is not None:
+            return self.non_block
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
     def model_bytes(self) -> int:
@@ -54,6 +57,10 @@ def _shape(name: str, model: StreamedModel, storage: torch.dtype, tied: bool) ->
     """The block's tensor and linear shapes come from the model's block 0 built on meta (built once per model,
     as the engine builds every block)."""
     config = model.config
+    if model.family.vision:  # the head's rows are the classes; the small rest comes from the meta model
+        return ModelShape(name, config, model.family, int(config.num_hidden_layers), int(config.hidden_size),
+                          max(int(getattr(config, "num_labels", 1) or 1), 1), storage, dict(model.block_shapes),
+                          dict(model.linear_shapes), False, model.non_block_numel())
     return ModelShape(name, config, model.family, int(config.num_hidden_layers), int(config.hidden_size),
                       int(config.vocab_size), storage, dict(model.block_shapes), dict(model.linear_shapes), tied)
 

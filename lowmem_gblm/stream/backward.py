@@ -77,6 +77,23 @@ def head_windows(norm: nn.Module, head: torch.Tensor, samples: torch.Tensor, lab
     return losses, h.grad
 
 
+def classifier_windows(head: nn.Module, samples: torch.Tensor, labels: torch.Tensor | None, device: torch.device,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B images through a vision transformer's head (io.model.ClassifierHead: final layernorm, pooling,
+    classifier). samples: [B, T, D] (stored); labels: [B] (on device), or None: each image's own predicted class.
+
+    Returns (each image's cross-entropy [B] fp32, dL_n/dh_n [B, T, D] in ``dtype``, the labels used [B]). The
+    images are independent, so the gradient of the summed losses is each image's own gradient."""
+    h = as_leaf(samples, device, dtype)  # [B, T, D]
+    with torch.enable_grad():
+        logits = head(h).to(ACC_DTYPE)  # [B, classes] fp32
+        if labels is None:  # without labels: the dense model's own prediction (the gradient sweep sees the dense model)
+            labels = logits.detach().argmax(dim=-1)
+        losses = F.cross_entropy(logits, labels, reduction="none")  # [B]
+        losses.sum().backward()
+    return losses.detach(), h.grad, labels
+
+
 def block_windows(block: nn.Module, ctx: BlockContext, linears: dict[str, nn.Linear],
                   accs: dict[str, torch.Tensor], samples: torch.Tensor, incoming: torch.Tensor, grad_norm: str,
                   device: torch.device, dtype: torch.dtype,

@@ -17,7 +17,7 @@ class KindInputs:
 
 @dataclass
 class BlockContext:
-    position_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor | None  # [1, T]; None for vision transformers (no per-kind inputs either)
     kinds: tuple[str, ...]  # each layer's attention kind (Family.layer_kinds)
     inputs: dict[str, KindInputs]  # by attention kind
 
@@ -29,6 +29,8 @@ class BlockContext:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         family, config = model.family, model.config
+        if family.vision:  # encoder layers: every token attends to every token, no positions to pass
+            return cls(None, (), {})
         kinds = tuple(family.layer_kinds(config))
         position_ids = torch.arange(seqlen, device=device).unsqueeze(0)
         tables = family.rotary_tables(config, position_ids, dtype, device)
@@ -57,7 +59,11 @@ def layer_index(block: nn.Module) -> int:
 
 
 def run_block(block: nn.Module, ctx: BlockContext, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden: [B, T, D] -> [B, T, D]; no cache. The mask (when the block's kind has one) broadcasts over B."""
+    """hidden: [B, T, D] -> [B, T, D]; no cache. The mask (when the block's kind has one) broadcasts over B.
+    An encoder layer (a context without inputs) takes the hidden states alone."""
+    if not ctx.inputs:
+        out = block(hidden)
+        return out[0] if isinstance(out, tuple) else out
     inputs = ctx.for_block(block)
     out = block(hidden, attention_mask=inputs.attention_mask, position_ids=ctx.position_ids,
                 position_embeddings=inputs.position_embeddings, use_cache=False)

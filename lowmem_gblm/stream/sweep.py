@@ -22,6 +22,19 @@ def embed(model, ids: torch.Tensor, dst, dtype: torch.dtype) -> None:
     del table
 
 
+@torch.no_grad()
+def embed_samples(model, samples, dst, dtype: torch.dtype, batch_size: int = 16) -> None:
+    """A run's samples (calib.samples.Samples) -> hidden states [N, T, D] in ``dst``: token windows through the
+    embedding rows they use; images through the model's patch embedding, ``batch_size`` at a time, on the host."""
+    if samples.kind == "tokens":
+        return embed(model, samples.ids, dst, dtype)
+    module = model.load_embeddings(torch.device("cpu"), dtype)
+    pixels = samples.pixel_values
+    for n, count in windows(len(samples), batch_size):
+        dst.put(n, module(pixels[n:n + count].to(dtype)))  # [B, T, D]
+    del module
+
+
 def windows(total: int, batch_size: int) -> list[tuple[int, int]]:
     """(first window, count) of each call when ``total`` windows go ``batch_size`` at a time."""
     return [(n, min(batch_size, total - n)) for n in range(0, total, batch_size)]
