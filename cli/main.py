@@ -231,7 +231,8 @@ def prune(
     with _expected_errors():
         config = PruneConfig(
             model_dir=str(model_dir), out_dir=str(out_dir),
-            calib=_calib(calib, calib_ids, nsamples, seqlen, seed, calib_images, calib_labels, calib_pixels), method=method, sparsity=sparsity,
+            calib=_calib(calib, calib_ids, nsamples, seqlen, seed,
+                         calib_images, calib_labels, calib_pixels), method=method, sparsity=sparsity,
             pattern=pattern, magnitude_scope=magnitude_scope, update=update,
             layer_sparsity=layer_sparsity, owl_lambda=owl_lambda, owl_m=owl_m, targets=targets, ignore=ignore,
             device=device, dtype=dtype, alpha=alpha,
@@ -284,7 +285,8 @@ def gradients(
     _setup_logging(quiet)
     with _expected_errors():
         config = GradientConfig(
-            model_dir=str(model_dir), out_dir=str(grad_dir), calib=_calib(calib, calib_ids, nsamples, seqlen, seed, calib_images, calib_labels, calib_pixels),
+            model_dir=str(model_dir), out_dir=str(grad_dir), calib=_calib(calib, calib_ids, nsamples, seqlen, seed,
+                         calib_images, calib_labels, calib_pixels),
             grad_norm=grad_norm, device=device, dtype=dtype, offload=offload, store_dtype=store_dtype,
             grad_dtype=grad_dtype, head_chunk=head_chunk, batch_size=batch_size, checkpoint_every=checkpoint_every,
             chunk_windows=chunk_windows, prefetch=prefetch, progress=not quiet, plan_check=plan_check,

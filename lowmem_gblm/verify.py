@@ -220,7 +220,8 @@ def check_keys(root: Path, weight_map: dict, headers: dict) -> Check:
 
     family = _family(root)
     task = family.task if family is not None else "causal_lm"
-    auto = {"causal_lm": AutoModelForCausalLM, "image_classification": AutoModelForImageClassification}.get(task, AutoModel)
+    auto = {"causal_lm": AutoModelForCausalLM,
+            "image_classification": AutoModelForImageClassification}.get(task, AutoModel)
     try:
         config = AutoConfig.from_pretrained(str(root), trust_remote_code=False)
         with torch.device("meta"):

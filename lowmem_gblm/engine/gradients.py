@@ -68,7 +68,8 @@ REUSE_KEYS = ("format_version", "model", "calibration_sha256", "nsamples", "seql
               "grad_dtype", "head_chunk", "chunk_windows")
 
 
-_OWN = (STATE_DIR, CALIB_IDS_NAME, CALIB_PIXELS_NAME)  # what a gradient folder holds besides its state file and block files
+# what a gradient folder holds besides its state file and block files
+_OWN = (STATE_DIR, CALIB_IDS_NAME, CALIB_PIXELS_NAME)
 
 
 def gradient_identity(run: Run) -> dict:

@@ -431,7 +431,8 @@ def _previous_run_files(out: Path, config: PruneConfig, model_dir: Path) -> list
                              "(nothing was deleted)")
         return []
     ours = {entry.get("file") for entry in manifest.done.values() if isinstance(entry, dict)}
-    ours |= {INDEX_NAME, REPORT_NAME, CALIB_IDS_NAME, CALIB_PIXELS_NAME, *manifest.data.get("side_files", []), *side_files(model_dir)}
+    ours |= {INDEX_NAME, REPORT_NAME, CALIB_IDS_NAME, CALIB_PIXELS_NAME, *manifest.data.get("side_files", []),
+             *side_files(model_dir)}
     ours = {name for name in ours if isinstance(name, str) and name and Path(name).name == name}  # plain names only
     foreign = sorted(entries - ours)
     if foreign:

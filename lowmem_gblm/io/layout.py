@@ -269,12 +269,13 @@ FAMILIES: tuple[Family, ...] = (
            "LayerNorm", **_vit("deit", "DeiTEmbeddings", rename_mlp=True), special_tokens=2),
     # DINOv2: layer scale, and its classifier reads the CLS token and the mean of the patch tokens
     Family("dinov2", ("Dinov2ForImageClassification",), "transformers.models.dinov2.modeling_dinov2",
-           "Dinov2Layer", "", "LayerNorm", **_vit("dinov2", "Dinov2Embeddings", layers="encoder.layer", fixed_size=False),
-           pooling="cls+mean"),
+           "Dinov2Layer", "", "LayerNorm",
+           **_vit("dinov2", "Dinov2Embeddings", layers="encoder.layer", fixed_size=False), pooling="cls+mean"),
     # a DINOv2 backbone alone: features, no classifier (methods without gradients only)
     Family("dinov2_backbone", ("Dinov2Model",), "transformers.models.dinov2.modeling_dinov2",
            "Dinov2Layer", "", "LayerNorm",
-           **_vit("", "Dinov2Embeddings", layers="encoder.layer", fixed_size=False) | {"task": "image_features", "lm_head": ""}),
+           **_vit("", "Dinov2Embeddings", layers="encoder.layer", fixed_size=False)
+           | {"task": "image_features", "lm_head": ""}),
 )
 
 
