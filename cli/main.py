@@ -162,11 +162,12 @@ def _expected_errors():
 
 def _calib(calib: str | None, calib_ids: Path | None, nsamples: int, seqlen: int, seed: int,
            images: Path | None = None, labels: Path | None = None, pixels: Path | None = None) -> CalibConfig:
-    def text(path: Path | None) -> str | None:
-        return None if path is None else str(path)
+    return CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, ids_file=_text(calib_ids),
+                       images=_text(images), labels_file=_text(labels), pixels_file=_text(pixels))
 
-    return CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, ids_file=text(calib_ids),
-                       images=text(images), labels_file=text(labels), pixels_file=text(pixels))
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 @app.command()
@@ -317,6 +318,14 @@ def eval_cmd(
     pass_tokens: Annotated[int, typer.Option(
         "--pass-tokens", help="--tasks: padded tokens of requests held per streamed pass (each pass reads every "
         "block once; hidden states take pass_tokens x hidden size x dtype bytes)")] = 1 << 18,
+    images: Annotated[Path | None, typer.Option(
+        "--images", help="vision transformers: top-1 on an image folder (FOLDER/<class>/<image>; flat: features "
+        "only), preprocessed as for --calib-images")] = None,
+    pixels: Annotated[Path | None, typer.Option(
+        "--pixels", help="vision transformers: safetensors pixel_values [N, 3, H, W] and optional labels [N]")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        "--reference", help="--images/--pixels: the dense model; reports the mean cosine of the final features")]
+    = None,
     seqlen: SeqLen = 2048,
     max_windows: Annotated[int | None, typer.Option(
         "--max-windows", help="--data: evaluate only the first K windows")] = None,
@@ -339,9 +348,19 @@ def eval_cmd(
                             batch_size=batch_size, device=device, dtype=dtype, head_chunk=head_chunk,
                             chunk_windows=chunk_windows, prefetch=prefetch, progress=not (quiet or as_json),
                             tasks=names, include_path=None if include_path is None else str(include_path),
-                            num_fewshot=num_fewshot, limit=limit, pass_tokens=pass_tokens)
+                            num_fewshot=num_fewshot, limit=limit, pass_tokens=pass_tokens,
+                            images=_text(images), pixels=_text(pixels), reference=_text(reference))
         result = evaluate(config)
     if env_rank() != 0:
+        return
+    if images or pixels:
+        if as_json:
+            typer.echo(json.dumps(result))
+            return
+        shown = [f"top-1 {result['top1']:.4f}" if result["top1"] is not None else "top-1 n/a (no labels)"]
+        if result["feature_cosine"] is not None:
+            shown.append(f"feature cosine to {reference} {result['feature_cosine']:.5f}")
+        typer.echo(f"{model_dir}: {', '.join(shown)} on {result['images']} images, sparsity {result['sparsity']:.4f}")
         return
     if as_json:
         keys = ("ppl", "nll", "tokens", "windows", "seqlen", "sparsity", "tasks", "lm_eval", "num_fewshot", "limit")

@@ -305,6 +305,11 @@ class EvalConfig:
     num_fewshot: int | None = None  # None: each task's own default
     limit: int | None = None  # documents per task (None: all)
     pass_tokens: int = 1 << 18  # zero-shot: padded tokens held per streamed pass (engine.loglik)
+    # vision transformers: top-1 on an image folder (or exact pixel values with labels) and the mean cosine of the
+    # final features to a reference (dense) model's on the same images
+    images: str | None = None
+    pixels: str | None = None
+    reference: str | None = None
 
     def __post_init__(self) -> None:
         _coerce(self, "dtype")
@@ -312,9 +317,17 @@ class EvalConfig:
         _check_device(self.device)
         _check_head_chunk(self.head_chunk)
         object.__setattr__(self, "tasks", tuple(self.tasks))
-        if not self.data and not self.tasks:
+        if self.images and self.pixels:
+            raise UsageError("--images and --pixels: pass one set of evaluation images")
+        if self.reference and not (self.images or self.pixels):
+            raise UsageError("--reference compares features on images: pass --images or --pixels too")
+        if (self.images or self.pixels) and (self.data or self.tasks):
+            raise UsageError("--images/--pixels evaluate a vision transformer; --data/--tasks a language model: "
+                             "pass one kind")
+        if not self.data and not self.tasks and not (self.images or self.pixels):
             raise UsageError("eval needs --data (perplexity) and/or --tasks (lm-eval zero-shot accuracy), "
-                             "e.g. --data wiki-offline:eval or --tasks arc_easy")
+                             "e.g. --data wiki-offline:eval or --tasks arc_easy; or, for a vision transformer, "
+                             "--images FOLDER / --pixels FILE (top-1, feature cosine)")
         if not self.tasks:
             for name, value in (("--include-path", self.include_path), ("--num-fewshot", self.num_fewshot),
                                 ("--limit", self.limit)):

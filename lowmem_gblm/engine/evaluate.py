@@ -18,8 +18,11 @@ import math
 import time
 
 import torch
+import torch.nn.functional as F
 
 from lowmem_gblm.calib.data import eval_windows
+from lowmem_gblm.calib.images import load_image_folder, load_pixels
+from lowmem_gblm.calib.samples import Samples
 from lowmem_gblm.config import EvalConfig
 from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import open_model, partition
@@ -34,7 +37,7 @@ from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.stream.context import BlockContext
 from lowmem_gblm.stream.head import HEAD_DTYPE, auto_head_chunk, window_nll
 from lowmem_gblm.stream.store import ActivationStore
-from lowmem_gblm.stream.sweep import embed, forward
+from lowmem_gblm.stream.sweep import embed, embed_samples, forward, windows
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,77 @@ def streamed_perplexity(model: StreamedModel, ids: torch.Tensor, device: torch.d
               "head_chunk": head_chunk}
     log.info("perplexity %.4f (nll %.5f over %d tokens, %d windows x %d) in %.1fs on %s/%s",
              result["ppl"], nll, count, w, t, time.perf_counter() - t0, device, dtype)
+    return result
+
+
+@torch.no_grad()
+def streamed_features(model: StreamedModel, samples: Samples, device: torch.device | str, dtype: torch.dtype,
+                      batch_size: int = 1, prefetch: bool = True, progress: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A vision transformer on images, one block on the device at a time: (final features [N, F] fp32, the
+    classifier's logits [N, classes] fp32, None for a backbone). The features are what the classifier reads
+    (io.model.ClassifierHead: final layernorm, then the CLS token, or CLS and the patch mean)."""
+    device = torch.device(device)
+    n, t = len(samples), model.seqlen(samples)
+    hidden = ActivationStore("cpu").new((n, t, model.hidden_size), dtype, exact=True)  # in place
+    embed_samples(model, samples, hidden, dtype)
+    ctx = BlockContext.build(model, t, device, dtype)
+    schedule = [(i, None) for i in range(model.num_blocks)]
+    with BlockReader(model, schedule, device, dtype, prefetch) as reader, \
+            PhaseProgress("eval", model.num_blocks, n, progress) as bar:
+        for i in range(model.num_blocks):
+            block = reader.next(i)
+            forward(block, ctx, hidden, hidden, device, dtype, None, batch_size, bar.windows)
+            del block
+            bar.block(f"block {i}")
+    head = model.load_classifier(device, HEAD_DTYPE)
+    features, logits = [], []
+    for s, count in windows(n, batch_size):
+        h = hidden.get(s, count).to(device=device, dtype=HEAD_DTYPE)  # [B, T, D]
+        features.append(head.features(h).cpu())
+        if head.classifier is not None:
+            logits.append(head.classifier(features[-1].to(device)).cpu())
+    hidden.release()
+    return torch.cat(features), (torch.cat(logits) if logits else None)
+
+
+def evaluate_images(config: EvalConfig) -> dict:
+    """``lowmem-gblm eval --images/--pixels``: top-1 accuracy (when the images have labels and the model a
+    classifier), and with ``--reference`` the mean cosine similarity of each image's final features to the
+    reference model's; the checkpoint's sparsity."""
+    model = open_model(config.model_dir)
+    if not model.family.vision:
+        raise InputError(f"{config.model_dir} is a language model ({model.family.name}): evaluate it with --data or "
+                         "--tasks")
+    if config.images:
+        pixels, labels, _ = load_image_folder(config.images, model.root)
+    else:
+        pixels, labels = load_pixels(config.pixels)
+    samples = Samples.of_pixels(pixels, labels)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device, model.checkpoint_dtype())
+    result: dict = {"images": len(samples), "top1": None, "feature_cosine": None}
+    with PhaseTracker("eval", device) as tracker:
+        features, logits = streamed_features(model, samples, device, dtype, config.batch_size, config.prefetch,
+                                             config.progress)
+        if logits is not None and labels is not None:
+            if int(labels.max()) >= logits.shape[1] or int(labels.min()) < 0:
+                raise InputError(f"labels run from {int(labels.min())} to {int(labels.max())}; the model has "
+                                 f"{logits.shape[1]} classes")
+            result["top1"] = float((logits.argmax(dim=1) == labels).float().mean())
+        if config.reference:
+            reference = open_model(config.reference)
+            if reference.family.name != model.family.name:
+                raise InputError(f"--reference {config.reference} is a {reference.family.name} model, "
+                                 f"{config.model_dir} "
+                                 f"a {model.family.name}: compare a pruned model with its own dense one")
+            dense, _ = streamed_features(reference, samples, device, dtype, config.batch_size, config.prefetch,
+                                         config.progress)
+            result["feature_cosine"] = float(F.cosine_similarity(features, dense, dim=1).mean())
+            result["reference"] = config.reference
+    result["sparsity"] = checkpoint_sparsity(model)["overall"]
+    result["phases"] = [tracker.stats.to_dict()]
+    log.info("images: %d, top-1 %s, feature cosine %s", len(samples), result["top1"], result["feature_cosine"])
     return result
 
 

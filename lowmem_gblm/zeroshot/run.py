@@ -7,7 +7,7 @@ import time
 from importlib.metadata import version
 
 from lowmem_gblm.config import EvalConfig
-from lowmem_gblm.engine.evaluate import checkpoint_sparsity, evaluate_checkpoint
+from lowmem_gblm.engine.evaluate import checkpoint_sparsity, evaluate_checkpoint, evaluate_images
 from lowmem_gblm.engine.run import open_model
 from lowmem_gblm.errors import InputError, UsageError
 from lowmem_gblm.memory.tracker import PhaseTracker
@@ -93,6 +93,8 @@ def evaluate_tasks(config: EvalConfig) -> dict:
 def evaluate(config: EvalConfig) -> dict:
     """``lowmem-gblm eval``: perplexity on ``--data`` (engine.evaluate) and/or lm-eval's ``--tasks``, the
     checkpoint's sparsity, and one phase record per part (eval, zeroshot)."""
+    if config.images or config.pixels:
+        return evaluate_images(config)
     result = evaluate_checkpoint(config) if config.data else {"phases": []}
     if config.tasks:
         zeroshot = evaluate_tasks(config)
