@@ -95,6 +95,10 @@ def evaluate(config: EvalConfig) -> dict:
     checkpoint's sparsity, and one phase record per part (eval, zeroshot)."""
     if config.images or config.pixels:
         return evaluate_images(config)
+    family = open_model(config.model_dir).family
+    if family.vision:
+        raise InputError(f"{config.model_dir} is a vision transformer ({family.name}): --data and --tasks are for "
+                         "language models; evaluate it with --images FOLDER or --pixels FILE")
     result = evaluate_checkpoint(config) if config.data else {"phases": []}
     if config.tasks:
         zeroshot = evaluate_tasks(config)
