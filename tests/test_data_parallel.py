@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowmem_gblm.calib.images import save_pixels
 from lowmem_gblm.errors import UsageError
 from lowmem_gblm.ranks import Ranks
 from lowmem_gblm.stream.partition import Partition, auto_chunk
 from lowmem_gblm.stream.reduce import ChunkFold
 from tests.faults import REPO
+from tests.tiny import VISION_SIZE, make_tiny_vision
 
 LAUNCH_TIMEOUT = 240  # seconds for one launched job (they take ~10 s)
 
@@ -98,7 +100,7 @@ def _bytes(folder: Path) -> dict[str, bytes]:
             if "incoming" not in p.name}
 
 
-def _jobs(model: Path, calib: Path, root: Path) -> list[dict]:
+def _jobs(model: Path, calib: Path, root: Path, vision: tuple[Path, Path] | None = None) -> list[dict]:
     common = {"model_dir": str(model), "device": "cpu", "offload": "cpu", "progress": False}
     cal = {"source": str(calib), "nsamples": 6, "seqlen": 32}
     jobs = []
@@ -117,6 +119,13 @@ def _jobs(model: Path, calib: Path, root: Path) -> list[dict]:
                           "calib": cal | {"nsamples": 7}, "batch_size": 2, "chunk_windows": 2, "offload": "disk",
                           "checkpoint_every": 2, "grad_norm": "l2"})
     jobs.append(common | {"kind": "gradients", "out": str(root / "grads"), "calib": cal, "batch_size": 2})
+    if vision is not None:  # a vision transformer: images dealt to the ranks like windows
+        vmodel, pixels = vision
+        vcal = {"pixels_file": str(pixels), "nsamples": 6}
+        for method, pattern in (("gblm", "unstructured"), ("sparsegpt", "2:4")):
+            jobs.append(common | {"kind": "prune", "model_dir": str(vmodel), "out": str(root / f"vit-{method}"),
+                                  "calib": vcal, "method": method, "pattern": pattern, "batch_size": 2,
+                                  "sparsity": 0.5 if pattern == "unstructured" else None})
     for name, src in (("eval-dense", model), ("eval-wanda", root / "wanda-unstructured")):
         jobs.append({"kind": "eval", "out": str(root / f"{name}.json"), "model_dir": str(src), "data": str(calib),
                      "seqlen": 32, "max_windows": 9, "device": "cpu", "progress": False, "batch_size": 2})
@@ -125,11 +134,15 @@ def _jobs(model: Path, calib: Path, root: Path) -> list[dict]:
 
 def test_one_two_and_three_processes_write_the_same_bytes(tiny_model, calib_text, tmp_path):
     results = {}
+    pixels = tmp_path / "pixels.safetensors"
+    save_pixels(pixels, torch.randn(6, 3, VISION_SIZE, VISION_SIZE, generator=torch.Generator().manual_seed(1)),
+                torch.tensor([0, 1, 2, 0, 1, 2]))
+    vision = (make_tiny_vision(tmp_path / "vit", "vit", layers=2), pixels)
     for nproc in (1, 2, 3):
         root = tmp_path / f"r{nproc}"
         root.mkdir()
         spec = root / "jobs.json"
-        spec.write_text(json.dumps(_jobs(tiny_model, calib_text, root)))
+        spec.write_text(json.dumps(_jobs(tiny_model, calib_text, root, vision)))
         done = _launch(nproc, [str(REPO / "tests" / "dp_jobs.py"), str(spec)])
         assert done.returncode == 0, done.stderr[-3000:]
         outputs = {}

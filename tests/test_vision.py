@@ -15,16 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (
-    AutoModelForImageClassification,
-    DeiTConfig,
-    DeiTForImageClassification,
-    Dinov2Config,
-    Dinov2ForImageClassification,
-    Dinov2Model,
-    ViTConfig,
-    ViTForImageClassification,
-)
+from transformers import AutoModelForImageClassification, Dinov2Config, Dinov2Model
 
 from lowmem_gblm.calib.images import save_pixels
 from lowmem_gblm.calib.samples import LABEL_SOURCES
@@ -35,21 +26,17 @@ from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.gradfiles import block_file
 from lowmem_gblm.zeroshot.run import evaluate
 from tests.reference import keep_from_score
+from tests.tiny import VISION_CLASSES, VISION_SIZE, make_tiny_vision
 
-N, SIZE, CLASSES, LAYERS = 6, 28, 3, 3
+N, LAYERS = 6, 3
+SIZE, CLASSES = VISION_SIZE, VISION_CLASSES
 REPO = Path(__file__).resolve().parents[1]
 GRAD_TOL = 1e-5
-KINDS = {"vit": (ViTConfig, ViTForImageClassification), "deit": (DeiTConfig, DeiTForImageClassification),
-         "dinov2": (Dinov2Config, Dinov2ForImageClassification)}
+KINDS = ("deit", "dinov2", "vit")
 
 
 def make_vision(folder: Path, kind: str, seed: int = 0) -> Path:
-    config_cls, model_cls = KINDS[kind]
-    torch.manual_seed(seed)
-    config = config_cls(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=64,
-                        image_size=SIZE, patch_size=7, num_labels=CLASSES)
-    model_cls(config).save_pretrained(str(folder), max_shard_size="40KB")
-    return folder
+    return make_tiny_vision(folder, kind, layers=LAYERS, seed=seed)
 
 
 @pytest.fixture(scope="module", params=sorted(KINDS))

@@ -124,3 +124,28 @@ def make_tiny_family(path: Path, kind: str, *, layers: int = 3, vocab: int = 320
                 p[2:] = 0
     model.save_pretrained(str(path), max_shard_size=shard_size)
     return Path(path)
+
+
+VISION_SIZE, VISION_CLASSES = 28, 3
+
+
+def make_tiny_vision(path: Path, kind: str, *, layers: int = 3, seed: int = 0) -> Path:
+    """A tiny random ViT / DeiT / DINOv2 image classifier (28x28 images, 7x7 patches, 3 classes) written by
+    transformers' own save_pretrained in several shards (stored names are transformers 4's)."""
+    from transformers import (
+        DeiTConfig,
+        DeiTForImageClassification,
+        Dinov2Config,
+        Dinov2ForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
+    )
+
+    config_cls, model_cls = {"vit": (ViTConfig, ViTForImageClassification),
+                             "deit": (DeiTConfig, DeiTForImageClassification),
+                             "dinov2": (Dinov2Config, Dinov2ForImageClassification)}[kind]
+    torch.manual_seed(seed)
+    config = config_cls(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                        image_size=VISION_SIZE, patch_size=7, num_labels=VISION_CLASSES)
+    model_cls(config).save_pretrained(str(path), max_shard_size="40KB")
+    return path
