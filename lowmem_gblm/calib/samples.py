@@ -67,6 +67,14 @@ class Samples:
         return Samples({k: v[index] for k, v in self.tensors.items()})
 
     @property
+    def sample_bytes(self) -> int | None:
+        """Host bytes of one image's inputs (pixel values and label); None for token windows (the planner's
+        default: T int64 ids)."""
+        if self.kind == TOKENS:
+            return None
+        return sum(t[0].numel() * t.element_size() for t in self.tensors.values())
+
+    @property
     def shape(self) -> list[int]:
         """What a report shows: [N, T] windows or [N, 3, H, W] images."""
         return list((self.ids if self.kind == TOKENS else self.pixel_values).shape)

@@ -53,6 +53,12 @@ class PlanSettings:
     nproc: int = 1  # data-parallel ranks (torchrun / accelerate launch): the prediction is for one of them
     rank: int = 0  # which: rank 0 writes OUT_DIR and folds the chunk sums; the others hold windows only
     chunk_windows: int | None = None  # windows per reduction chunk (None: ceil(N/8), as the engine)
+    sample_bytes: int | None = None  # one calibration sample's inputs in host memory (None: T int64 token ids;
+    # images: 3 x H x W float32 pixel values and an int64 label)
+
+    def input_bytes(self, seqlen: int) -> int:
+        """Every calibration sample's inputs, held by every rank (token ids, or pixel values and labels)."""
+        return self.nsamples * (self.sample_bytes if self.sample_bytes is not None else seqlen * 8)
 
     @property
     def partition(self) -> Partition:
@@ -389,7 +395,7 @@ def predict(shape: ModelShape, s: PlanSettings, baseline: int,
     ahead = shape.block_numel * dtype_bytes(compute_dtype if on_cpu else shape.storage_dtype) if s.prefetch else 0
     grad_file = shape.linear_numel * dtype_bytes(s.grad_dtype)  # one block's gradient file on disk
     head_store = (shape.vocab * d + d) * sd
-    ids = s.nsamples * t * 8  # every rank reads all the ids
+    ids = s.input_bytes(t)  # every rank reads all the ids (images: pixel values)
     ram = s.offload == "cpu"
     # read path: safetensors copies the block out in its storage dtype, then .to(device, dtype); on the
     # CPU in the same dtype that copy *is* the block (counted in the device step)
@@ -485,7 +491,7 @@ def _gradient_phase(shape: ModelShape, pr: Probe, s: PlanSettings, *, ram: bool,
     persisted = s.nsamples * t * d * dtype_bytes(s.compute_dtype)  # the writer's file holds every rank's windows
     stored = store_nbytes((n, t, d), s.store_dtype)  # inputs (int8 ok)
     acc_block = shape.linear_numel * ACC_BYTES
-    common = {"baseline": baseline, "calibration ids": s.nsamples * t * 8}
+    common = {"baseline": baseline, "calibration ids": s.input_bytes(t)}
     if not on_cpu:
         common["CUDA runtime (context, kernels, cuBLAS; estimate)"] = cuda_host_bytes()
     head_stage = dict(common)
