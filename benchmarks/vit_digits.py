@@ -25,8 +25,11 @@ CALIB = ROOT / "assets" / "digits" / "calib"
 TEST = ROOT / "assets" / "digits" / "test"
 PHOTOS = ("astronaut", "camera", "chelsea", "clock", "coffee", "coins", "hubble_deep_field", "immunohistochemistry",
           "moon", "page", "rocket", "text")  # bundled with scikit-image (no download)
-RUNS = (("magnitude", []), ("wanda", []), ("sparsegpt", []), ("gblm-l1", ["--grad-norm", "l1"]),
-        ("gblm-l2", ["--grad-norm", "l2"]))
+RUNS = {"magnitude": [], "wanda": [], "sparsegpt": [], "gblm-l1": ["--grad-norm", "l1"],
+        "gblm-l2": ["--grad-norm", "l2"],
+        # the weight updates (--update: the published masks, then the kept weights refit to the dense outputs)
+        "wanda+lsq": ["--update", "lsq"], "gblm-l1+lsq": ["--grad-norm", "l1", "--update", "lsq"]}
+DEFAULT_RUNS = ("magnitude", "wanda", "sparsegpt", "gblm-l1", "gblm-l2")
 PATTERNS = (("50%", ["--sparsity", "0.5"]), ("2:4", ["--pattern", "2:4"]))
 
 
@@ -67,26 +70,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nsamples", type=int, default=128, help="calibration images (of the 256 in the calib split)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "vit_digits")
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_RUNS), choices=sorted(RUNS))
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense row (already measured)")
+    ap.add_argument("--tag", default="", help="results file suffix: vit_digits<tag>.{txt,json}")
     args = ap.parse_args()
     if not MODEL.is_dir():
         raise SystemExit(f"{MODEL} is missing: run bash scripts/fetch_vit.sh first")
     args.out.mkdir(parents=True, exist_ok=True)
     photos = write_photos(args.out / "photos")
     calib = ["--calib-images", str(CALIB), "--nsamples", str(args.nsamples), "--batch-size", "8", "-q"]
-    rows = [{"method": "dense", "pattern": "-", "seconds": 0.0} | evaluate(MODEL, photos)]
-    print(f"dense: {rows[0]}", flush=True)
-    for method, extra in RUNS:
+    rows = [] if args.no_dense else [{"method": "dense", "pattern": "-", "seconds": 0.0} | evaluate(MODEL, photos)]
+    if rows:
+        print(f"dense: {rows[0]}", flush=True)
+    for method in args.methods:
+        extra = RUNS[method]
         grads = None
-        if method.startswith("gblm"):  # one gradient folder per norm, reused by both patterns
-            grads = args.out / f"grads-{method}"
+        if method.startswith("gblm"):  # one gradient folder per norm, reused by both patterns (and updates)
+            grads = args.out / f"grads-{method.split('+')[0]}"
             t0 = time.perf_counter()
-            cli("gradients", str(MODEL), str(grads), *calib, *extra)
+            cli("gradients", str(MODEL), str(grads), *calib, *extra[:2])
             grad_seconds = time.perf_counter() - t0
         for pattern, flags in PATTERNS:
             out = args.out / f"{method}-{pattern.replace(':', 'of').replace('%', 'pct')}"
             t0 = time.perf_counter()
             opts = ["--gradients", str(grads)] if grads else []
-            cli("prune", str(MODEL), str(out), "--method", method.split("-")[0], *flags, *calib, *extra, *opts,
+            cli("prune", str(MODEL), str(out), "--method", method.split("-")[0].split("+")[0], *flags, *calib, *extra,
+                *opts,
                 "--overwrite")
             seconds = time.perf_counter() - t0 + (grad_seconds if grads else 0.0)
             row = {"method": method, "pattern": pattern, "seconds": round(seconds, 1)} | evaluate(out, photos)
@@ -101,11 +110,11 @@ def main() -> None:
                      f"{r['sparsity']:>8.4f} {r['seconds']:>8.1f}")
     table = "\n".join(lines)
     print(table)
-    result = {"benchmark": "vit_digits", "nsamples": args.nsamples, "rows": rows,
-              "command": f"python benchmarks/vit_digits.py --nsamples {args.nsamples}"}
+    command = " ".join(["python benchmarks/vit_digits.py", *sys.argv[1:]])
+    result = {"benchmark": "vit_digits", "nsamples": args.nsamples, "rows": rows, "command": command}
     results = ROOT / "benchmarks" / "results"
-    (results / "vit_digits.txt").write_text(table + "\n")
-    (results / "vit_digits.json").write_text(json.dumps(result, indent=1) + "\n")
+    (results / f"vit_digits{args.tag}.txt").write_text(f"$ {command}\n{table}\n")
+    (results / f"vit_digits{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
 
 
