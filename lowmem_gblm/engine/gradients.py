@@ -353,6 +353,13 @@ def _fold_scalers(fold: ChunkFold, stats: dict, step: int) -> None:
     fold.step(step, {n: accs["scaler_row"].total for n, accs in stats.items()})
 
 
+def _exact_inputs(path: Path) -> str:
+    """The flag and file that repeat a gradient folder's own calibration samples."""
+    if (path / CALIB_PIXELS_NAME).is_file():
+        return f"--calib-pixels {path / CALIB_PIXELS_NAME}"
+    return f"--calib-ids {path / CALIB_IDS_NAME}"
+
+
 def open_for_reuse(path: Path, expected: dict) -> GradientFolder:
     """A finished ``--gradients`` folder whose identity matches ``expected`` on REUSE_KEYS."""
     if not path.is_dir():
@@ -367,7 +374,7 @@ def open_for_reuse(path: Path, expected: dict) -> GradientFolder:
         raise ResumeMismatch(
             f"--gradients {path} was computed with other settings ({'; '.join(diff_dicts(old, new)[:4])}); "
             "pass matching --grad-norm/--calib/--nsamples/--seqlen/--seed/--store-dtype/--head-chunk (or "
-            f"--calib-ids {path / CALIB_IDS_NAME}), or drop --gradients to compute them")
+            f"{_exact_inputs(path)}), or drop --gradients to compute them")
     if not folder.complete:
         raise InputError(f"--gradients {path} is incomplete ({len(folder.done)} blocks done); "
                          "rerun the same lowmem-gblm gradients command to finish it")
