@@ -30,7 +30,11 @@ RUNS = {"magnitude": [], "wanda": [], "sparsegpt": [], "gblm-l1": ["--grad-norm"
         # the weight updates (--update: the published masks, then the kept weights refit to the dense outputs)
         "wanda+lsq": ["--update", "lsq"], "gblm-l1+lsq": ["--grad-norm", "l1", "--update", "lsq"]}
 DEFAULT_RUNS = ("magnitude", "wanda", "sparsegpt", "gblm-l1", "gblm-l2")
-PATTERNS = (("50%", ["--sparsity", "0.5"]), ("2:4", ["--pattern", "2:4"]))
+def pattern_flags(pattern: str) -> list[str]:
+    """"50%" -> --sparsity 0.5; "2:4" -> --pattern 2:4."""
+    if pattern.endswith("%"):
+        return ["--sparsity", str(float(pattern[:-1]) / 100)]
+    return ["--pattern", pattern]
 
 
 def cli(*args: str) -> str:
@@ -71,6 +75,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128, help="calibration images (of the 256 in the calib split)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "vit_digits")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_RUNS), choices=sorted(RUNS))
+    ap.add_argument("--patterns", nargs="+", default=["50%", "2:4"], help="e.g. 50%% 30%% 2:4 4:8")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row (already measured)")
     ap.add_argument("--tag", default="", help="results file suffix: vit_digits<tag>.{txt,json}")
     args = ap.parse_args()
@@ -90,7 +95,8 @@ def main() -> None:
             t0 = time.perf_counter()
             cli("gradients", str(MODEL), str(grads), *calib, *extra[:2])
             grad_seconds = time.perf_counter() - t0
-        for pattern, flags in PATTERNS:
+        for pattern in args.patterns:
+            flags = pattern_flags(pattern)
             out = args.out / f"{method}-{pattern.replace(':', 'of').replace('%', 'pct')}"
             t0 = time.perf_counter()
             opts = ["--gradients", str(grads)] if grads else []
