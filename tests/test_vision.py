@@ -275,3 +275,28 @@ def test_bad_images_exit_2_naming_the_file(tmp_path):
     r = _cli("prune", str(model_dir), str(tmp_path / "o2"), "--calib-images", str(tmp_path / "good"), "--nsamples",
              "2", "--device", "cpu", "-q")
     assert r.returncode == 2 and "takes 28x28" in r.stderr, r.stderr
+
+
+def test_an_image_folder_calibrates_through_the_cli_with_its_class_labels(tmp_path):
+    """ImageFolder in, default preprocessing (no preprocessor_config.json: 224x224 crops, which DINOv2 takes by
+    interpolating its positions), class names numbered in sorted order; the run keeps the exact pixels."""
+    from PIL import Image
+
+    model_dir = make_vision(tmp_path / "model", "dinov2", seed=2)
+    for cls, colour in (("ants", (200, 10, 10)), ("bees", (10, 200, 10))):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", (40 + 8 * k, 32), colour).save(tmp_path / "imgs" / cls / f"{k}.png")
+    out = tmp_path / "out"
+    r = _cli("prune", str(model_dir), str(out), "--method", "gblm", "--calib-images", str(tmp_path / "imgs"),
+             "--nsamples", "4", "--device", "cpu", "-q")
+    assert r.returncode == 0, r.stderr
+    saved = load_file(str(out / "calibration_pixels.safetensors"))
+    assert list(saved["pixel_values"].shape) == [4, 3, 224, 224]
+    assert saved["labels"].tolist() == [0, 0, 1, 1]
+    r = _cli("verify", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _cli("eval", str(out), "--images", str(tmp_path / "imgs"), "--reference", str(model_dir), "--device", "cpu",
+             "--json")
+    assert r.returncode == 0, r.stderr
+    assert '"images": 4' in r.stdout
