@@ -24,6 +24,7 @@ from lowmem_gblm.engine import prune
 from lowmem_gblm.engine.gradients import compute_gradients
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.gradfiles import block_file
+from lowmem_gblm.verify import verify
 from lowmem_gblm.zeroshot.run import evaluate
 from tests.reference import keep_from_score
 from tests.tiny import VISION_CLASSES, VISION_SIZE, make_tiny_vision
@@ -261,20 +262,26 @@ def test_bad_images_exit_2_naming_the_file(tmp_path):
     rgba.mkdir(parents=True)
     Image.new("RGBA", (SIZE, SIZE)).save(rgba / "alpha.png")
     (tmp_path / "empty").mkdir()
-    cases = {"truncated": "t.png", "rgba": "alpha.png", "empty": "holds no images"}
-    for folder, needle in cases.items():
-        r = _cli("prune", str(model_dir), str(tmp_path / f"out-{folder}"), "--calib-images", str(tmp_path / folder),
-                 "--nsamples", "1", "--device", "cpu", "-q")
-        assert r.returncode == 2, (folder, r.stderr)
-        assert r.stderr.startswith("error:") and needle in r.stderr, (folder, r.stderr)
+
+    def run(out: str, **calib):
+        config = PruneConfig(model_dir=str(model_dir), out_dir=str(tmp_path / out), device="cpu", progress=False,
+                             method="wanda", sparsity=0.5, calib=CalibConfig(**{"nsamples": 1} | calib))
+        return prune(config)
+
+    for folder, needle in {"truncated": "t.png", "rgba": "alpha.png", "empty": "holds no images"}.items():
+        with pytest.raises(InputError, match=needle):
+            run(f"out-{folder}", images=str(tmp_path / folder))
         assert not (tmp_path / f"out-{folder}" / "model.safetensors.index.json").exists()
     # images the model cannot take, and text calibration for a vision model, are refused up front
-    r = _cli("prune", str(model_dir), str(tmp_path / "o1"), "--calib", "x.txt", "--device", "cpu", "-q")
-    assert r.returncode == 2 and "vision transformer" in r.stderr, r.stderr
+    with pytest.raises(InputError, match="vision transformer"):
+        run("o1", source="x.txt")
     Image.new("RGB", (SIZE + 7, SIZE), (10, 20, 30)).save(good / "b.png")  # default preprocessing: 224 crops
-    r = _cli("prune", str(model_dir), str(tmp_path / "o2"), "--calib-images", str(tmp_path / "good"), "--nsamples",
-             "2", "--device", "cpu", "-q")
-    assert r.returncode == 2 and "takes 28x28" in r.stderr, r.stderr
+    with pytest.raises(InputError, match="takes 28x28"):
+        run("o2", images=str(tmp_path / "good"), nsamples=2)
+    # through the CLI: one error line naming the file, exit code 2
+    r = _cli("prune", str(model_dir), str(tmp_path / "o3"), "--calib-images", str(tmp_path / "truncated"),
+             "--nsamples", "1", "--device", "cpu", "-q")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "t.png" in r.stderr, r.stderr
 
 
 def test_an_image_folder_calibrates_through_the_cli_with_its_class_labels(tmp_path):
@@ -294,9 +301,7 @@ def test_an_image_folder_calibrates_through_the_cli_with_its_class_labels(tmp_pa
     saved = load_file(str(out / "calibration_pixels.safetensors"))
     assert list(saved["pixel_values"].shape) == [4, 3, 224, 224]
     assert saved["labels"].tolist() == [0, 0, 1, 1]
-    r = _cli("verify", str(out))
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = _cli("eval", str(out), "--images", str(tmp_path / "imgs"), "--reference", str(model_dir), "--device", "cpu",
-             "--json")
-    assert r.returncode == 0, r.stderr
-    assert '"images": 4' in r.stdout
+    assert all(check.ok for check in verify(out))
+    result = evaluate(EvalConfig(model_dir=str(out), images=str(tmp_path / "imgs"), reference=str(model_dir),
+                                 device="cpu", progress=False))
+    assert result["images"] == 4 and 0 < result["feature_cosine"] < 1
