@@ -101,11 +101,15 @@ class StreamedModel:
         names = (self.family.to_module(n) for n in self.index.names() if not self.family.ignored(n))
         return [n for n in names if n.startswith(prefix)]
 
+    @cached_property
+    def _stored_block(self) -> re.Pattern:
+        """Matches a block tensor's stored name (``<stored layers prefix>.<i>.``)."""
+        stored = self.family.stored_layers_prefix or self.family.layers_prefix
+        return re.compile(re.escape(stored) + r"\.\d+\.")
+
     def non_block_names(self) -> list[str]:
         """Every tensor outside the blocks (stored and module names agree there)."""
-        stored = self.family.stored_layers_prefix or self.family.layers_prefix
-        pattern = re.compile(re.escape(stored) + r"\.\d+\.")
-        return [n for n in self.index.names() if not pattern.match(n) and not self.family.ignored(n)]
+        return [n for n in self.index.names() if not self._stored_block.match(n) and not self.family.ignored(n)]
 
     def read_tensors(self, names, source=None) -> dict[str, torch.Tensor]:
         """Tensors by their module names, read from ``source`` (default: this checkpoint) under their stored ones."""
@@ -153,9 +157,7 @@ class StreamedModel:
 
     def non_block_numel(self) -> int:
         """Vision: the values outside the blocks (embeddings, final norm, classifier)."""
-        stored = self.family.stored_layers_prefix or self.family.layers_prefix
-        pattern = re.compile(re.escape(stored) + r"\.\d+\.")
-        return sum(int(torch.Size(s).numel()) for n, s in self.vision_shapes.items() if not pattern.match(n))
+        return sum(int(torch.Size(s).numel()) for n, s in self.vision_shapes.items() if not self._stored_block.match(n))
 
     def _check_vision_tensors(self) -> None:
         """Every stored tensor against the shapes config.json implies, by stored name."""
