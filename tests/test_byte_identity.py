@@ -9,6 +9,10 @@ forward's input statistics that OWL reuses).
 
 Not hashed: ``prune_report.json`` (timings, versions), ``.lowmem/manifest.json`` and ``gradients.json``
 (the model fingerprint holds file times), copied side files (the fixture's own config and tokenizer).
+
+The hashes hold for a thread count: SparseGPT's Cholesky and the matmuls add in another order on another
+number of threads, so the runs pin torch to GOLDEN_THREADS (what they were recorded with) whatever the
+runner chose (scripts/test.sh runs pytest workers at one thread each).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 GOLDEN = Path(__file__).parent / "golden" / "output_sha256.json"
 CALIB = ["--nsamples", "4", "--seqlen", "32", "--seed", "0", "--device", "cpu", "--quiet"]
@@ -46,6 +51,7 @@ GRADIENT_RUNS = {
 }
 # a prune that reuses the l1 gradient folder above
 REUSE_RUN = ("gblm-reuse-gradients", "tiny_model", ["--method", "gblm", "--sparsity", "0.5"])
+GOLDEN_THREADS = 2  # torch intra-op threads the hashes were recorded with (this project's 2-core machine)
 
 
 def _hash_outputs(folder: Path) -> dict[str, str]:
@@ -67,6 +73,15 @@ def _invoke(args: list[str]) -> None:
 
 
 def run_all(models: dict[str, Path], calib: Path, work: Path) -> dict[str, dict[str, str]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(GOLDEN_THREADS)
+    try:
+        return _run_all(models, calib, work)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_all(models: dict[str, Path], calib: Path, work: Path) -> dict[str, dict[str, str]]:
     hashes = {}
     base = ["--calib", str(calib), *CALIB]
     for name, (model, words) in GRADIENT_RUNS.items():

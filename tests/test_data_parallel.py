@@ -104,9 +104,12 @@ def _jobs(model: Path, calib: Path, root: Path, vision: tuple[Path, Path] | None
     common = {"model_dir": str(model), "device": "cpu", "offload": "cpu", "progress": False}
     cal = {"source": str(calib), "nsamples": 6, "seqlen": 32}
     jobs = []
-    for method, extra in [("magnitude", {}), ("wanda", {}), ("gblm", {"grad_norm": "l1"}),
-                          ("gblm", {"grad_norm": "l2"}), ("sparsegpt", {})]:
-        for pattern in ("unstructured", "2:4"):
+    # each method's reduction once; the pattern only picks the mask from the reduced statistics, so one
+    # pattern per method (both patterns for the methods whose mask depends on the weight update)
+    for method, extra, patterns in [("magnitude", {}, ("unstructured",)), ("wanda", {}, ("unstructured",)),
+                                    ("gblm", {"grad_norm": "l1"}, ("unstructured",)),
+                                    ("gblm", {"grad_norm": "l2"}, ("2:4",)), ("sparsegpt", {}, ("unstructured", "2:4"))]:
+        for pattern in patterns:
             name = f"{method}{extra.get('grad_norm', '')}-{pattern.replace(':', '_')}"
             jobs.append(common | extra | {"kind": "prune", "out": str(root / name), "calib": cal, "method": method,
                                           "pattern": pattern, "sparsity": 0.5 if pattern == "unstructured" else None})
