@@ -108,7 +108,8 @@ def _jobs(model: Path, calib: Path, root: Path, vision: tuple[Path, Path] | None
     # pattern per method (both patterns for the methods whose mask depends on the weight update)
     for method, extra, patterns in [("magnitude", {}, ("unstructured",)), ("wanda", {}, ("unstructured",)),
                                     ("gblm", {"grad_norm": "l1"}, ("unstructured",)),
-                                    ("gblm", {"grad_norm": "l2"}, ("2:4",)), ("sparsegpt", {}, ("unstructured", "2:4"))]:
+                                    ("gblm", {"grad_norm": "l2"}, ("2:4",)),
+                                    ("sparsegpt", {}, ("unstructured", "2:4"))]:
         for pattern in patterns:
             name = f"{method}{extra.get('grad_norm', '')}-{pattern.replace(':', '_')}"
             jobs.append(common | extra | {"kind": "prune", "out": str(root / name), "calib": cal, "method": method,
