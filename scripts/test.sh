@@ -8,7 +8,7 @@ bash scripts/setup.sh
 # the serial wall time. PYTEST_WORKERS=0 runs them in one process.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 set +e
-.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
