@@ -7,6 +7,33 @@ from tests.tiny import make_tiny_llama, sample_text
 
 logging.getLogger("lowmem_gblm").setLevel(logging.WARNING)
 
+_FUZZ: dict[str, tuple[str, int, int]] = {}  # tests/test_fuzz.py's cases: id -> (command, exit code, files hashed)
+_FUZZ_TOTAL: list[int] = []
+
+
+def pytest_runtest_logreport(report):
+    for key, value in report.user_properties:
+        if key == "fuzz_outcome":
+            case_id, command, code, hashed, total = value
+            _FUZZ[case_id] = (command, code, hashed)
+            _FUZZ_TOTAL[:] = [total]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The fuzz campaign's summary, once every case has reported (here, not in a test: under pytest-xdist the
+    cases run on several workers and only the controller sees them all)."""
+    if hasattr(session.config, "workerinput") or not _FUZZ_TOTAL:
+        return
+    from tests.fuzz import summary_problems
+
+    problems = summary_problems(_FUZZ, _FUZZ_TOTAL[0])
+    if problems is not None:
+        codes = {cmd: sorted({c for command, c, _ in _FUZZ.values() if command == cmd}) for cmd, *_ in _FUZZ.values()}
+        session.config.get_terminal_writer().line(f"fuzz campaign: {len(_FUZZ)} cases, exit codes {codes}")
+    if problems:
+        session.config.get_terminal_writer().line("fuzz campaign summary FAILED: " + "; ".join(problems), red=True)
+        session.exitstatus = 1
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:

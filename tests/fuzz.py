@@ -875,3 +875,24 @@ def cases() -> dict[str, list[tuple[Mutation, str]]]:
     return {"prune": methods(prune), "eval": [(m, "") for m in evals],
             "plan": [(m, rng.choice(["magnitude", "wanda", "gblm"])) for m in plan],
             "verify": [(m, "") for m in verify]}
+
+
+def summary_problems(outcomes: dict[str, tuple[str, int, int]], total: int) -> list[str] | None:
+    """The campaign is not vacuous: prune, eval and plan each reached a success and a refusal, verify refused a
+    folder that is not a finished run and caught damage, and every case hashed the files it must not change.
+    ``outcomes``: case id -> (command, exit code, files hashed). None when not every one of ``total`` cases
+    ran (a ``-k`` selection): nothing to judge."""
+    if len(outcomes) < total:
+        return None
+    problems = [] if 250 <= total <= 500 else [f"{total} fuzz cases, 250..500 expected"]
+    codes: dict[str, set[int]] = {}
+    for command, code, _ in outcomes.values():
+        codes.setdefault(command, set()).add(code)
+    for command in ("prune", "eval", "plan"):
+        if not {0, 2} <= codes.get(command, set()):
+            problems.append(f"{command}: exit codes {codes.get(command)}, both 0 and 2 expected")
+    if not {1, 2} <= codes.get("verify", set()):
+        problems.append(f"verify: exit codes {codes.get('verify')}, both 1 (FAILED) and 2 expected")
+    if min(hashed for _, _, hashed in outcomes.values()) < 10:
+        problems.append("the no-change check looked at almost nothing")
+    return problems
