@@ -28,8 +28,8 @@ def pytest_sessionfinish(session, exitstatus):
 
     problems = summary_problems(_FUZZ, _FUZZ_TOTAL[0])
     if problems is not None:
-        codes = {cmd: sorted({c for command, c, _ in _FUZZ.values() if command == cmd}) for cmd, *_ in _FUZZ.values()}
-        session.config.get_terminal_writer().line(f"fuzz campaign: {len(_FUZZ)} cases, exit codes {codes}")
+        codes = sorted({(command, code) for command, code, _ in _FUZZ.values()})
+        session.config.get_terminal_writer().line(f"fuzz campaign: {len(_FUZZ)} cases, (command, exit code) {codes}")
     if problems:
         session.config.get_terminal_writer().line("fuzz campaign summary FAILED: " + "; ".join(problems), red=True)
         session.exitstatus = 1
