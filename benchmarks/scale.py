@@ -123,10 +123,13 @@ def write_checkpoint(folder: Path, cfg: dict, seed: int = 0, dtype: torch.dtype 
 
 
 def run_prune(model: Path, out: Path, ids: Path, method: str, n: int, t: int, device: str, dtype: str,
-              grad_dtype: str = "float32") -> dict:
+              grad_dtype: str = "float32", offload: str = "cpu", prefetch: bool = True,
+              chunk_windows: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "cli.main", "prune", str(model), str(out), "--method", method, "--calib-ids", str(ids),
-           "--nsamples", str(n), "--seqlen", str(t), "--device", device, "--dtype", dtype, "--offload", "cpu",
-           "--grad-dtype", grad_dtype, "-q"]
+           "--nsamples", str(n), "--seqlen", str(t), "--device", device, "--dtype", dtype, "--offload", offload,
+           "--grad-dtype", grad_dtype, "--prefetch" if prefetch else "--no-prefetch", "-q"]
+    if chunk_windows is not None:
+        cmd += ["--chunk-windows", str(chunk_windows)]
     timed = Path("/usr/bin/time").is_file()
     if timed:
         cmd = ["/usr/bin/time", "-v", *cmd]
@@ -165,6 +168,12 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=None, help="default: wanda and gblm")
     ap.add_argument("--grad-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="GBLM gradient files (bfloat16: half the disk)")
+    ap.add_argument("--offload", default="cpu", choices=["cpu", "disk"],
+                    help="activation store: cpu (RAM) or disk (positional I/O, out of the page cache)")
+    ap.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                    help="do not read the next block ahead (one block less host RAM)")
+    ap.add_argument("--chunk-windows", type=int, default=None,
+                    help="windows per reduction chunk (default: the engine's ceil(N/8))")
     args = ap.parse_args()
 
     cfg = shape_config(args)
@@ -178,8 +187,9 @@ def main() -> None:
     # gradient files shrink as the output grows), 1 GiB slack
     shape_json = args.out / f"{args.shape}.config.json"
     shape_json.write_text(json.dumps(cfg))
-    run_disk = max(plan(load_shape(shape_json), PlanSettings(m, args.nsamples, args.seqlen, offload="cpu",
-                                                             head_chunk="auto", grad_dtype=args.grad_dtype),
+    run_disk = max(plan(load_shape(shape_json), PlanSettings(m, args.nsamples, args.seqlen, offload=args.offload,
+                                                             head_chunk="auto", grad_dtype=args.grad_dtype,
+                                                             prefetch=args.prefetch, chunk_windows=args.chunk_windows),
                         Budgets(), baseline=0).disk_bytes for m in methods)
     have = model_bytes if (model / "model.safetensors.index.json").is_file() else 0
     need = model_bytes - have + run_disk + 2**30
@@ -203,14 +213,16 @@ def main() -> None:
         out = args.out / f"pruned-{method}"
         shutil.rmtree(out, ignore_errors=True)
         row = run_prune(model, out, ids, method, args.nsamples, args.seqlen, args.device, args.dtype,
-                        args.grad_dtype)
+                        args.grad_dtype, args.offload, args.prefetch, args.chunk_windows)
         device = "cpu" if args.device == "cpu" else "cuda"
-        pred = plan(load_shape(model), PlanSettings(method, args.nsamples, args.seqlen, device=device, offload="cpu",
-                                                    compute_dtype=row["compute_dtype"] or "auto", head_chunk="auto",
-                                                    grad_dtype=args.grad_dtype),
+        pred = plan(load_shape(model), PlanSettings(method, args.nsamples, args.seqlen, device=device,
+                                                    offload=args.offload, compute_dtype=row["compute_dtype"] or "auto",
+                                                    head_chunk="auto", grad_dtype=args.grad_dtype,
+                                                    prefetch=args.prefetch, chunk_windows=args.chunk_windows),
                     Budgets(gpu_memory=None if device == "cpu" else 2**40), baseline=base)
         ran = [p["phase"] for p in row["phases"]]  # the phases this run had (no eval here)
         row["predicted_host_peak_bytes"] = max(pred.phase(p).host_peak_bytes for p in ran)
+        row["predicted_host_by_phase"] = {p: pred.phase(p).host_peak_bytes for p in ran}
         row["predicted_device_peak_bytes"] = max(pred.phase(p).device_peak_bytes for p in ran)
         row["host_error"] = round(row["predicted_host_peak_bytes"] / row["peak_rss_bytes"] - 1, 4)
         row["predicted_disk_bytes"] = pred.disk_bytes
@@ -231,10 +243,20 @@ def main() -> None:
         print(f"{r['method']:<8}{r['wall_s']:>8.1f}{r['prune_sweep_s']:>9.1f}{fmt_size(r['peak_rss_bytes']):>12}"
               f"{tv:>12}{fmt_size(r['predicted_host_peak_bytes']):>12}{r['host_error']:>+8.1%}"
               f"{fmt_size(r['bytes_read']):>12}{rate:>10.1f}")
+    print(f"{'method':<8}{'phase':<16}{'seconds':>9}{'peak RSS':>12}{'RssAnon':>12}{'RssFile':>12}{'predicted':>12}"
+          f"{'error':>8}{'written':>12}")
+    for r in rows:
+        for ph in r["phases"]:
+            want = r["predicted_host_by_phase"][ph["phase"]]
+            anon, file = (fmt_size(ph.get(f"peak_rss_{k}_bytes") or 0) for k in ("anon", "file"))
+            print(f"{r['method']:<8}{ph['phase']:<16}{ph['seconds']:>9.1f}{fmt_size(ph['peak_rss_bytes']):>12}"
+                  f"{anon:>12}{file:>12}"
+                  f"{fmt_size(want):>12}{want / ph['peak_rss_bytes'] - 1:>+8.1%}{fmt_size(ph['bytes_written']):>12}")
     print(json.dumps({"shape": args.shape, "config": {k: cfg[k] for k in ("num_hidden_layers", "hidden_size",
                       "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size")},
                       "model_bytes": model_bytes, "nsamples": args.nsamples, "seqlen": args.seqlen,
                       "device": args.device, "grad_dtype": args.grad_dtype, "baseline_rss_bytes": base,
+                      "offload": args.offload, "prefetch": args.prefetch, "chunk_windows": args.chunk_windows,
                       "runs": rows}, sort_keys=True))
 
 
