@@ -17,7 +17,7 @@ from lowmem_gblm.memory.plan import Budgets, PlanSettings
 from lowmem_gblm.memory.plan import plan as make_plan
 from lowmem_gblm.memory.probe import baseline_rss
 from lowmem_gblm.memory.shape import load_shape
-from lowmem_gblm.units import parse_size
+from lowmem_gblm.units import fmt_size, parse_size
 from tests.tiny import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,3 +176,26 @@ def test_gblm_disk_peaks_follow_the_gradient_file_dtype():
                 grad_dtype="bfloat16").fits
     with pytest.raises(UsageError, match="grad-dtype"):
         plan(BENCH / "llama-13b.json", "gblm", 8, 128, grad_dtype="int4")
+
+
+def test_host_advice_names_the_lean_knobs_with_what_they_save():
+    """Short of host RAM on the CPU, the advice quotes --no-prefetch and --chunk-windows N with the bytes of the
+    terms they remove; re-planned with them the host peak drops by exactly those bytes."""
+    cfg, gib = BENCH / "llama-13b.json", 2**30
+    kw = dict(offload="disk", disk_space="1TB", baseline=1, grad_dtype="bfloat16", compute_dtype="bfloat16")
+    full = plan(cfg, "gblm", 16, 2048, **kw)
+    host = full.phase("gradient_sweep").terms["host"]
+    ahead = host["next block prefetched"]
+    totals = host["compute: accumulators' chunk-sum totals (writer)"]
+    assert ahead > 0 and totals > 0
+    tight = plan(cfg, "gblm", 16, 2048, cpu_memory=full.host_peak_bytes - gib, **kw)
+    assert not tight.fits
+    (line,) = [a for a in tight.advice if a.startswith("host RAM short")]
+    assert f"--no-prefetch (-{fmt_size(ahead)}" in line
+    assert f"--chunk-windows 16 (one reduction chunk: -{fmt_size(totals)}" in line
+    lean = plan(cfg, "gblm", 16, 2048, cpu_memory=full.host_peak_bytes - gib, prefetch=False, chunk_windows=16, **kw)
+    assert lean.fits and not any("--no-prefetch" in a or "--chunk-windows" in a for a in lean.advice)
+    assert lean.phase("gradient_sweep").host_peak_bytes == full.phase("gradient_sweep").host_peak_bytes - ahead - totals
+    # a setting already lean is not advised again
+    again = plan(cfg, "gblm", 16, 2048, cpu_memory=lean.host_peak_bytes - gib, prefetch=False, chunk_windows=16, **kw)
+    assert not again.fits and not any("--no-prefetch" in a or "--chunk-windows" in a for a in again.advice)

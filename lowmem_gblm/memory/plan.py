@@ -310,6 +310,20 @@ def _head_knob(p: Plan, dominant: str) -> list[str]:
             f"instead of the whole window)"]
 
 
+def _host_knobs(p: Plan, q: PhasePlan) -> list[str]:
+    """Knobs that shrink ``q``'s host terms without fewer windows: the prefetched block (same output) and, on the
+    CPU, the chunk-sum totals (one reduction chunk; the sums fold in another order)."""
+    knobs, host = [], q.terms.get("host", {})
+    ahead = host.get("next block prefetched", 0)
+    if ahead:
+        knobs.append(f"--no-prefetch (-{fmt_size(ahead)}, the same output)")
+    totals = sum(v for k, v in host.items() if "chunk-sum totals" in k)
+    if totals and "nproc" not in p.settings:
+        knobs.append(f"--chunk-windows {p.nsamples} (one reduction chunk: -{fmt_size(totals)}; the sums fold in "
+                     "another order, so their last bits change)")
+    return knobs
+
+
 def advice(p: Plan, *, run: bool = False, disk_store: Plan | None = None) -> list[str]:
     """One line per budget the plan is short of: what overflows and the knobs that would help.
     run: worded for the engine (the disk is OUT_DIR's); disk_store: the same run planned with
@@ -331,7 +345,7 @@ def advice(p: Plan, *, run: bool = False, disk_store: Plan | None = None) -> lis
     if "cpu_memory" in short:
         q = max(p.phases, key=lambda x: x.host_peak_bytes)
         name, val = q.dominant("host")
-        knobs = _head_knob(p, name)
+        knobs = _head_knob(p, name) + _host_knobs(p, q)
         if p.settings["offload"] == "cpu":
             if run:
                 if disk_store is not None and disk_store.host_peak_bytes < p.host_peak_bytes:
