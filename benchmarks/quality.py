@@ -50,6 +50,13 @@ def run_setting(a, threads: int) -> dict:
             "zeroshot_limit": a.zeroshot_limit}
 
 
+def code_commit() -> str | None:
+    """The checkout's commit, recorded in each row (rows of earlier commits are still reused: it is not part of
+    the setting)."""
+    res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
 def load_rows(path: Path, setting: dict) -> dict[tuple, dict]:
     """(method, pattern, seed) -> the row measured last under ``setting`` in the rows file; a line cut short by a
     crash and rows of other settings are skipped."""
@@ -198,7 +205,7 @@ def main() -> None:
     import torch
 
     rows = []
-    setting = run_setting(a, torch.get_num_threads())
+    setting, commit = run_setting(a, torch.get_num_threads()), code_commit()
     rows_file = Path(a.rows_file) if a.rows_file else ROOT / "benchmarks/results" / f"quality-{a.tag}.rows.jsonl"
     done = load_rows(rows_file, setting) if a.resume else {}
     if done:
@@ -215,7 +222,7 @@ def main() -> None:
         dense = evaluate(model, a)
         if a.zeroshot_limit:
             dense |= zeroshot(model, a, task_dir)
-        dense = {"method": "dense", "pattern": "-", "seed": None, **dense}
+        dense = {"method": "dense", "pattern": "-", "seed": None, **dense, "commit": commit}
         rows.append(dense)
         append_row(rows_file, dense, setting)
     log.info("dense: ppl %.3f", dense["ppl"])
@@ -263,7 +270,8 @@ def main() -> None:
                              "gradient_phase": grads[method][2] if method in grads else None,
                              "report_sparsity": report["sparsity"]["overall"],
                              "peak_rss_bytes": max(ph["peak_rss_bytes"] for ph in report["phases"]),
-                             "device_peak_bytes": max(ph["device_peak_allocated_bytes"] for ph in report["phases"])})
+                             "device_peak_bytes": max(ph["device_peak_allocated_bytes"] for ph in report["phases"]),
+                             "commit": commit})
                 append_row(rows_file, rows[-1], setting)
                 log.info("%s %s seed %d: ppl %.3f (prune %.1fs)", name, short, seed, res["ppl"], prune_s)
                 if not a.keep:
