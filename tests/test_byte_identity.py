@@ -118,7 +118,8 @@ def test_outputs_are_byte_identical_to_the_recorded_ones(tiny_model, tiny_tied, 
     assert all(len(files) >= 3 for files in got.values())
 
 
-def _record() -> None:
+def _run_here() -> dict[str, dict[str, str]]:
+    """Every command's hashes on this machine, on the fixtures' checkpoints built in a scratch folder."""
     import tempfile
 
     from tests.tiny import make_tiny_llama, sample_text
@@ -130,6 +131,11 @@ def _record() -> None:
         calib = tmp / "calib.txt"
         calib.write_text(sample_text(6000, seed=2))
         hashes = run_all(models, calib, tmp / "runs")
+    return hashes
+
+
+def _record() -> None:
+    hashes = _run_here()
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
     print(f"recorded {sum(map(len, hashes.values()))} file hashes of {len(hashes)} runs in {GOLDEN}")
@@ -151,18 +157,8 @@ def machine() -> str:
 def _add_variant() -> None:
     """Run the commands here; keep, for each command whose bytes match neither the primary set nor a variant,
     this machine's hashes as a variant. Only with the code that recorded the primary set (see the docstring)."""
-    import tempfile
-
-    from tests.tiny import make_tiny_llama, sample_text
-
     golden, variants = json.loads(GOLDEN.read_text()), _variants()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        models = {"tiny_model": make_tiny_llama(tmp / "tiny" / "model"),
-                  "tiny_tied": make_tiny_llama(tmp / "tied" / "model", tied=True, seed=1)}
-        calib = tmp / "calib.txt"
-        calib.write_text(sample_text(6000, seed=2))
-        hashes = run_all(models, calib, tmp / "runs")
+    hashes = _run_here()
     added = [name for name in golden
              if hashes[name] != golden[name] and hashes[name] not in [v["files"] for v in variants.get(name, [])]]
     for name in added:
