@@ -29,6 +29,7 @@ from lowmem_gblm.config import (
     MagnitudeScope,
     Offload,
     PruneConfig,
+    Solver,
     StoreDtype,
     Update,
 )
@@ -113,6 +114,9 @@ DiskSpace = Annotated[str | None, typer.Option(
 UpdateOpt = Annotated[Update, typer.Option(
     "--update", help="magnitude/wanda/gblm: after the mask, none (the published methods), obs (SparseGPT's OBS "
     "sweep for that mask) or lsq (exact least squares per row) update of the kept weights")]
+SolverOpt = Annotated[Solver, typer.Option(
+    "--solver", help="--update lsq: iterative (fp32 conjugate gradients, all rows at once; fast at every size), direct "
+    "(float64 Cholesky per row; the reference, slow beyond ~2k columns) or auto (iterative but on narrow linears)")]
 ChunkWindows = Annotated[int | None, typer.Option(
     "--chunk-windows", help="windows per reduction chunk (default: ceil(N/8); a call never crosses one); statistics "
     "are summed per chunk in chunk order, so the output does not depend on the number of ranks; ranks get whole ones")]
@@ -211,6 +215,12 @@ def prune(
     percdamp: Annotated[float, typer.Option(
         "--percdamp", help="SparseGPT: Hessian dampening, a fraction of mean(diag H)")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT: columns per lazy-update block")] = 128,
+    solver: SolverOpt = "auto",
+    solver_tol: Annotated[float, typer.Option(
+        "--solver-tol", help="iterative solver: each row stops at this relative residual (smaller: closer to the "
+        "exact solution, more iterations)")] = 1e-2,
+    solver_max_iter: Annotated[int, typer.Option(
+        "--solver-max-iter", help="iterative solver: at most this many iterations per row")] = 100,
     batch_size: BatchSize = 1,
     checkpoint_every: CheckpointEvery = None,
     chunk_windows: ChunkWindows = None,
@@ -238,7 +248,8 @@ def prune(
             layer_sparsity=layer_sparsity, owl_lambda=owl_lambda, owl_m=owl_m, targets=targets, ignore=ignore,
             device=device, dtype=dtype, alpha=alpha,
             grad_norm=grad_norm, gradients=None if gradients is None else str(gradients), offload=offload,
-            percdamp=percdamp, blocksize=blocksize, batch_size=batch_size, checkpoint_every=checkpoint_every,
+            percdamp=percdamp, blocksize=blocksize, solver=solver, solver_tol=solver_tol,
+            solver_max_iter=solver_max_iter, batch_size=batch_size, checkpoint_every=checkpoint_every,
             chunk_windows=chunk_windows, store_dtype=store_dtype,
             grad_dtype=grad_dtype, head_chunk=head_chunk, prefetch=prefetch, overwrite=overwrite,
             progress=not quiet, plan_check=plan_check, cpu_memory=cpu_memory, gpu_memory=gpu_memory,

@@ -73,6 +73,17 @@ class Update(Choice):
     LSQ = "lsq"
 
 
+class Solver(Choice):
+    """How --update lsq solves for the kept weights (methods.update): auto, direct (float64 per row), iterative."""
+
+    AUTO = "auto"
+    DIRECT = "direct"
+    ITERATIVE = "iterative"
+
+
+SOLVED_UPDATES = frozenset({"lsq"})  # the updates that run a solver (--solver applies to them)
+_SOLVER_OPTIONS = ("solver", "solver_tol", "solver_max_iter")
+
 MethodName = _choices("MethodName", sorted(registered()))
 
 ALPHA_MAX = 3.4028234663852886e38  # float32's largest value: --alpha multiplies float32 scores, beyond it is inf
@@ -87,7 +98,7 @@ _FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chu
 _VISION_CALIB = ("images", "labels_file", "pixels_file")  # fingerprinted only when set (older runs resume)
 _CHOICES = {"dtype": Dtype, "store_dtype": StoreDtype, "grad_dtype": GradDtype, "offload": Offload,
             "grad_norm": GradNorm, "magnitude_scope": MagnitudeScope, "method": MethodName, "update": Update,
-            "layer_sparsity": LayerSparsity}
+            "layer_sparsity": LayerSparsity, "solver": Solver}
 
 
 def _coerce(cfg, name: str) -> None:
@@ -214,6 +225,9 @@ class PruneConfig(RunConfig):
     gradients: str | None = None  # GBLM: a finished gradient folder to reuse
     percdamp: float = 0.01
     blocksize: int = 128
+    solver: Solver = Solver.AUTO  # --update lsq: direct, iterative, or auto (methods.update.resolve_solver)
+    solver_tol: float = 1e-2  # iterative: each row stops at this relative residual
+    solver_max_iter: int = 100  # iterative: at most this many iterations per row
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -242,6 +256,10 @@ class PruneConfig(RunConfig):
             raise UsageError(f"--percdamp must be in [0, 10], got {self.percdamp}")
         if self.blocksize < 1:
             raise UsageError(f"--blocksize must be >= 1, got {self.blocksize}")
+        if not 0.0 < self.solver_tol < 1.0:
+            raise UsageError(f"--solver-tol must be in (0, 1), got {self.solver_tol}")
+        if self.solver_max_iter < 1:
+            raise UsageError(f"--solver-max-iter must be >= 1, got {self.solver_max_iter}")
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -266,7 +284,8 @@ class PruneConfig(RunConfig):
 
     def method_options(self) -> MethodOptions:
         return MethodOptions(magnitude_scope=str(self.magnitude_scope), alpha=self.alpha, percdamp=self.percdamp,
-                             blocksize=self.blocksize)
+                             blocksize=self.blocksize, solver=str(self.solver), solver_tol=self.solver_tol,
+                             solver_max_iter=self.solver_max_iter)
 
     def fingerprint_dict(self) -> dict:
         """The options that decide the output bytes. model_dir is a path: the model itself is
@@ -274,6 +293,9 @@ class PruneConfig(RunConfig):
         data = {k: v for k, v in self.to_dict().items()
                 if k not in _NOT_FINGERPRINTED and _FINGERPRINT_IF_NOT.get(k, object()) != v}
         data["calib"] = {k: v for k, v in data["calib"].items() if k not in _VISION_CALIB or v is not None}
+        if str(self.update) not in SOLVED_UPDATES or str(self.solver) == "direct":  # runs before --solver resume
+            for k in _SOLVER_OPTIONS:
+                data.pop(k, None)
         data["model_dir"] = str(Path(self.model_dir).resolve())
         data["pattern"] = str(self.parsed_pattern)
         data["sparsity"] = self.parsed_pattern.sparsity

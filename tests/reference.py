@@ -54,7 +54,8 @@ def keep_from_score(score: torch.Tensor, pattern: str, sparsity: float | None) -
 @torch.no_grad()
 def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "unstructured",
                    sparsity: float | None = 0.5, grads: dict | None = None, alpha: float = 0.0,
-                   blocksize: int = 128, percdamp: float = 0.01, update: str = "none", prunes=None):
+                   blocksize: int = 128, percdamp: float = 0.01, update: str = "none", prunes=None,
+                   solver: str = "auto", solver_tol: float = 1e-2):
     """Prune the whole in-memory model: for each block, collect sum x^2 per linear input with hooks while
     the full model runs every window (earlier blocks already pruned), score, mask, go on. ``prunes``: which
     linears (by full module name) are pruned; None: all."""
@@ -107,11 +108,16 @@ def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "un
                     score = score + alpha * (w.abs() * grads[f"model.layers.{i}.{n}.weight"])
             keep = keep_from_score(score, pattern, sparsity)
             if update != "none":  # the kept weights rewritten for this mask (the package's update math, tested alone)
-                from lowmem_gblm.methods.update import lsq_update, obs_update
+                from lowmem_gblm.methods.solve import factor_hessian, solve_kept
+                from lowmem_gblm.methods.update import lsq_update, obs_update, resolve_solver
 
                 hessian = xtx[n] * (2.0 / ids.shape[0])
-                new = (obs_update(w, hessian, keep, blocksize, percdamp) if update == "obs"
-                       else lsq_update(w, hessian, keep, percdamp))
+                if update == "obs":
+                    new = obs_update(w, hessian, keep, blocksize, percdamp)
+                elif resolve_solver(solver, w.shape[1]) == "direct":
+                    new = lsq_update(w, hessian, keep, percdamp)
+                else:
+                    new = solve_kept(w, factor_hessian(hessian, percdamp), keep, solver_tol).weight
                 w.copy_(new)
             w.masked_fill_(~keep, 0)
     return model

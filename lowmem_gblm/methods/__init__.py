@@ -23,6 +23,28 @@ class MethodOptions:
     alpha: float = 100.0  # GBLM: weight of the gradient term
     percdamp: float = 0.01  # SparseGPT: Hessian dampening, a fraction of mean(diag H)
     blocksize: int = 128  # SparseGPT: columns per lazy-update block
+    solver: str = "auto"  # --update lsq: "direct" (float64 per row), "iterative" (methods.solve) or "auto"
+    solver_tol: float = 1e-2  # iterative: each row stops at this relative residual (methods.solve)
+    solver_max_iter: int = 100  # iterative: at most this many iterations per row
+
+
+class SharedFactors:
+    """The factorization of the last Hessian a method asked for, kept for the next linears that read the same input
+    (q/k/v, gate/up: they share one Hessian and come one after another in a block). One slot: another Hessian (or
+    another kind of factorization) replaces it, so at most one is held."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._hessian: torch.Tensor | None = None  # held: its id cannot be reused while the slot is filled
+        self._value = None
+
+    def get(self, hessian: torch.Tensor, kind: tuple, build: Callable[[], object]):
+        """``build()`` once per (Hessian tensor, kind); the held value while the same ones are asked for."""
+        if self._hessian is not hessian or self._key != kind:
+            self._key = self._hessian = self._value = None  # free the old one before building the new
+            value = build()
+            self._key, self._hessian, self._value = kind, hessian, value
+        return self._value
 
 
 @dataclass
@@ -34,9 +56,10 @@ class LinearJob:
     stats: dict[str, torch.Tensor]  # statistic name -> finished value (e.g. scaler_row [in]), "gradient" -> G
     pattern: Pattern
     options: MethodOptions
-    # what the method reports about its choice, 0-dim tensors (GBLM: gradient_share, flipped_vs_wanda); the
-    # caller turns them into numbers for prune_report.json
-    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    # what the method reports about its choice, numbers or 0-dim tensors (GBLM: gradient_share, flipped_vs_wanda;
+    # lsq: the solver's iterations and residual), or strings; the caller turns them into prune_report.json values
+    diagnostics: dict[str, torch.Tensor | float | str] = field(default_factory=dict)
+    factors: SharedFactors | None = None  # the block's factorization cache (None: every linear factors its own)
 
 
 @dataclass(frozen=True)

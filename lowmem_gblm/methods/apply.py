@@ -18,7 +18,7 @@ from torch import nn
 from lowmem_gblm.errors import UsageError
 from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.mask import Pattern
-from lowmem_gblm.methods import LinearJob, Method, MethodOptions, get_method
+from lowmem_gblm.methods import LinearJob, Method, MethodOptions, SharedFactors, get_method
 from lowmem_gblm.stream.stats import ROUTED
 
 MAGNITUDE = get_method("magnitude")  # for an expert no calibration token reached
@@ -69,6 +69,7 @@ class BlockPruner:
         flipped_vs_wanda)."""
         modules = dict(block.named_modules())
         fallback = []
+        factors = SharedFactors()  # linears reading the same input share their Hessian's factorization
         for name in linear_names(block) if names is None else names:
             full = f"{prefix}{name}.weight"
             weight = modules[name].weight.data if weights is None else weights[name]
@@ -83,12 +84,13 @@ class BlockPruner:
                 finished["gradient"] = gradients[full].to(self.device)
             for statistic, value in finished.items():
                 _require_finite(value, f"{full}: its {statistic} statistic", self.dtype)
-            job = LinearJob(full, weight, finished, self.pattern, self.options)
+            job = LinearJob(full, weight, finished, self.pattern, self.options, factors=factors)
             stored[full] = prune_linear(job, method, stored[full], self.device, self.dtype)
             if method.updates_weights:
                 _require_finite(stored[full], f"{full}: the updated weight", self.dtype)
             if diagnostics is not None and job.diagnostics:
-                diagnostics[full] = {k: float(v) for k, v in sorted(job.diagnostics.items())}
+                diagnostics[full] = {k: v if isinstance(v, str) else float(v)
+                                     for k, v in sorted(job.diagnostics.items())}
             del finished, job
         return fallback
 

@@ -9,30 +9,52 @@ H = (2/N) sum_n X_n^T X_n is SparseGPT's Hessian (same accumulation, same dampin
 * ``obs``:  SparseGPT's OBS sweep (Frantar & Alistarh 2023) for the fixed mask: columns left to right in
   blocks, each pruned weight's error spread over the later columns of its row, lazy block updates.
 * ``lsq``:  the exact least-squares solution per row. Row r keeps the columns S; minimising
-  (w - v)^T H (w - v) over v with v = 0 off S gives H[S, S] v[S] = (H w)[S]. Solved in float64 with a
-  Cholesky factor, rows with the same number of kept columns batched (a few hundred MiB of systems
-  per call). Cost per row ~k^3/3 for k kept columns: exact and fine up to a few thousand columns; for
-  LLaMA-7B-sized linears (k ~ 5.5k) an iterative solver (ADMM, Boza 2024) would be the faster route.
+  (w - v)^T H (w - v) over v with v = 0 off S gives H[S, S] v[S] = (H w)[S]. Two solvers (``--solver``):
+
+  - ``direct``: float64, a Cholesky factor per row, rows with the same number of kept columns batched (a few
+    hundred MiB of systems per call). Cost per row ~k^3/3 for k kept columns: exact, the reference the tests
+    compare against, and hours per block at LLaMA-13B shapes.
+  - ``iterative`` (``methods.solve``): every row at once in fp32, conjugate gradients on the pruned weights'
+    multipliers with G = H^-1 shared by the linears that read the same input; about ten [out, in] x [in, in]
+    products per linear, each row stopping at ``--solver-tol``.
+  - ``auto`` (the default): iterative, but direct on linears narrower than AUTO_MIN_COLUMNS, where the
+    per-row systems are small enough that the direct solve is as fast (benchmarks/lsq_solvers.py).
 
 Both see H damped as SparseGPT damps it: dead inputs (H_ii = 0) get H_ii = 1 and a zero weight, then
-``percdamp * mean(diag H)`` on the diagonal.
+``percdamp * mean(diag H)`` on the diagonal; a damped H that is still not positive definite is retried with ten
+times the damping (logged, and reported per linear as ``percdamp_used``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from lowmem_gblm.errors import UsageError
 from lowmem_gblm.mask import Pattern
-from lowmem_gblm.methods import LinearJob, Method, MethodOptions
+from lowmem_gblm.methods import LinearJob, Method
+from lowmem_gblm.methods.solve import DAMP_GROWTH, DAMP_MAX, factor_hessian, solve_kept
 from lowmem_gblm.methods.sparsegpt import WEIGHT_DTYPE, _prepare_hessian, sparsegpt_prune
+
+log = logging.getLogger(__name__)
 
 LSQ_DTYPE = torch.float64  # the normal equations of a row: float64 (the Gram matrix of long inputs is ill-conditioned)
 LSQ_CALL_BYTES = 256 * 2**20  # rows per batched solve: at most this many bytes of [rows, k, k] systems
 
 UPDATES = ("none", "obs", "lsq")
+SOLVERS = ("auto", "direct", "iterative")
+AUTO_MIN_COLUMNS = 64  # --solver auto: the direct solve below this many input columns (benchmarks/lsq_solvers.py)
+
+
+def resolve_solver(solver: str, in_features: int) -> str:
+    """``--solver`` for a linear with ``in_features`` columns: auto -> iterative, or direct on narrow linears."""
+    if solver not in SOLVERS:
+        raise UsageError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if solver != "auto":
+        return solver
+    return "direct" if in_features < AUTO_MIN_COLUMNS else "iterative"
 
 
 def obs_update(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, blocksize: int,
@@ -61,10 +83,61 @@ def lsq_update(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, 
             b = target[r.unsqueeze(1), cols].unsqueeze(2)  # [R, k, 1] = (H w_r)[S_r]
             low, info = torch.linalg.cholesky_ex(a)
             if bool((info != 0).any()):
-                raise UsageError(f"lsq: the damped Hessian restricted to a row's kept columns is not positive "
-                                 f"definite; increase --percdamp (now {percdamp:g})")
+                raise NotPositiveDefinite(f"lsq: the damped Hessian restricted to a row's kept columns is not "
+                                          f"positive definite; increase --percdamp (now {percdamp:g})")
             out[r.unsqueeze(1), cols] = torch.cholesky_solve(b, low).squeeze(2)
     return out.to(torch.float32)
+
+
+class NotPositiveDefinite(UsageError):
+    """The direct solve met a row system that is not positive definite (lsq_direct retries with more damping)."""
+
+
+def lsq_direct(job: LinearJob, dense: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``lsq_update`` with more damping while a row system is not positive definite; reports the solver, the damping
+    used and the reconstruction error in ``job.diagnostics``."""
+    percdamp = job.options.percdamp
+    while True:
+        try:
+            new = lsq_update(dense, job.stats["hessian"], keep, percdamp)
+            break
+        except NotPositiveDefinite:
+            if percdamp * DAMP_GROWTH > DAMP_MAX:
+                raise UsageError(f"{job.name}: the Hessian is not positive definite even with --percdamp "
+                                 f"{percdamp:g}") from None
+            percdamp = max(percdamp * DAMP_GROWTH, 1e-6)
+            log.warning("%s: a row system of the damped Hessian is not positive definite; retrying with percdamp %g",
+                        job.name, percdamp)
+    w, h = _prepare_hessian(dense, job.stats["hessian"], percdamp)
+    job.diagnostics.update({"solver": "direct", "percdamp_used": percdamp,
+                            "reconstruction_error": reconstruction_error(w, new, h)})
+    return new
+
+
+def lsq_iterative(job: LinearJob, dense: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``methods.solve.solve_kept`` with the factorization shared by the linears reading the same input (the block's
+    ``job.factors``); the solver's numbers go to ``job.diagnostics``."""
+    o, hessian = job.options, job.stats["hessian"]
+
+    def build():
+        return factor_hessian(hessian, o.percdamp, job.name)
+
+    factor = build() if job.factors is None else job.factors.get(hessian, ("lsq", o.percdamp), build)
+    result = solve_kept(dense, factor, keep, o.solver_tol, o.solver_max_iter)
+    if result.diagnostics.get("unconverged_rows"):
+        log.warning("%s: %d row(s) did not reach --solver-tol %g in %d iterations (largest residual %.3g)", job.name,
+                    int(result.diagnostics["unconverged_rows"]), o.solver_tol, o.solver_max_iter,
+                    result.diagnostics["residual"])
+    job.diagnostics.update({"solver": "iterative", "percdamp_used": factor.percdamp,
+                            "inverse_dtype": factor.inverse_dtype} | result.diagnostics)
+    return result.weight
+
+
+def lsq(job: LinearJob, dense: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The ``lsq`` update of one linear with the solver ``--solver`` resolves to for its width."""
+    if resolve_solver(job.options.solver, dense.shape[1]) == "direct":
+        return lsq_direct(job, dense, keep)
+    return lsq_iterative(job, dense, keep)
 
 
 def reconstruction_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -76,8 +149,7 @@ def reconstruction_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch
 def apply_update(update: str, job: LinearJob, dense: torch.Tensor, keep: torch.Tensor) -> None:
     """Rewrite ``job.weight`` (already masked by its method) with the ``update`` of its kept weights; ``dense`` is
     the weight before masking (fp32)."""
-    fn = _UPDATE_FNS[update]
-    new = fn(dense, job.stats["hessian"], keep, job.options)
+    new = _UPDATE_FNS[update](job, dense, keep)
     job.weight.copy_(new.to(job.weight.dtype))
 
 
@@ -114,7 +186,7 @@ def lsq_scratch_bytes(out_features: int, in_features: int) -> int:
     return o * i * 4 + i * i * 4 + i * i * f64 + 2 * o * i * f64 + 2 * LSQ_CALL_BYTES + o * i * 4
 
 
-_UPDATE_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, MethodOptions], torch.Tensor]] = {
-    "obs": lambda w, h, keep, o: obs_update(w, h, keep, o.blocksize, o.percdamp),
-    "lsq": lambda w, h, keep, o: lsq_update(w, h, keep, o.percdamp),
+_UPDATE_FNS: dict[str, Callable[[LinearJob, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "obs": lambda job, w, keep: obs_update(w, job.stats["hessian"], keep, job.options.blocksize, job.options.percdamp),
+    "lsq": lsq,
 }
