@@ -113,7 +113,9 @@ DiskSpace = Annotated[str | None, typer.Option(
     "--disk-space", help="disk budget, e.g. 500GB (default: free space where the output goes)")]
 UpdateOpt = Annotated[Update, typer.Option(
     "--update", help="magnitude/wanda/gblm: after the mask, none (the published methods), obs (SparseGPT's OBS "
-    "sweep for that mask) or lsq (exact least squares per row) update of the kept weights")]
+    "sweep for that mask), lsq (exact least squares per row) update of the kept weights, or gradual (the mask "
+    "chosen with the update: the sparsity grows in steps, each step scoring the refit weights with the method's "
+    "score and refitting exactly)")]
 SolverOpt = Annotated[Solver, typer.Option(
     "--solver", help="--update lsq: iterative (fp32 conjugate gradients, all rows at once; fast at every size), direct "
     "(float64 Cholesky per row; the reference, slow beyond ~2k columns) or auto (iterative but on narrow linears)")]
@@ -221,6 +223,9 @@ def prune(
         "exact solution, more iterations)")] = 1e-2,
     solver_max_iter: Annotated[int, typer.Option(
         "--solver-max-iter", help="iterative solver: at most this many iterations per row")] = 100,
+    gradual_steps: Annotated[int, typer.Option(
+        "--gradual-steps", help="--update gradual, unstructured: steps to the target sparsity (N:M: M-N steps, "
+        "one more pruned per group each)")] = 4,
     batch_size: BatchSize = 1,
     checkpoint_every: CheckpointEvery = None,
     chunk_windows: ChunkWindows = None,
@@ -249,8 +254,8 @@ def prune(
             device=device, dtype=dtype, alpha=alpha,
             grad_norm=grad_norm, gradients=None if gradients is None else str(gradients), offload=offload,
             percdamp=percdamp, blocksize=blocksize, solver=solver, solver_tol=solver_tol,
-            solver_max_iter=solver_max_iter, batch_size=batch_size, checkpoint_every=checkpoint_every,
-            chunk_windows=chunk_windows, store_dtype=store_dtype,
+            solver_max_iter=solver_max_iter, gradual_steps=gradual_steps, batch_size=batch_size,
+            checkpoint_every=checkpoint_every, chunk_windows=chunk_windows, store_dtype=store_dtype,
             grad_dtype=grad_dtype, head_chunk=head_chunk, prefetch=prefetch, overwrite=overwrite,
             progress=not quiet, plan_check=plan_check, cpu_memory=cpu_memory, gpu_memory=gpu_memory,
             disk_space=disk_space,

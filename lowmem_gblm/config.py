@@ -71,6 +71,7 @@ class Update(Choice):
     NONE = "none"
     OBS = "obs"
     LSQ = "lsq"
+    GRADUAL = "gradual"
 
 
 class Solver(Choice):
@@ -81,7 +82,7 @@ class Solver(Choice):
     ITERATIVE = "iterative"
 
 
-SOLVED_UPDATES = frozenset({"lsq"})  # the updates that run a solver (--solver applies to them)
+SOLVED_UPDATES = frozenset({"lsq", "gradual"})  # the updates that run a solver (--solver applies to them)
 _SOLVER_OPTIONS = ("solver", "solver_tol", "solver_max_iter")
 
 MethodName = _choices("MethodName", sorted(registered()))
@@ -94,7 +95,7 @@ _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "
 # Fingerprinted only when not at this default, so runs started before the option existed still resume.
 _FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chunk": None, "update": "none",
                        "layer_sparsity": "uniform", "owl_lambda": 0.08, "owl_m": 5.0, "targets": None,
-                       "ignore": None}
+                       "ignore": None, "gradual_steps": 4}
 _VISION_CALIB = ("images", "labels_file", "pixels_file")  # fingerprinted only when set (older runs resume)
 _CHOICES = {"dtype": Dtype, "store_dtype": StoreDtype, "grad_dtype": GradDtype, "offload": Offload,
             "grad_norm": GradNorm, "magnitude_scope": MagnitudeScope, "method": MethodName, "update": Update,
@@ -228,6 +229,7 @@ class PruneConfig(RunConfig):
     solver: Solver = Solver.AUTO  # --update lsq: direct, iterative, or auto (methods.update.resolve_solver)
     solver_tol: float = 1e-2  # iterative: each row stops at this relative residual
     solver_max_iter: int = 100  # iterative: at most this many iterations per row
+    gradual_steps: int = 4  # --update gradual, unstructured: steps to the target sparsity
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -260,6 +262,15 @@ class PruneConfig(RunConfig):
             raise UsageError(f"--solver-tol must be in (0, 1), got {self.solver_tol}")
         if self.solver_max_iter < 1:
             raise UsageError(f"--solver-max-iter must be >= 1, got {self.solver_max_iter}")
+        if not 1 <= self.gradual_steps <= 64:
+            raise UsageError(f"--gradual-steps must be in [1, 64], got {self.gradual_steps}")
+        if str(self.update) == "gradual":
+            if str(self.solver) == "direct":
+                raise UsageError("--update gradual refits the kept weights at every step with the iterative solver; "
+                                 "--solver direct applies to --update lsq: drop it (or use --solver iterative)")
+            if str(self.magnitude_scope) == "matrix":
+                raise UsageError("--update gradual keeps the same count in every output row; --magnitude-scope "
+                                 "matrix compares over the whole matrix: use --magnitude-scope row with it")
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -285,7 +296,7 @@ class PruneConfig(RunConfig):
     def method_options(self) -> MethodOptions:
         return MethodOptions(magnitude_scope=str(self.magnitude_scope), alpha=self.alpha, percdamp=self.percdamp,
                              blocksize=self.blocksize, solver=str(self.solver), solver_tol=self.solver_tol,
-                             solver_max_iter=self.solver_max_iter)
+                             solver_max_iter=self.solver_max_iter, gradual_steps=self.gradual_steps)
 
     def fingerprint_dict(self) -> dict:
         """The options that decide the output bytes. model_dir is a path: the model itself is

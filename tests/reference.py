@@ -107,6 +107,17 @@ def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "un
                 if method == "gblm":
                     score = score + alpha * (w.abs() * grads[f"model.layers.{i}.{n}.weight"])
             keep = keep_from_score(score, pattern, sparsity)
+            if update == "gradual":  # chooses its own mask: the package's function on the in-memory statistics
+                from lowmem_gblm.mask import Pattern
+                from lowmem_gblm.methods import LinearJob, MethodOptions, get_method
+
+                stats = {"scaler_row": sums[n] / ids.shape[0], "hessian": xtx[n] * (2.0 / ids.shape[0])}
+                if method == "gblm":
+                    stats["gradient"] = grads[f"model.layers.{i}.{n}.weight"]
+                job = LinearJob(n, w, stats, Pattern.parse(pattern, sparsity),
+                                MethodOptions(alpha=alpha, percdamp=percdamp, solver_tol=solver_tol))
+                get_method(f"{method}+gradual").prune(job)
+                continue
             if update != "none":  # the kept weights rewritten for this mask (the package's update math, tested alone)
                 from lowmem_gblm.methods.solve import factor_hessian, solve_kept
                 from lowmem_gblm.methods.update import lsq_update, obs_update, resolve_solver

@@ -26,6 +26,7 @@ class MethodOptions:
     solver: str = "auto"  # --update lsq: "direct" (float64 per row), "iterative" (methods.solve) or "auto"
     solver_tol: float = 1e-2  # iterative: each row stops at this relative residual (methods.solve)
     solver_max_iter: int = 100  # iterative: at most this many iterations per row
+    gradual_steps: int = 4  # --update gradual, unstructured: steps to the target sparsity (methods.update)
 
 
 class SharedFactors:
@@ -72,6 +73,9 @@ class Method:
     solve: str | None = None  # the weight solve it runs per linear ("obs", "lsq"): counted by memory.work
     scratch_bytes: Callable[[int, int], int] | None = None  # its peak on one [out, in] linear, when the planner's
     # fake tensors cannot run it (data-dependent shapes); None: a generic estimate
+    # score methods: the score of given weights [out, in] with the job's statistics (higher = keep), what the mask is
+    # chosen from; ``--update gradual`` scores the refit weights with it at every step
+    score: Callable[[LinearJob, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def needs_gradients(self) -> bool:

@@ -8,7 +8,7 @@ from lowmem_gblm.errors import UsageError
 from lowmem_gblm.mask import flip_fraction, select_keep
 from lowmem_gblm.methods import LinearJob, Method, register
 from lowmem_gblm.runtime import concrete
-from lowmem_gblm.score import gradient_term, magnitude_score, term_share, wanda_score
+from lowmem_gblm.score import gblm_score, gradient_term, magnitude_score, term_share, wanda_score
 
 
 def _apply(job: LinearJob, score: torch.Tensor, scope: str = "row") -> torch.Tensor:
@@ -42,7 +42,13 @@ def _gblm(job: LinearJob) -> torch.Tensor:
     return keep
 
 
-register(Method("magnitude", frozenset(), _magnitude, "|W| per output row (or per matrix)"))
-register(Method("wanda", frozenset({"scaler_row"}), _wanda, "|W| * sqrt(mean sum x^2) per output row"))
+def _gblm_score(job: LinearJob, weight: torch.Tensor) -> torch.Tensor:
+    return gblm_score(weight, job.stats["scaler_row"], job.stats["gradient"], job.options.alpha)
+
+
+register(Method("magnitude", frozenset(), _magnitude, "|W| per output row (or per matrix)",
+                score=lambda job, w: magnitude_score(w)))
+register(Method("wanda", frozenset({"scaler_row"}), _wanda, "|W| * sqrt(mean sum x^2) per output row",
+                score=lambda job, w: wanda_score(w, job.stats["scaler_row"])))
 register(Method("gblm", frozenset({"scaler_row", "gradient"}), _gblm,
-                "Wanda + alpha * |W| * G, G the l1/l2 norm of per-sample full-model gradients"))
+                "Wanda + alpha * |W| * G, G the l1/l2 norm of per-sample full-model gradients", score=_gblm_score))

@@ -141,11 +141,23 @@ def solve_kept(weight: torch.Tensor, factor: Factor, keep: torch.Tensor, tol: fl
 
     weight [out, in] (any float dtype), keep [out, in] bool -> SolveResult (weight [out, in] fp32, 0 off keep and on
     dead inputs). Each row iterates until its relative residual is <= tol, at most max_iter times."""
+    w = scaled(weight, factor)
+    keep = keep & ~factor.dead
+    return finish(w, factor, keep, *multipliers_cg(w, factor.inverse, keep, tol, max_iter), tol)
+
+
+def scaled(weight: torch.Tensor, factor: Factor) -> torch.Tensor:
+    """The weight [out, in] as the solver sees it: an fp32 copy, 0 on dead inputs, times ``factor.scale`` (the
+    problem in the unit-diagonal coordinates of ``factor.hessian``)."""
     w = weight.to(dtype=SOLVE_DTYPE, copy=True)
     w[:, factor.dead] = 0.0
-    w.mul_(factor.scale)  # scaled: the problem in unit-diagonal coordinates
-    keep = keep & ~factor.dead
-    full, iters, rel = multipliers_cg(w, factor.inverse, keep, tol, max_iter)
+    return w.mul_(factor.scale)
+
+
+def finish(w: torch.Tensor, factor: Factor, keep: torch.Tensor, full: torch.Tensor, iters: torch.Tensor,
+           rel: torch.Tensor, tol: float) -> SolveResult:
+    """``multipliers_cg``'s result -> the kept weights in the caller's coordinates and the numbers of the solve
+    (``w``: the scaled weight it solved for; ``full`` is consumed)."""
     v = full.masked_fill_(~keep, 0.0)  # [out, in]
     del full
     if not concrete(v):  # the planner's fake tensors: the final product, no numbers
@@ -161,20 +173,22 @@ def solve_kept(weight: torch.Tensor, factor: Factor, keep: torch.Tensor, tol: fl
     return SolveResult(v, diagnostics)
 
 
-def multipliers_cg(w: torch.Tensor, inverse: torch.Tensor, keep: torch.Tensor, tol: float,
-                   max_iter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def multipliers_cg(w: torch.Tensor, inverse: torch.Tensor, keep: torch.Tensor, tol: float, max_iter: int,
+                   start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Conjugate gradients on G[P, P] lambda = w[P] for every row (P: the row's pruned columns), Jacobi-preconditioned.
 
-    w [out, in] (scaled), inverse G [in, in], keep [out, in] bool. Returns (w - lambda G [out, in]: the solution on
-    the kept columns, the residual on the pruned ones; iterations per row [out] int; relative residual per row [out]).
-    Rows stop on their own: once converged they leave the products (the active rows are gathered)."""
+    w [out, in] (scaled), inverse G [in, in], keep [out, in] bool. ``start``: w - lambda0 G for multipliers lambda0
+    that are 0 off this P (a previous solve with fewer pruned columns; consumed), else lambda0 = 0. Returns
+    (w - lambda G [out, in]: the solution on the kept columns, the residual on the pruned ones; iterations per row
+    [out] int; relative residual per row [out], relative to w[P]). Rows stop on their own: once converged they leave
+    the products (the active rows are gathered)."""
     pruned = (~keep).to(w.dtype)  # [out, in] 1 where pruned
     g = inverse.diagonal().clamp_min(torch.finfo(w.dtype).tiny)  # [in] Jacobi preconditioner diag(G)
-    full = w.clone()  # w - lambda G, lambda = 0
+    full = w.clone() if start is None else start  # w - lambda G
     z = full * pruned / g  # preconditioned residual
     p = z.clone()
     rz = (full * pruned * z).sum(dim=1)  # [out]
-    rz0 = rz.clone()
+    rz0 = (w * pruned * (w * pruned / g)).sum(dim=1) if start is not None else rz.clone()
     iters = torch.zeros(w.shape[0], dtype=torch.int64, device=w.device)
     target = (tol * tol) * rz0
     fake = not concrete(w)  # the planner's fake tensors: one iteration over every row (the peak), no stopping test

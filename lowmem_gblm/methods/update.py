@@ -33,17 +33,20 @@ from collections.abc import Callable
 import torch
 
 from lowmem_gblm.errors import UsageError
-from lowmem_gblm.mask import Pattern
-from lowmem_gblm.methods import LinearJob, Method
+from lowmem_gblm.mask import Pattern, flip_fraction, select_keep
+from lowmem_gblm.methods import LinearJob, Method, solve
 from lowmem_gblm.methods.solve import DAMP_GROWTH, DAMP_MAX, factor_hessian, solve_kept
 from lowmem_gblm.methods.sparsegpt import WEIGHT_DTYPE, _prepare_hessian, sparsegpt_prune
+from lowmem_gblm.runtime import concrete
 
 log = logging.getLogger(__name__)
 
 LSQ_DTYPE = torch.float64  # the normal equations of a row: float64 (the Gram matrix of long inputs is ill-conditioned)
 LSQ_CALL_BYTES = 256 * 2**20  # rows per batched solve: at most this many bytes of [rows, k, k] systems
 
-UPDATES = ("none", "obs", "lsq")
+UPDATES = ("none", "obs", "lsq", "gradual")
+GRADUAL_STEPS = 4  # --update gradual (unstructured): the sparsity reaches its target in this many steps
+GRADUAL_COARSE_TOL = 3e-2  # ... each but the last solved to this tolerance (their solutions are warm starts)
 SOLVERS = ("auto", "direct", "iterative")
 AUTO_MIN_COLUMNS = 64  # --solver auto: the direct solve below this many input columns (benchmarks/lsq_solvers.py)
 
@@ -117,12 +120,8 @@ def lsq_direct(job: LinearJob, dense: torch.Tensor, keep: torch.Tensor) -> torch
 def lsq_iterative(job: LinearJob, dense: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``methods.solve.solve_kept`` with the factorization shared by the linears reading the same input (the block's
     ``job.factors``); the solver's numbers go to ``job.diagnostics``."""
-    o, hessian = job.options, job.stats["hessian"]
-
-    def build():
-        return factor_hessian(hessian, o.percdamp, job.name)
-
-    factor = build() if job.factors is None else job.factors.get(hessian, ("lsq", o.percdamp), build)
+    o = job.options
+    factor = _factor(job)
     result = solve_kept(dense, factor, keep, o.solver_tol, o.solver_max_iter)
     if result.diagnostics.get("unconverged_rows"):
         log.warning("%s: %d row(s) did not reach --solver-tol %g in %d iterations (largest residual %.3g)", job.name,
@@ -140,17 +139,79 @@ def lsq(job: LinearJob, dense: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
     return lsq_iterative(job, dense, keep)
 
 
+def gradual_schedule(pattern: Pattern, steps: int) -> list[Pattern]:
+    """The patterns ``--update gradual`` prunes to, one per step, the last = ``pattern``. Unstructured: the sparsity
+    follows the cubic schedule s * (1 - (1 - t / steps)^3), t = 1..steps (Zhu & Gupta 2017's, as Boza 2024's
+    gradual ADMM); N:M: one more weight pruned in every group per step ((M-1):M, (M-2):M, ..., N:M), ``steps``
+    ignored."""
+    if pattern.kind == "nm":
+        return [Pattern.parse(f"{pattern.m - j}:{pattern.m}", None) for j in range(1, pattern.m - pattern.n + 1)]
+    out = []
+    for t in range(1, steps + 1):
+        sparsity = pattern.sparsity * (1.0 - (1.0 - t / steps) ** 3)
+        out.append(Pattern.parse("unstructured", sparsity) if t < steps else pattern)
+    return out
+
+
+def gradual(job: LinearJob, dense: torch.Tensor, base: Method) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks chosen with the update: the sparsity grows step by step (``gradual_schedule``); at each step the base
+    method's own score (magnitude, Wanda, GBLM with its gradient term) of the weights as refit so far picks the
+    next weights to prune among those still kept, and the kept weights are refit exactly (the iterative solver, warm
+    started from the previous step's multipliers). Every step keeps exactly the pattern's count per row (N:M: per
+    group), the weights pruned once stay pruned. Returns (weight [out, in] fp32, keep)."""
+    o, hessian = job.options, job.stats["hessian"]
+    factor = _factor(job)
+    w = solve.scaled(dense, factor)  # [out, in] in unit-diagonal coordinates
+    keep = torch.ones_like(dense, dtype=torch.bool)
+    full, total = None, 0
+    schedule = gradual_schedule(job.pattern, o.gradual_steps)
+    for t, pattern in enumerate(schedule):
+        current = w if full is None else (full * keep)  # the refit weights (scaled), 0 where pruned
+        score = base.score(job, current / factor.scale)  # [out, in] fp32, higher = keep
+        keep = select_keep(score.masked_fill_(~keep, -torch.inf), pattern)  # per row (config refuses matrix scope)
+        del score, current
+        last = t == len(schedule) - 1
+        tol = o.solver_tol if last else max(o.solver_tol, GRADUAL_COARSE_TOL)
+        full, iters, rel = solve.multipliers_cg(w, factor.inverse, keep & ~factor.dead, tol, o.solver_max_iter,
+                                                start=full)
+        if concrete(w):
+            total += int(iters.max())
+    result = solve.finish(w, factor, keep & ~factor.dead, full, iters, rel, o.solver_tol)
+    job.diagnostics.update({"solver": "iterative", "percdamp_used": factor.percdamp,
+                            "inverse_dtype": factor.inverse_dtype, "gradual_steps": float(len(schedule)),
+                            "iterations_all_steps": float(total)} | result.diagnostics)
+    del hessian
+    return result.weight, keep
+
+
+def _factor(job: LinearJob) -> solve.Factor:
+    """The job's Hessian factored (damped, scaled, inverted), shared by the linears reading the same input."""
+    hessian, percdamp = job.stats["hessian"], job.options.percdamp
+
+    def build():
+        return factor_hessian(hessian, percdamp, job.name)
+
+    return build() if job.factors is None else job.factors.get(hessian, ("lsq", percdamp), build)
+
+
 def reconstruction_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:
     """sum_r (w_r - v_r)^T H (w_r - v_r) in float64: ||(W - V) X||^2 up to H's scale."""
     d = (weight.to(LSQ_DTYPE) - new.to(LSQ_DTYPE))
     return float((d @ hessian.to(LSQ_DTYPE) * d).sum())
 
 
-def apply_update(update: str, job: LinearJob, dense: torch.Tensor, keep: torch.Tensor) -> None:
+def apply_update(update: str, job: LinearJob, dense: torch.Tensor, keep: torch.Tensor, base: Method) -> torch.Tensor:
     """Rewrite ``job.weight`` (already masked by its method) with the ``update`` of its kept weights; ``dense`` is
-    the weight before masking (fp32)."""
-    new = _UPDATE_FNS[update](job, dense, keep)
+    the weight before masking (fp32), ``keep`` the base method's mask. Returns the mask written (``gradual``
+    chooses its own)."""
+    if update == "gradual":
+        new, chosen = gradual(job, dense, base)
+        job.diagnostics["flipped_vs_base"] = flip_fraction(chosen, keep)
+        keep = chosen
+    else:
+        new = _UPDATE_FNS[update](job, dense, keep)
     job.weight.copy_(new.to(job.weight.dtype))
+    return keep
 
 
 def _any_pattern() -> Pattern:
@@ -164,15 +225,14 @@ def with_update(base: Method, update: str) -> Method:
         return base
     if update not in _UPDATE_FNS:
         raise UsageError(f"unknown --update {update!r}; choose one of: {', '.join(UPDATES)}")
-    if base.updates_weights:
+    if base.updates_weights or (update == "gradual" and base.score is None):
         raise UsageError(f"--update {update}: {base.name} updates its surviving weights itself; --update applies to "
                          "the score methods (magnitude, wanda, gblm)")
 
     def prune(job: LinearJob) -> torch.Tensor:
         dense = job.weight.to(WEIGHT_DTYPE, copy=True)  # before the method masks it
         keep = base.prune(job)
-        apply_update(update, job, dense, keep)
-        return keep
+        return apply_update(update, job, dense, keep, base)
 
     return Method(f"{base.name}+{update}", base.needs | {"hessian"}, prune,
                   f"{base.summary}; kept weights then updated by {update}", updates_weights=True, solve=update,
@@ -186,7 +246,8 @@ def lsq_scratch_bytes(out_features: int, in_features: int) -> int:
     return o * i * 4 + i * i * 4 + i * i * f64 + 2 * o * i * f64 + 2 * LSQ_CALL_BYTES + o * i * 4
 
 
-_UPDATE_FNS: dict[str, Callable[[LinearJob, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+_UPDATE_FNS: dict[str, Callable[[LinearJob, torch.Tensor, torch.Tensor], torch.Tensor] | None] = {
     "obs": lambda job, w, keep: obs_update(w, job.stats["hessian"], keep, job.options.blocksize, job.options.percdamp),
     "lsq": lsq,
+    "gradual": None,  # chooses its own mask: apply_update calls gradual()
 }
