@@ -171,7 +171,13 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--methods", nargs="+", default=[m for m, _ in METHODS])
     p.add_argument("--patterns", nargs="+", default=["50%", "4:8", "2:4"], help="of: 50%%, 60%%, 70%%, 4:8, 2:4")
-    p.add_argument("--updates", nargs="+", default=["none"], help="--update values for the score methods: none obs lsq")
+    p.add_argument("--updates", nargs="+", default=["none"],
+                   help="--update values for the score methods: none obs lsq gradual")
+    p.add_argument("--solvers", nargs="+", default=["direct"],
+                   help="--solver values for --update lsq: direct (rows named X+lsq, as before --solver existed), "
+                   "iterative (X+lsq:it), auto (X+lsq:auto); gradual always runs the iterative solver")
+    p.add_argument("--solver-tol", type=float, default=1e-2,
+                   help="--solver-tol of the iterative solver (rows named ...@tol<value> when not 1e-2)")
     p.add_argument("--layer-sparsities", nargs="+", default=["uniform"],
                    help="uniform and/or owl (owl: score methods, unstructured patterns only)")
     p.add_argument("--owl-lambda", type=float, default=0.08)
@@ -242,14 +248,24 @@ def main() -> None:
         for method, extra in METHODS:
             if method not in a.methods or (not primary and not a.all_seeds and method not in ("wanda", "gblm-l1")):
                 continue
-            for (options, short), update, layers in itertools.product(PATTERNS, a.updates, a.layer_sparsities):
+            for (options, short), update, layers, solver in itertools.product(PATTERNS, a.updates,
+                                                                               a.layer_sparsities, a.solvers):
                 if short not in a.patterns or (not primary and not a.all_seeds and short != "50%"):
                     continue
                 if (update != "none" or layers != "uniform") and method not in SCORE_METHODS:
                     continue
                 if layers == "owl" and options["pattern"] != "unstructured":
                     continue
+                if update != "lsq" and solver != a.solvers[0]:
+                    continue  # --solver applies to lsq only: one row of the others
                 name = method if update == "none" else f"{method}+{update}"
+                if update == "lsq" and solver != "direct":
+                    name += ":it" if solver == "iterative" else f":{solver}"
+                if update in ("gradual", "lsq") and (update == "gradual" or solver != "direct"):
+                    options = options | {"solver": "auto" if update == "gradual" else solver,
+                                         "solver_tol": a.solver_tol}
+                    if a.solver_tol != 1e-2:
+                        name += f"@tol{a.solver_tol:g}"
                 if a.rows and name not in a.rows:
                     continue
                 if layers == "owl":

@@ -11,7 +11,8 @@
 # llama13b_24gib.txt (the table), prune_report.json, env.json, sparse_2of4.json, checkpoint.json, run.log.
 #
 # Steps, each under its own timeout, all inside LLAMA13B_BUDGET_S (default 530 s):
-#   env 60 s | sparse 120 s | ckpt 240 s | prune: the time left minus 40 s | report 60 s
+#   env 60 s | lsq 100 s (lsq_solvers.json / .txt) | sparse 120 s | ckpt 240 s | prune: the time left minus 40 s |
+#   report 60 s
 # The prune step picks N (32, 16, 8 or 4 windows) from a timing probe of block 0 and the write rate
 # measured on the run's folder, so that its estimate x1.5 fits the time left; a prune stopped by its
 # timeout still leaves the per-block and per-phase numbers it recorded. The scratch folders (checkpoint
@@ -81,6 +82,15 @@ step() {  # step NAME TIMEOUT [ARGS...]
   df -h /tmp /dev/shm "$(dirname "$WORK")" 2>/dev/null | sort -u
   free -g 2>/dev/null | head -2
   step env 60
+  # the exact update's solvers at the block's linear shapes (benchmarks/lsq_solvers.py): SparseGPT, the iterative
+  # lsq solver and the direct one (4 rows, scaled), per linear, on the device
+  LSQ_DEV=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+  [ "$SHAPE" = tiny ] && LSQ_SHAPES="--shapes 256x256 688x256 256x688 --tokens 2048" || LSQ_SHAPES=""
+  echo "== lsq: timeout 100 s on $LSQ_DEV, $(left) s of the budget left"
+  # shellcheck disable=SC2086
+  timeout -k 10 100 "$PY" benchmarks/lsq_solvers.py --device "$LSQ_DEV" $LSQ_SHAPES --direct-rows 4 \
+    --out "$OUT/lsq_solvers.json" > "$OUT/lsq_solvers.txt" 2>&1
+  echo "== lsq: exit $? at $(( $(date +%s) - START )) s"
   step sparse 120
   if step ckpt 240 ${LLAMA13B_MODEL_IN_RAM:+--model-in-ram}; then
     T=$(( $(left) - 40 ))
