@@ -293,12 +293,20 @@ class _PruneSweep:
         run, method = self.run, self.method
         names = self.selected[i]
         wanted = statistics_needed(method, STATISTICS)
-        with collect_inputs(block, names, wanted, run.model.expert_units) as stats:
+        # linears reading the same input (q/k/v, gate/up) share one set of statistics, made at their first call
+        with collect_inputs(block, names, wanted, run.model.expert_units, share=True) as stats:
             if wanted:  # the dense outputs go to dst: the output error reads them back (stream.compare)
                 fold = ChunkFold(run.ranks, run.part, f"statistics of block {i}")
-                parts = {f"{name}/{s}": acc for name, accs in stats.items() for s, acc in accs.items()}
-                self._forward(block, src, dst, progress,
-                              lambda step: fold.step(step, {k: acc.total for k, acc in parts.items()}))
+                parts: dict[str, object] = {}
+
+                def fold_step(step: int) -> None:
+                    # the distinct sets, built at every step: they are made during step 0, which every rank runs
+                    # (each rank holds a chunk there), so every rank folds the same names at every step
+                    parts.clear()
+                    parts.update(stats.accumulators())
+                    fold.step(step, {k: acc.total for k, acc in parts.items()})
+
+                self._forward(block, src, dst, progress, fold_step)
                 if run.ranks.writer:
                     for key, acc in parts.items():
                         acc.total = fold.result(key)

@@ -20,9 +20,18 @@ import torch
 
 from lowmem_gblm.errors import UsageError
 from lowmem_gblm.io.checkpoint import FINITE_CHUNK, ROW_CHUNK
-from lowmem_gblm.memory.probe import ACC_BYTES, Probe, baseline_rss, cublas_workspace_bytes, cuda_host_bytes, probe
+from lowmem_gblm.memory.probe import (
+    ACC_BYTES,
+    Probe,
+    baseline_rss,
+    cublas_workspace_bytes,
+    cuda_host_bytes,
+    input_groups,
+    probe,
+)
 from lowmem_gblm.memory.shape import ModelShape
 from lowmem_gblm.methods import get_method
+from lowmem_gblm.methods.update import AUTO_MIN_COLUMNS, resolve_solver
 from lowmem_gblm.runtime import COMPUTE_DTYPES, GRAD_FILE_DTYPES, auto_dtype, dtype_bytes, dtype_name, named_dtype
 from lowmem_gblm.stream.partition import Partition, auto_chunk
 from lowmem_gblm.stream.segments import boundaries_held, candidates, recomputed_blocks
@@ -55,6 +64,7 @@ class PlanSettings:
     chunk_windows: int | None = None  # windows per reduction chunk (None: ceil(N/8), as the engine)
     sample_bytes: int | None = None  # one calibration sample's inputs in host memory (None: T int64 token ids;
     # images: 3 x H x W float32 pixel values and an int64 label)
+    solver: str = "auto"  # --update lsq's --solver (methods.update.resolve_solver decides per linear width)
 
     def input_bytes(self, seqlen: int) -> int:
         """Every calibration sample's inputs, held by every rank (token ids, or pixel values and labels)."""
@@ -83,6 +93,7 @@ class PlanSettings:
         """Validated, with torch dtypes (store_dtype: a float dtype or "int8"); offload and head_chunk
         stay as given (see ``offloads`` / ``head_chunks``)."""
         get_method(self.method)
+        resolve_solver(str(self.solver), AUTO_MIN_COLUMNS)  # refuses an unknown --solver
         if self.nsamples < 1 or self.seqlen < 2:
             raise UsageError("--nsamples must be >= 1 and --seqlen >= 2")
         compute = _dtype(self.compute_dtype, "--dtype", (None, "auto"))
@@ -101,7 +112,8 @@ class PlanSettings:
         if chunks < self.nproc:
             raise UsageError(f"{self.nproc} ranks but only {chunks} chunk(s) of windows: pass --chunk-windows "
                              f"{max(1, self.nsamples // self.nproc)} or fewer, or fewer ranks")
-        return replace(self, compute_dtype=compute, store_dtype=store, grad_dtype=named_dtype(self.grad_dtype))
+        return replace(self, compute_dtype=compute, store_dtype=store, grad_dtype=named_dtype(self.grad_dtype),
+                       solver=str(self.solver))
 
     def offloads(self) -> list[str]:
         return list(OFFLOADS) if self.offload in (None, "auto") else [self.offload]
@@ -257,6 +269,8 @@ def plan(shape: ModelShape, settings: PlanSettings, budgets: Budgets, *, baselin
               "offload": off, "head_chunk": chunk,
               "forward_microbatch": s.batch_size, "grad_dtype": dtype_name(s.grad_dtype), "checkpoint_every": k,
               "chunk_windows": s.partition.chunk}
+    if get_method(s.method).solve == "lsq":
+        chosen["solver"] = s.solver
     if s.nproc > 1:
         chosen |= {"nproc": s.nproc, "rank": s.rank, "windows_on_rank": s.local}
     if off == "disk":
@@ -383,10 +397,11 @@ def _phase(name: str, device: dict[str, int], host: dict[str, int], disk: dict[s
 
 
 def _probe(shape: ModelShape, s: PlanSettings, cache: dict | None) -> Probe:
-    key = (s.method, s.seqlen, s.compute_dtype, s.nsamples, s.head_chunk, s.batch_size)
+    key = (s.method, s.seqlen, s.compute_dtype, s.nsamples, s.head_chunk, s.batch_size, s.solver)
     if cache is not None and key in cache:
         return cache[key]
-    pr = probe(shape, s.method, s.seqlen, s.compute_dtype, s.nsamples, s.head_chunk, batch=s.batch_size)
+    pr = probe(shape, s.method, s.seqlen, s.compute_dtype, s.nsamples, s.head_chunk, batch=s.batch_size,
+               solver=s.solver)
     if cache is not None:
         cache[key] = pr
     return pr
@@ -437,7 +452,7 @@ def predict(shape: ModelShape, s: PlanSettings, baseline: int,
         host["two boundaries [N,T,D]"] = 2 * boundary
     dev = {"block step (weights + statistics + forward micro-batch + prune)": pr.prune_step, **ws}
     if s.folds:
-        dev["statistics' chunk-sum totals (writer)"] = _statistics_bytes(shape, meth.needs)
+        dev["statistics' chunk-sum totals (writer)"] = _statistics_bytes(shape, meth.needs, input_groups(shape))
     disk = {"output checkpoint": shape.model_bytes()}
     if not s.writer:
         disk = {}
@@ -484,10 +499,11 @@ def predict(shape: ModelShape, s: PlanSettings, baseline: int,
     return phases, pr
 
 
-def _statistics_bytes(shape: ModelShape, needs) -> int:
-    """One block's input statistics (fp32): Σx² per input column, SparseGPT's [in, in] Hessian per linear."""
+def _statistics_bytes(shape: ModelShape, needs, groups: tuple[tuple[str, ...], ...]) -> int:
+    """One block's input statistics (fp32): Σx² per input column and SparseGPT's [in, in] Hessian, one set per
+    distinct input (``groups``: the linears reading the same input share theirs, stream.stats.collect_inputs)."""
     per = {"scaler_row": lambda i: i * ACC_BYTES, "hessian": lambda i: i * i * ACC_BYTES}
-    return sum(per[n](i) for _, i in shape.linear_shapes.values() for n in needs if n in per)
+    return sum(per[n](shape.linear_shapes[g[0]][1]) for g in groups for n in needs if n in per)
 
 
 def _gradient_phase(shape: ModelShape, pr: Probe, s: PlanSettings, *, ram: bool, baseline: int, read_host: int,

@@ -34,13 +34,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lowmem_gblm.io.model import ClassifierHead, StreamedModel, linear_names
 from lowmem_gblm.mask import Pattern
 from lowmem_gblm.memory.shape import ModelShape
-from lowmem_gblm.methods import LinearJob, MethodOptions, get_method
-from lowmem_gblm.methods.apply import prune_linear, statistics_needed
+from lowmem_gblm.methods import LinearJob, MethodOptions, SharedFactors, get_method
+from lowmem_gblm.methods.apply import finished_statistics, prune_linear, statistics_needed
 from lowmem_gblm.runtime import dtype_bytes
 from lowmem_gblm.stream import backward
 from lowmem_gblm.stream.context import BlockContext, KindInputs, run_block
 from lowmem_gblm.stream.head import HEAD_DTYPE, window_nll
-from lowmem_gblm.stream.stats import STATISTICS, collect_inputs
+from lowmem_gblm.stream.stats import STATISTICS, by_expert, collect_inputs
 from lowmem_gblm.units import fmt_size, prod
 
 ACC_BYTES = dtype_bytes(backward.ACC_DTYPE)  # fp32 statistics, accumulators and scores
@@ -99,6 +99,7 @@ class Probe:
     head_grad: int  # final norm + head + one window's loss and gradient
     head_eval: int  # final norm + fp32 head + one window's loss
     notes: tuple[str, ...] = ()
+    groups: tuple[tuple[str, ...], ...] = ()  # the linears that share one set of input statistics (same input)
 
 
 def _fake_block(shape: ModelShape, dtype: torch.dtype, device: torch.device):
@@ -177,15 +178,15 @@ def _vision_head(shape: ModelShape, dtype: torch.dtype, device: torch.device, ba
 
 
 def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamples: int,
-          head_chunk: int | None, batch: int = 1) -> Probe:
+          head_chunk: int | None, batch: int = 1, solver: str = "auto") -> Probe:
     """Run one block's steps on fake tensors and return their device peaks. ``batch``: windows per call
     (--batch-size: the sweeps' forwards, the gradient sweep's head and backward); ``head_chunk``: predicted
-    positions per head call (None: the window)."""
+    positions per head call (None: the window); ``solver``: --solver of --update lsq."""
     # A fake CPU device: this torch may have no CUDA, and autograd needs a real device guard.
     # CPU SDPA (flash for CPU) keeps O(T) memory like CUDA's flash / memory-efficient kernels.
     device = torch.device("cpu")
     meth = get_method(method)
-    options = MethodOptions()
+    options = MethodOptions(solver=solver)
     pattern = Pattern.parse("unstructured", 0.5)
     notes: list[str] = []
     d = shape.hidden
@@ -201,28 +202,31 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
         for t in stored.values():
             mem.untrack(t)
         mem.reset_peak()
-        with torch.no_grad(), collect_inputs(block, names, wanted) as accs:
+        # as the engine: linears reading the same input share one set of statistics (and its factorization)
+        with torch.no_grad(), collect_inputs(block, names, wanted, share=True) as accs:
             x = torch.empty(batch, seqlen, d, dtype=dtype, device=device)  # stream.sweep.forward's micro-batch
             y = run_block(block, ctx, x)
             del x, y
-            for name in names:
-                linear = modules[name]
-                stats = {s: accs[name][s].result(nsamples) for s in wanted}
-                if meth.needs_gradients:
-                    stats["gradient"] = torch.empty(linear.weight.shape, dtype=backward.ACC_DTYPE, device=device)
-                job = LinearJob(f"model.layers.0.{name}.weight", linear.weight.data, stats, pattern, options)
-                try:
-                    written = prune_linear(job, meth, stored.pop(name), device, dtype)
-                except Exception as exc:  # data-dependent ops cannot run on fake tensors
-                    o, i = linear.weight.shape
-                    extra = (meth.scratch_bytes(o, i) if meth.scratch_bytes is not None
-                             else o * i * (ACC_BYTES * 3 + 8 + 1) + i * i * ACC_BYTES)
-                    mem.peak = max(mem.peak, mem.now + extra)
-                    notes.append(f"{method} prune of {name}: {type(exc).__name__} on fake tensors; "
-                                 f"counted {fmt_size(extra)} analytically")
-                    written = None
-                del stats, job, written
-                accs[name].clear()
+        groups = accs.groups() if wanted else tuple((n,) for n in names)
+        factors = SharedFactors()
+        for name, stats, _first in finished_statistics(accs, names, nsamples):  # methods.apply.BlockPruner.prune
+            linear = modules[name]
+            if meth.needs_gradients:
+                stats["gradient"] = torch.empty(linear.weight.shape, dtype=backward.ACC_DTYPE, device=device)
+            job = LinearJob(f"model.layers.0.{name}.weight", linear.weight.data, stats, pattern, options,
+                            factors=factors)
+            try:
+                written = prune_linear(job, meth, stored.pop(name), device, dtype)
+            except Exception as exc:  # data-dependent ops cannot run on fake tensors
+                o, i = linear.weight.shape
+                extra = (meth.scratch_bytes(o, i) if meth.scratch_bytes is not None
+                         else o * i * (ACC_BYTES * 3 + 8 + 1) + i * i * ACC_BYTES)
+                mem.peak = max(mem.peak, mem.now + extra)
+                notes.append(f"{method} prune of {name}: {type(exc).__name__} on fake tensors; "
+                             f"counted {fmt_size(extra)} analytically")
+                written = None
+            del stats, job, written
+        del factors, accs
         x = torch.empty(batch, seqlen, d, dtype=dtype, device=device)
         with torch.no_grad():
             y = run_block(block, ctx, x)  # the pruned block's forward, stats hooks gone
@@ -257,7 +261,7 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
 
         if shape.family.vision:  # a layernorm and a [classes, D] classifier on one pooled row per image: small
             head_grad, head_eval = _vision_head(shape, dtype, device, batch, seqlen, mem)
-            return Probe(prune_step, grad_step, forward_step, head_grad, head_eval, tuple(notes))
+            return Probe(prune_step, grad_step, forward_step, head_grad, head_eval, tuple(notes), groups)
         # -- the gradient sweep's head (stream.backward.head_windows), two batches as its loop runs them
         norm, head = _fake_head(shape, dtype, device)
         sample = torch.empty(batch, seqlen, d, dtype=dtype, device=device)  # in the store: not counted
@@ -280,7 +284,36 @@ def probe(shape: ModelShape, method: str, seqlen: int, dtype: torch.dtype, nsamp
         with contextlib.suppress(DataDependentOutputException):
             window_nll(norm, head, hidden, targets, chunk=head_chunk)
         head_eval = mem.peak - base
-    return Probe(prune_step, grad_step, forward_step, head_grad, head_eval, tuple(notes))
+    return Probe(prune_step, grad_step, forward_step, head_grad, head_eval, tuple(notes), groups)
+
+
+_GROUPS: dict[str, tuple[tuple[str, ...], ...]] = {}  # input_groups' cache: family and config -> groups
+
+
+def input_groups(shape: ModelShape) -> tuple[tuple[str, ...], ...]:
+    """Every pruned unit of a block (``shape.linear_shapes``), grouped by the input it reads: the sets of statistics
+    ``stream.stats.collect_inputs(share=True)`` makes (one Hessian, one factorization per group). Linears: found as
+    the engine finds them, by one forward of a 2-token window through a fake block 0; expert units: one group per
+    (fused parameter, expert) (``by_expert``). Cached per family and config."""
+    key = f"{shape.family.name}|{shape.config.to_json_string()}"
+    if key not in _GROUPS:
+        device = torch.device("cpu")
+        with FakeTensorMode(allow_non_fake_inputs=False):
+            block = _fake_block(shape, torch.float32, device)
+            ctx = _fake_ctx(shape, 2, torch.float32, device)
+            with torch.no_grad(), collect_inputs(block, linear_names(block), frozenset({"scaler_row"}),
+                                                 share=True) as accs:
+                run_block(block, ctx, torch.empty(1, 2, shape.hidden, device=device))
+            found = list(accs.groups())
+            del block, ctx, accs
+        experts = StreamedModel(Path("."), shape.config, shape.family, index=None).expert_units
+        found += [tuple(units) for units in by_expert(experts, list(experts)).values()]
+        units = set(shape.linear_shapes)
+        found = [g for g in (tuple(n for n in group if n in units) for group in found) if g]
+        placed = {n for group in found for n in group}
+        found += [(n,) for n in shape.linear_shapes if n not in placed]
+        _GROUPS[key] = tuple(found)
+    return _GROUPS[key]
 
 
 def baseline_rss(refresh: bool = False, device: str = "cpu") -> int:

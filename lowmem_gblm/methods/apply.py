@@ -9,7 +9,7 @@ so the next block sees the pruned model as saved.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +61,8 @@ class BlockPruner:
         """Prune the units ``names`` of ``block`` (default: every linear; weights named ``prefix`` + name +
         ``.weight``); ``stored[name]`` is replaced by the bytes to write. weights: unit -> its [out, in] weight
         in the block (default: the linear's; an expert's is a view into the fused parameter). stats: unit ->
-        {statistic: accumulator} (cleared here); gradients: full weight name -> G [out, in] (GBLM).
+        {statistic: accumulator} (cleared here; units reading the same input may share one dict: its statistics are
+        finished once, see finished_statistics); gradients: full weight name -> G [out, in] (GBLM).
 
         An expert unit no calibration token reached (its ROUTED count is 0) has no statistics: it is pruned by
         magnitude with the same pattern. Returns those units' full names. ``diagnostics`` (filled when given): full
@@ -70,11 +71,10 @@ class BlockPruner:
         modules = dict(block.named_modules())
         fallback = []
         factors = SharedFactors()  # linears reading the same input share their Hessian's factorization
-        for name in linear_names(block) if names is None else names:
+        for name, finished, first in finished_statistics(stats, linear_names(block) if names is None else names,
+                                                         nsamples):
             full = f"{prefix}{name}.weight"
             weight = modules[name].weight.data if weights is None else weights[name]
-            finished = {s: acc.result(nsamples) for s, acc in stats.get(name, {}).items()}
-            stats.get(name, {}).clear()
             method = self.method
             routed = finished.pop(ROUTED, None)
             if routed is not None and float(routed) == 0.0:
@@ -83,7 +83,8 @@ class BlockPruner:
             elif method.needs_gradients:
                 finished["gradient"] = gradients[full].to(self.device)
             for statistic, value in finished.items():
-                _require_finite(value, f"{full}: its {statistic} statistic", self.dtype)
+                if first or statistic == "gradient":  # a shared statistic is checked once, naming its first unit
+                    _require_finite(value, f"{full}: its {statistic} statistic", self.dtype)
             job = LinearJob(full, weight, finished, self.pattern, self.options, factors=factors)
             stored[full] = prune_linear(job, method, stored[full], self.device, self.dtype)
             if method.updates_weights:
@@ -93,6 +94,36 @@ class BlockPruner:
                                      for k, v in sorted(job.diagnostics.items())}
             del finished, job
         return fallback
+
+
+def finished_statistics(stats: Mapping[str, dict], names: list[str],
+                        nsamples: int) -> Iterator[tuple[str, dict[str, torch.Tensor], bool]]:
+    """(unit, its finished statistics, whether its set is met for the first time) for each of ``names`` in order.
+
+    stats: unit -> {statistic: accumulator} (stream.stats.collect_inputs); units that read the same input share one
+    dict. Each distinct set is finished once (so the units sharing it get the very same tensors, and a factorization
+    cache keyed by the tensor hits) and its accumulators cleared then; every unit gets its own copy of the mapping
+    (add or pop keys freely); the finished tensors are dropped after the last unit in ``names`` that uses them."""
+    last: dict[int, str] = {}
+    for name in names:
+        if name in stats:
+            last[id(stats[name])] = name
+    finished: dict[int, dict[str, torch.Tensor]] = {}
+    for name in names:
+        accs = stats.get(name)
+        if accs is None:
+            yield name, {}, True
+            continue
+        key = id(accs)  # the dict stays in ``stats`` (cleared, not dropped): its id is not reused meanwhile
+        first = key not in finished
+        if first:
+            finished[key] = {s: acc.result(nsamples) for s, acc in accs.items()}
+            accs.clear()
+        values = dict(finished[key])
+        if last[key] == name:
+            del finished[key]
+        yield name, values, first
+        del values
 
 
 def _require_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:

@@ -26,6 +26,8 @@ Dead inputs have zero weights afterwards whatever ``keep`` says: ``keep`` is the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lowmem_gblm.errors import UsageError
@@ -40,14 +42,43 @@ def _prepare_hessian(
     weight: torch.Tensor, hessian: torch.Tensor, percdamp: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Copy W and H to fp32, handle dead inputs and add the damping. -> (W [out, in], H [in, in])."""
-    w = weight.to(dtype=WEIGHT_DTYPE, copy=True)  # [out, in]
-    h = hessian.to(device=weight.device, dtype=HESSIAN_DTYPE, copy=True)  # [in, in]
+    h, dead = _damped_hessian(hessian, weight.device, percdamp)
+    return _prepare_weight(weight, dead), h
+
+
+def _damped_hessian(hessian: torch.Tensor, device: torch.device, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 copy of H with dead inputs (H_ii == 0) set to H_ii = 1 and the damping added. -> (H [in, in],
+    dead [in] bool)."""
+    h = hessian.to(device=device, dtype=HESSIAN_DTYPE, copy=True)  # [in, in]
     diag = h.diagonal()  # view: writes go into h
     dead = diag == 0
     diag[dead] = 1.0
-    w[:, dead] = 0.0
     diag += percdamp * torch.mean(diag)
-    return w, h
+    return h, dead
+
+
+def _prepare_weight(weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of W [out, in] with the dead inputs' columns zeroed."""
+    w = weight.to(dtype=WEIGHT_DTYPE, copy=True)  # [out, in]
+    w[:, dead] = 0.0
+    return w
+
+
+@dataclass(frozen=True)
+class HessianFactor:
+    """What SparseGPT needs of a Hessian, shared by the linears that read the same input: the upper Cholesky factor
+    of the damped H^-1 [in, in] fp32 and the dead inputs [in] bool."""
+
+    upper: torch.Tensor
+    dead: torch.Tensor
+
+
+def hessian_factor(hessian: torch.Tensor, device: torch.device, percdamp: float) -> HessianFactor:
+    """Damp ``hessian`` [in, in] on ``device`` (dead inputs, percdamp) and factor its inverse: a HessianFactor.
+    Raises UsageError naming ``--percdamp`` when the damped H is not positive definite."""
+    h, dead = _damped_hessian(hessian, device, percdamp)
+    upper = inverse_hessian_cholesky(h, percdamp)
+    return HessianFactor(upper, dead)
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -113,8 +144,13 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     keep: torch.Tensor | None = None,
+    *,
+    factor: HessianFactor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one linear. weight: [out, in] any float dtype; hessian: [in, in] (2/N sum X^T X).
+
+    ``factor``: ``hessian_factor(hessian, weight.device, percdamp)`` computed beforehand (shared by the linears that
+    read the same input; the same arithmetic, so the same result); ``hessian`` is then not read (may be None).
 
     ``keep`` [out, in] bool: a mask chosen beforehand (``--update obs``): the same OBS sweep prunes exactly
     those weights and updates the rest, instead of choosing the mask inside the sweep.
@@ -123,9 +159,10 @@ def sparsegpt_prune(
     False. The inputs are not modified. Everything runs on ``weight.device``.
     """
     out_f, in_f = weight.shape
-    if hessian.shape != (in_f, in_f):
+    given = hessian if factor is None else factor.upper
+    if given.shape != (in_f, in_f):
         raise ValueError(
-            f"hessian must be [{in_f}, {in_f}] for weight {list(weight.shape)}, got {list(hessian.shape)}"
+            f"hessian must be [{in_f}, {in_f}] for weight {list(weight.shape)}, got {list(given.shape)}"
         )
     if blocksize < 1:
         raise UsageError(f"--blocksize must be >= 1, got {blocksize}")
@@ -134,9 +171,10 @@ def sparsegpt_prune(
     if pattern.kind == "nm" and keep is None:
         pattern.check_columns(in_f, "weight")
 
-    w, h = _prepare_hessian(weight, hessian, percdamp)  # [out, in], [in, in]
-    hinv = inverse_hessian_cholesky(h, percdamp)  # [in, in] upper
-    del h
+    if factor is None:
+        factor = hessian_factor(hessian, weight.device, percdamp)
+    w = _prepare_weight(weight, factor.dead)  # [out, in]
+    hinv = factor.upper  # [in, in] upper; read only
     prune = torch.zeros_like(w, dtype=torch.bool)  # [out, in], True = pruned
     bs = _effective_blocksize(pattern, blocksize)
 
@@ -177,10 +215,15 @@ def sparsegpt_prune(
 
 def _sparsegpt(job: LinearJob) -> torch.Tensor:
     job.pattern.check_columns(job.weight.shape[1], job.name)
-    try:
-        new, keep = sparsegpt_prune(
-            job.weight, job.stats["hessian"], job.pattern, job.options.blocksize, job.options.percdamp
-        )
+    hessian, percdamp = job.stats["hessian"], job.options.percdamp
+
+    def build() -> HessianFactor:
+        return hessian_factor(hessian, job.weight.device, percdamp)
+
+    try:  # the linears reading the same input (same Hessian tensor) factor it once: the block's job.factors
+        factor = build() if job.factors is None else job.factors.get(
+            hessian, ("sparsegpt", percdamp, str(job.weight.device)), build)
+        new, keep = sparsegpt_prune(job.weight, hessian, job.pattern, job.options.blocksize, percdamp, factor=factor)
     except UsageError as exc:
         raise UsageError(f"{job.name}: {exc}") from exc
     job.weight.copy_(new.to(job.weight.dtype))
