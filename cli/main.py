@@ -416,6 +416,7 @@ def plan(
     model: Annotated[Path, typer.Argument(help="model folder or config.json (no weights needed)")],
     method: Method = "gblm",
     update: UpdateOpt = "none",
+    solver: SolverOpt = "auto",
     nsamples: NSamples = 128,
     seqlen: SeqLen = 2048,
     gpu_memory: Annotated[str | None, typer.Option(
@@ -451,7 +452,7 @@ def plan(
                                 head_chunk="auto" if head_chunk is None else head_chunk, batch_size=batch_size,
                                 grad_dtype=str(grad_dtype), prefetch=prefetch,
                                 checkpoint_every=checkpoint_every or "auto", nproc=nproc,
-                                chunk_windows=chunk_windows)
+                                chunk_windows=chunk_windows, solver=str(solver))
         result = make_plan(load_shape(model), settings, budgets)
     typer.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else result.table())
 

@@ -131,19 +131,27 @@ def test_plan_json_schema(tmp_path):
     assert bad.returncode == 2 and "lots" in bad.stderr
 
 
-@pytest.mark.parametrize("method", ["wanda", "gblm"])
+@pytest.mark.parametrize("method", ["wanda", "gblm", "wanda+lsq"])
 def test_host_peak_prediction_matches_a_prune_run(tmp_path, method):
-    """Predicted host peak within 15% of the RSS each phase measured (CPU, RAM store)."""
+    """Predicted host peak within 15% of the RSS each phase measured (CPU, RAM store). wanda+lsq: the iterative
+    solver (fp32 CG, its factor shared by the linears reading the same input), measured by the probe on fake
+    tensors."""
     n, t = 64, 256
     model = make_tiny_llama(tmp_path / "model", layers=2, hidden=512, heads=8, kv_heads=4, inter=1376, vocab=320,
                             max_pos=t, shard_size="4MB", tokenizer=False)
     ids_file = tmp_path / "ids.safetensors"
     save_ids(ids_file, torch.randint(320, (n, t), generator=torch.Generator().manual_seed(0)))
-    res = _cli("prune", str(model), str(tmp_path / "out"), "--method", method, "--calib-ids", str(ids_file),
+    base, _, update = method.partition("+")
+    flags = ["--update", update, "--solver", "iterative"] if update else []
+    res = _cli("prune", str(model), str(tmp_path / "out"), "--method", base, *flags, "--calib-ids", str(ids_file),
                "--nsamples", str(n), "--seqlen", str(t), "--device", "cpu", "--offload", "cpu", "-q")
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
-    predicted = plan(model, method, n, t, cpu_memory="64GiB", offload="cpu", baseline=baseline_rss())
+    predicted = plan(model, method, n, t, cpu_memory="64GiB", offload="cpu", baseline=baseline_rss(),
+                     **({"solver": "iterative"} if update else {}))
+    if update:
+        assert report["options"]["solver"] == "iterative" and predicted.settings["solver"] == "iterative"
+        assert not any(" prune of " in note for note in predicted.notes), predicted.notes  # measured, no fallback
     phases = {p["phase"]: p["peak_rss_bytes"] for p in report["phases"]}
     assert sorted(phases) == (["gradient_sweep", "prune_sweep"] if method == "gblm" else ["prune_sweep"])
     for phase, measured in phases.items():

@@ -11,26 +11,32 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from lowmem_gblm.errors import UsageError
 from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.mask import Pattern
 from lowmem_gblm.memory import work
 from lowmem_gblm.memory.plan import PlanSettings
 from lowmem_gblm.memory.shape import load_shape
+from lowmem_gblm.methods import MethodOptions, get_method, update
+from lowmem_gblm.methods.apply import BlockPruner, statistics_needed
 from lowmem_gblm.methods.sparsegpt import sparsegpt_prune
 from lowmem_gblm.stream import backward
 from lowmem_gblm.stream.compare import OutputError
 from lowmem_gblm.stream.context import BlockContext, run_block
 from lowmem_gblm.stream.head import window_nll
-from lowmem_gblm.stream.stats import collect_inputs
+from lowmem_gblm.stream.stats import STATISTICS, collect_inputs
 from lowmem_gblm.stream.store import ActivationStore
 from lowmem_gblm.stream.sweep import forward
 from tests.tiny import make_tiny_llama
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
 
 N, T = 2, 16
 CPU = torch.device("cpu")
@@ -61,6 +67,16 @@ def _head(shape):
     return norm, torch.randn(shape.vocab, shape.hidden) * 0.05
 
 
+def _stores(shape):
+    """(src, dst): N random calibration windows, and the next block's inputs."""
+    src = ActivationStore("cpu").new((N, T, shape.hidden), torch.float32, exact=True)
+    dst = ActivationStore("cpu").new((N, T, shape.hidden), torch.float32, exact=True)
+    torch.manual_seed(2)
+    for n in range(N):
+        src.put(n, torch.randn(1, T, shape.hidden))
+    return src, dst
+
+
 def _count(fn) -> dict[str, int]:
     """FLOPs FlopCounterMode sees in ``fn()``, by op name, with attention on SDPA's math backend (the CPU
     flash kernel has no formula in FlopCounterMode: it would count 0)."""
@@ -85,6 +101,17 @@ def test_matmul_flops_golden(shape):
     assert work.grad_head_positions(T, None) == T  # the whole window's logits (the last row is dropped)
     assert work.grad_head_positions(T, 4) == T - 1
     assert work.grad_head_positions(T, T - 1) == T
+
+
+def test_lsq_iterative_terms_golden():
+    # n = 64: potrf 89440, potri 176864 (as SparseGPT's); the probe: H (G z) for 4 columns z, 2 x 2 n^2 x 4
+    assert work.lsq_factor_flops(64) == {"lsq_factor_cholesky": 89440, "lsq_factor_inverse": 176864,
+                                         "lsq_inverse_check": 16 * 64 * 64}
+    assert work.lsq_iterative_flops(32, 64, 3) == {"lsq_cg_products": 3 * 2 * 32 * 64 * 64,
+                                                   "lsq_reconstruction": 2 * 32 * 64 * 64}
+    assert work.lsq_iterative_flops(1, 1) == {"lsq_cg_products": 2 * work.LSQ_ITERATIONS, "lsq_reconstruction": 2}
+    with pytest.raises(UsageError, match="--solver"):
+        work.phase_work(load_shape(BENCH / "llama-7b.json"), _settings("wanda+lsq", solver="cg"), "prune_sweep")
 
 
 def test_sparsegpt_terms_golden():
@@ -168,15 +195,39 @@ def test_prune_sweep_golden(shape):
     assert mag.flops == {"forward": fwd, "forward_dense_output_error": fwd}
     assert mag.bytes_read["store: boundaries"] == N * T * 64 * 4
     sgpt = work.phase_work(shape, _settings("sparsegpt"), "prune_sweep")
-    # sum(in^2) = 6 * 64^2 + 128^2 = 40960; potrf(64) = 89440 (x6), potrf(128) = 128*129*257/6 = 707264;
-    # potri(64) = 176864 (x6), potri(128) = (4*128^3 + 3*128^2 + 5*128)/6 = 1406400
+    # 4 distinct inputs (q/k/v, o, gate/up, down) share one Hessian and one factorization each:
+    # sum(in^2) = 3 * 64^2 + 128^2 = 28672; potrf(64) = 89440 (x3), potrf(128) = 128*129*257/6 = 707264;
+    # potri(64) = 176864 (x3), potri(128) = (4*128^3 + 3*128^2 + 5*128)/6 = 1406400
+    obs_update = (64 + 32 + 32 + 64 + 128 + 128) * 64 * 65 + 64 * 128 * 129
     assert sgpt.flops == {
         "forward_statistics": fwd, "forward": fwd,
-        "hessian": 2 * 40960 * N * T,
-        "sparsegpt_cholesky": 2 * (6 * 89440 + 707264),
-        "sparsegpt_inverse": 6 * 176864 + 1406400,
-        "sparsegpt_obs_update": (64 + 32 + 32 + 64 + 128 + 128) * 64 * 65 + 64 * 128 * 129,
+        "hessian": 2 * 28672 * N * T,
+        "sparsegpt_cholesky": 2 * (3 * 89440 + 707264),
+        "sparsegpt_inverse": 3 * 176864 + 1406400,
+        "sparsegpt_obs_update": obs_update,
     }
+    # --update obs (methods.update.obs_update) factors per linear: 7 factorizations, one Hessian per input
+    obs = work.phase_work(shape, _settings("wanda+obs"), "prune_sweep")
+    assert obs.flops == {"forward_statistics": fwd, "forward": fwd, "hessian": 2 * 28672 * N * T,
+                         "sparsegpt_cholesky": 2 * (6 * 89440 + 707264), "sparsegpt_inverse": 6 * 176864 + 1406400,
+                         "sparsegpt_obs_update": obs_update}
+    # --update lsq, iterative (every linear here is >= 64 wide, so auto is iterative too): per input one fp32
+    # Cholesky, its inverse and the inverse's probe (16 in^2); per linear LSQ_ITERATIONS = 10 products with G and the
+    # final product with H, 2 out in^2 each: sum(out in^2) = 64*64^2 * 2 + 32*64^2 * 2 + 128*64^2 * 2 + 64*128^2
+    # = 2883584
+    lsq = {"forward_statistics": fwd, "forward": fwd, "hessian": 2 * 28672 * N * T,
+           "lsq_factor_cholesky": 3 * 89440 + 707264, "lsq_factor_inverse": 3 * 176864 + 1406400,
+           "lsq_inverse_check": 16 * 28672, "lsq_cg_products": 10 * 2 * 2883584, "lsq_reconstruction": 2 * 2883584}
+    assert work.LSQ_ITERATIONS == 10
+    assert work.phase_work(shape, _settings("wanda+lsq"), "prune_sweep").flops == lsq
+    assert work.phase_work(shape, _settings("gblm+lsq", solver="iterative"), "prune_sweep").flops == lsq
+    # the direct solver keeps its per-linear count (half the columns kept: k = in / 2)
+    direct = work.phase_work(shape, _settings("wanda+lsq", solver="direct"), "prune_sweep")
+    rows = 64 + 32 + 32 + 64 + 128 + 128  # the linears 64 wide (k = 32); down_proj: 64 rows 128 wide (k = 64)
+    assert direct.flops == {"forward_statistics": fwd, "forward": fwd, "hessian": 2 * 28672 * N * T,
+                            "lsq_target": 2 * 2883584,
+                            "lsq_cholesky": rows * (32 * 33 * 65 // 6) + 64 * (64 * 65 * 129 // 6),
+                            "lsq_solve": rows * 2 * 32 * 32 + 64 * 2 * 64 * 64}
     replayed = work.phase_work(shape, _settings("sparsegpt"), "prune_sweep", done=1)
     assert replayed.flops == {"forward": fwd}
     assert replayed.bytes_read["output shards: replayed blocks"] == 36992 * 4
@@ -280,35 +331,55 @@ def test_sparsegpt_prune_step_matches_flop_counter(shape):
     sees everything but those two terms."""
     block = _block(shape)
     ctx = BlockContext.build(shape, T, CPU, torch.float32)
-    src = ActivationStore("cpu").new((N, T, shape.hidden), torch.float32, exact=True)
-    dst = ActivationStore("cpu").new((N, T, shape.hidden), torch.float32, exact=True)
-    for n in range(N):
-        src.put(n, torch.randn(1, T, shape.hidden))
-    names = linear_names(block)
-    modules = dict(block.named_modules())
-    pattern = Pattern.parse("unstructured", 0.5)
+    src, dst = _stores(shape)
 
     def step():
-        with collect_inputs(block, names, frozenset({"hessian"})) as stats:
-            forward(block, ctx, src, dst, CPU, torch.float32)  # the dense outputs, kept for the output error
-        for name in names:
-            weight = modules[name].weight
-            new, _ = sparsegpt_prune(weight, stats[name]["hessian"].result(N), pattern, blocksize=16)
-            weight.copy_(new)
-        # the pruned forward, each batch compared with the dense outputs it replaces (the report's output error)
-        forward(block, ctx, src, dst, CPU, torch.float32, on_output=OutputError(dst, CPU))
+        _prune_step(block, ctx, src, dst, "sparsegpt", MethodOptions(blocksize=16))
 
     counted = _count(step)
     w = work.phase_work(shape, _settings("sparsegpt"), "prune_sweep")
     # FlopCounterMode has no formula for linalg, nor for the in-place addmm_ of stream.stats.Hessian.add
     uncounted = w.flops["sparsegpt_cholesky"] + w.flops["sparsegpt_inverse"] + w.flops["hessian"]
     assert sum(counted.values()) == w.total_flops - uncounted
-    # the Hessian through its out-of-place twin, on the same [N*T, in] rows of every linear
+    # the Hessian through its out-of-place twin, on the same [N*T, in] rows of each distinct input
     with FlopCounterMode(display=False) as fc:
-        for _, i in shape.linear_shapes.values():
+        for i in (64, 64, 64, 128):  # q/k/v, o, gate/up, down
             x = torch.randn(N * T, i)
             torch.addmm(torch.zeros(i, i), x.t(), x)
     assert fc.get_total_flops() == w.flops["hessian"]
+
+
+def _prune_step(block, ctx, src, dst, method: str, options: MethodOptions) -> None:
+    """engine.prune._PruneSweep.prune_block on one process: the statistics forward (shared sets), every linear
+    pruned by methods.apply.BlockPruner, the pruned forward compared with the dense outputs (the output error)."""
+    names = linear_names(block)
+    meth = get_method(method)
+    with collect_inputs(block, names, statistics_needed(meth, STATISTICS), share=True) as stats:
+        forward(block, ctx, src, dst, CPU, torch.float32)  # the dense outputs, kept for the output error
+    stored = {f"model.layers.0.{n}.weight": block.get_submodule(n).weight.detach().clone() for n in names}
+    pruner = BlockPruner(meth, Pattern.parse("unstructured", 0.5), options, CPU, torch.float32)
+    pruner.prune(block, "model.layers.0.", stats, N, None, stored, names)
+    forward(block, ctx, src, dst, CPU, torch.float32, on_output=OutputError(dst, CPU))
+
+
+def test_lsq_iterative_prune_step_matches_flop_counter(shape, monkeypatch):
+    """The prune sweep's Wanda + lsq block step with the iterative solver held to exactly 3 iterations per row (a
+    tolerance no row reaches): every product FlopCounterMode sees is counted, with LSQ_ITERATIONS = 3."""
+    block = _block(shape)
+    ctx = BlockContext.build(shape, T, CPU, torch.float32)
+    src, dst = _stores(shape)
+    options = MethodOptions(solver="iterative", solver_tol=1e-12, solver_max_iter=3)
+    iterations = []
+    real = update.solve_kept
+    monkeypatch.setattr(update, "solve_kept", lambda *a: iterations.append(r := real(*a)) or r)
+    counted = _count(lambda: _prune_step(block, ctx, src, dst, "wanda+lsq", options))
+    assert [r.diagnostics["iterations_mean"] for r in iterations] == [3.0] * 7  # every row ran 3 iterations
+    assert all(r.diagnostics["iterations"] == 3.0 for r in iterations)
+    monkeypatch.setattr(work, "LSQ_ITERATIONS", 3)
+    w = work.phase_work(shape, _settings("wanda+lsq", solver="iterative"), "prune_sweep")
+    uncounted = w.flops["lsq_factor_cholesky"] + w.flops["lsq_factor_inverse"] + w.flops["hessian"]
+    assert sum(counted.values()) == w.total_flops - uncounted
+    assert w.flops["lsq_cg_products"] == 3 * w.flops["lsq_reconstruction"]
 
 
 @pytest.mark.parametrize("blocksize", [1, 7, 128])

@@ -254,7 +254,8 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
                             head_chunk=config.head_chunk, batch_size=config.batch_size,
                             grad_dtype=str(config.grad_dtype), prefetch=config.prefetch, phases=phases,
                             checkpoint_every=config.checkpoint_every or "auto", nproc=ranks.world,
-                            rank=ranks.rank, chunk_windows=part.chunk, sample_bytes=samples.sample_bytes)
+                            rank=ranks.rank, chunk_windows=part.chunk, sample_bytes=samples.sample_bytes,
+                            solver=str(getattr(config, "solver", "auto")))  # prune's --solver (eval has none)
     # each rank plans with its own budgets: the host RAM the ranks on this machine share, split between them;
     # a non-writing rank's disk is its scratch folder's
     where = out if ranks.writer else Path(os.environ.get("LOWMEM_GBLM_SCRATCH") or tempfile.gettempdir())

@@ -36,8 +36,10 @@ Phases as the engine runs them (``engine/gradients.py``, ``engine/prune.py``, ``
   call), each window's weight gradient ``d_n^T x_n`` folded into fp32 accumulators; with k > 1 each
   segment's inputs are first recomputed (``checkpoint_recompute``).
 * ``prune_sweep``: per block: a forward for statistics when the method needs any
-  (``methods.apply.statistics_needed``: magnitude needs none, so it has no statistics forward), SparseGPT's
-  Hessian and solve, then the pruned block's forward (always: it makes the next block's inputs). The
+  (``methods.apply.statistics_needed``: magnitude needs none, so it has no statistics forward), the Hessian and
+  the weight solve (SparseGPT, ``--update obs|lsq``), then the pruned block's forward (always: it makes the next
+  block's inputs). The linears that read the same input (q/k/v, gate/up; ``memory.probe.input_groups``) share one
+  Hessian and, where the solve shares it, one factorization: those terms count once per distinct input. The
   statistics forward writes the dense outputs to the next inputs' buffer and the pruned forward reads them
   back before replacing them (the report's output error, stream.compare); magnitude has a dense forward for it.
 * ``eval``: every block forward, then the fp32 head per window.
@@ -57,10 +59,12 @@ from pathlib import Path
 import torch
 
 from lowmem_gblm.memory.plan import PlanSettings
-from lowmem_gblm.memory.probe import _CACHE
+from lowmem_gblm.memory.probe import _CACHE, input_groups
 from lowmem_gblm.memory.shape import ModelShape
-from lowmem_gblm.methods import get_method
+from lowmem_gblm.methods import Method, get_method
 from lowmem_gblm.methods.apply import statistics_needed
+from lowmem_gblm.methods.solve import INVERSE_PROBES
+from lowmem_gblm.methods.update import resolve_solver
 from lowmem_gblm.runtime import dtype_bytes, dtype_name
 from lowmem_gblm.stream.segments import kept_boundaries, segments
 from lowmem_gblm.stream.stats import STATISTICS
@@ -72,7 +76,8 @@ PHASES = ("gradient_sweep", "prune_sweep", "eval", "owl_sweep", "owl_weights")
 # terms computed in fp32 whatever the compute dtype (their speed is the fp32 peak's, not the run dtype's):
 # eval's logits (stream.head.HEAD_DTYPE), the Hessian (stream.stats.ACC_DTYPE) and SparseGPT's solve
 FP32_TERMS = frozenset({"head_forward_fp32", "hessian", "sparsegpt_cholesky", "sparsegpt_inverse",
-                        "sparsegpt_obs_update", "lsq_target", "lsq_cholesky", "lsq_solve"})
+                        "sparsegpt_obs_update", "lsq_target", "lsq_cholesky", "lsq_solve", "lsq_factor_cholesky",
+                        "lsq_factor_inverse", "lsq_inverse_check", "lsq_cg_products", "lsq_reconstruction"})
 
 CACHE_DIR = _CACHE  # ~/.cache/lowmem_gblm (XDG_CACHE_HOME honoured), where baseline_rss caches too
 PEAK_FILE = "matmul_peak.json"
@@ -127,16 +132,70 @@ def grad_head_positions(seqlen: int, head_chunk: int | None) -> int:
 
 
 def lsq_flops(out_features: int, in_features: int) -> dict[str, int]:
-    """``methods.update.lsq_update`` on one [out, in] linear, counted with half the columns kept per row (50%; the
-    planner does not know the pattern): the target W H (2 out in^2), per row a Cholesky of its k x k system
-    (k^3/3) and the two triangular solves (2 k^2)."""
+    """``methods.update.lsq_update`` (``--solver direct``) on one [out, in] linear, counted with half the columns kept
+    per row (50%; the planner does not know the pattern): the target W H (2 out in^2), per row a Cholesky of its
+    k x k system (k^3/3) and the two triangular solves (2 k^2)."""
     k = max(1, in_features // 2)
     return {"lsq_target": 2 * out_features * in_features * in_features,
             "lsq_cholesky": out_features * (k * (k + 1) * (2 * k + 1) // 6),
             "lsq_solve": out_features * 2 * k * k}
 
 
-SOLVE_FLOPS = {"obs": lambda o, i: sparsegpt_flops(o, i), "lsq": lsq_flops}
+# --solver iterative: mean conjugate-gradient iterations per row (each one [rows, in] x [in, in] product) at the
+# default --solver-tol 1e-2. Measured on SmolLM2-135M's real Hessians (benchmarks/solver_convergence.py): 6 to 14
+# iterations for the slowest row of a linear, about 7 to 10 per row on average; rows stop on their own, so the
+# products cost the mean. The planner's estimate, rounded up: a smaller --solver-tol needs more.
+LSQ_ITERATIONS = 10
+
+
+def lsq_factor_flops(in_features: int) -> dict[str, int]:
+    """``methods.solve.factor_hessian`` on one [in, in] Hessian, once per distinct input (the linears reading it share
+    the factor): an fp32 Cholesky (n(n+1)(2n+1)/6, LAWN 41 as ``sparsegpt_flops``), ``cholesky_inverse``
+    ((4n^3 + 3n^2 + 5n)/6) and the inverse's accuracy probe ``H (G z)`` on INVERSE_PROBES columns (2 x 2 n^2 each).
+    When the probe finds fp32 not accurate enough the factor is formed again in float64: not counted (it depends on
+    the data)."""
+    n = in_features
+    return {"lsq_factor_cholesky": n * (n + 1) * (2 * n + 1) // 6,
+            "lsq_factor_inverse": (4 * n**3 + 3 * n**2 + 5 * n) // 6,
+            "lsq_inverse_check": 2 * 2 * n * n * INVERSE_PROBES}
+
+
+def lsq_iterative_flops(out_features: int, in_features: int, iterations: int | None = None) -> dict[str, int]:
+    """``methods.solve.solve_kept`` on one [out, in] linear: ``iterations`` (None: LSQ_ITERATIONS) CG steps per row,
+    each one product of the row with G (2 in^2; ``multipliers_cg`` starts from lambda = 0 without one), and the final
+    product E = (W - V) H of every row (``reconstruction``): 2 out in^2 each."""
+    iterations = LSQ_ITERATIONS if iterations is None else iterations
+    product = 2 * out_features * in_features * in_features
+    return {"lsq_cg_products": iterations * product, "lsq_reconstruction": product}
+
+
+def solve_flops(method: Method, solver: str, shape: ModelShape,
+                groups: tuple[tuple[str, ...], ...]) -> dict[str, int]:
+    """One block's weight solves (``method.solve``): per linear, and its factorizations once per distinct input
+    (``groups``: the linears that read the same input, ``memory.probe.input_groups``) where the linears share them:
+    SparseGPT (``job.factors``) and the iterative lsq solver. ``--update obs`` (``methods.update.obs_update``) factors
+    per linear; the direct lsq solver has no shared factor. ``solver``: --solver, resolved per linear width."""
+    out: dict[str, int] = {}
+
+    def add(terms: dict[str, int]) -> None:
+        for term, value in terms.items():
+            out[term] = out.get(term, 0) + value
+
+    shared = "+" not in method.name  # a base+update composition (methods.update.with_update) or a method's own
+    for group in groups:
+        n = shape.linear_shapes[group[0]][1]
+        if method.solve == "obs":
+            for k, name in enumerate(group):
+                terms = sparsegpt_flops(shape.linear_shapes[name][0], n)
+                add(terms if k == 0 or not shared else {"sparsegpt_obs_update": terms["sparsegpt_obs_update"]})
+        elif method.solve == "lsq" and resolve_solver(solver, n) == "direct":
+            for name in group:
+                add(lsq_flops(shape.linear_shapes[name][0], n))
+        elif method.solve == "lsq":
+            add(lsq_factor_flops(n))
+            for name in group:
+                add(lsq_iterative_flops(shape.linear_shapes[name][0], n))
+    return out
 
 
 def hessian_flops(in_features: int, tokens: int) -> int:
@@ -312,12 +371,11 @@ def _prune_work(shape: ModelShape, s: PlanSettings, done: int) -> Work:
     block = sum(matmul_flops(shape, t, n).values())
     flops = {"forward_statistics": todo * block if wanted else 0,
              "forward_dense_output_error": 0 if wanted else todo * block}  # magnitude: a dense forward for it
-    if "hessian" in wanted:
-        flops["hessian"] = todo * sum(hessian_flops(i, n * t) for _, i in shape.linear_shapes.values())
-    if meth.solve is not None:
-        for o, i in shape.linear_shapes.values():
-            for term, value in SOLVE_FLOPS[meth.solve](o, i).items():
-                flops[term] = flops.get(term, 0) + todo * value
+    groups = input_groups(shape)  # the linears reading the same input share their statistics and factorizations
+    if "hessian" in wanted:  # one Hessian per distinct input (stream.stats.collect_inputs, share=True)
+        flops["hessian"] = todo * sum(hessian_flops(shape.linear_shapes[g[0]][1], n * t) for g in groups)
+    for term, value in solve_flops(meth, s.solver, shape, groups).items():
+        flops[term] = todo * value
     flops["forward"] = L * block  # every block, pruned or replayed, makes the next block's inputs
     boundary = store_nbytes((n, t, d), s.store_dtype)
     # io.model.StreamedModel.stored_tensors reads a block again when the compute dtype cannot hold its stored values
