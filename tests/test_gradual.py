@@ -71,7 +71,7 @@ def test_pruned_weights_stay_pruned(monkeypatch):
     monkeypatch.setattr(update_module, "select_keep", recording)
     get_method("wanda+gradual").prune(_job(w, stats, Pattern.parse("unstructured", 0.6), gradual_steps=5))
     assert len(masks) == 5
-    for before, after in zip(masks, masks[1:]):
+    for before, after in zip(masks, masks[1:], strict=False):
         assert not bool((after & ~before).any())  # nothing comes back
         assert int(after.sum()) <= int(before.sum())
     assert int(masks[0].sum()) > int(masks[-1].sum()) == 32 * (64 - int(64 * 0.6))

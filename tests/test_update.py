@@ -140,3 +140,21 @@ def test_update_none_is_todays_run_and_a_resumed_update_run_is_byte_identical(ti
     testing_hooks.reset()
     prune(config(tiny_model, out, calib_text, update="obs"))
     assert not diff_trees(ref, out)
+
+
+def test_obs_shares_sparsegpts_factor_across_one_hessian(monkeypatch):
+    """q/k/v read one input: --update obs factors its Hessian once (the block's SharedFactors), same bytes."""
+    from lowmem_gblm.methods import LinearJob, MethodOptions, SharedFactors
+    from lowmem_gblm.methods import update as update_module
+
+    calls = []
+    real = update_module.hessian_factor
+    monkeypatch.setattr(update_module, "hessian_factor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w, h = _layer(out=16, inp=32)
+    stats, factors = {"scaler_row": x.pow(2).mean(0), "hessian": h}, SharedFactors()
+    method, pattern = get_method("wanda+obs"), Pattern.parse("unstructured", 0.5)
+    for _ in range(3):
+        job = LinearJob("q", w.clone(), stats, pattern, MethodOptions(blocksize=8), factors=factors)
+        keep = method.prune(job)
+        assert torch.equal(job.weight, obs_update(w, h, keep, 8, 0.01))
+    assert len(calls) == 1

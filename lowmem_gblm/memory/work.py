@@ -169,25 +169,42 @@ def lsq_iterative_flops(out_features: int, in_features: int, iterations: int | N
     return {"lsq_cg_products": iterations * product, "lsq_reconstruction": product}
 
 
+# --update gradual (methods.update.gradual): GRADUAL_STEPS_ESTIMATE refits (the default --gradual-steps 4; 2:4 takes
+# 2, 4:8 takes 4), each warm-started from the previous one, its intermediate steps to a looser tolerance. Its CG
+# products per row over all steps, measured on SmolLM2 (50%, the default tolerances): GRADUAL_ITERATIONS.
+GRADUAL_STEPS_ESTIMATE = 4
+GRADUAL_ITERATIONS = 24
+
+
+def gradual_flops(out_features: int, in_features: int) -> dict[str, int]:
+    """``methods.update.gradual`` on one [out, in] linear: GRADUAL_ITERATIONS CG products of every row with G over all
+    its steps (the scores and the masks are elementwise), and the final E = (W - V) H product."""
+    product = 2 * out_features * in_features * in_features
+    return {"lsq_cg_products": GRADUAL_ITERATIONS * product, "lsq_reconstruction": product}
+
+
 def solve_flops(method: Method, solver: str, shape: ModelShape,
                 groups: tuple[tuple[str, ...], ...]) -> dict[str, int]:
     """One block's weight solves (``method.solve``): per linear, and its factorizations once per distinct input
     (``groups``: the linears that read the same input, ``memory.probe.input_groups``) where the linears share them:
-    SparseGPT (``job.factors``) and the iterative lsq solver. ``--update obs`` (``methods.update.obs_update``) factors
-    per linear; the direct lsq solver has no shared factor. ``solver``: --solver, resolved per linear width."""
+    SparseGPT and ``--update obs`` (SparseGPT's factor, ``job.factors``), the iterative lsq solver and ``--update
+    gradual``. The direct lsq solver has no shared factor. ``solver``: --solver, resolved per linear width."""
     out: dict[str, int] = {}
 
     def add(terms: dict[str, int]) -> None:
         for term, value in terms.items():
             out[term] = out.get(term, 0) + value
 
-    shared = "+" not in method.name  # a base+update composition (methods.update.with_update) or a method's own
     for group in groups:
         n = shape.linear_shapes[group[0]][1]
         if method.solve == "obs":
             for k, name in enumerate(group):
                 terms = sparsegpt_flops(shape.linear_shapes[name][0], n)
-                add(terms if k == 0 or not shared else {"sparsegpt_obs_update": terms["sparsegpt_obs_update"]})
+                add(terms if k == 0 else {"sparsegpt_obs_update": terms["sparsegpt_obs_update"]})
+        elif method.solve == "gradual":
+            add(lsq_factor_flops(n))
+            for name in group:
+                add(gradual_flops(shape.linear_shapes[name][0], n))
         elif method.solve == "lsq" and resolve_solver(solver, n) == "direct":
             for name in group:
                 add(lsq_flops(shape.linear_shapes[name][0], n))

@@ -36,7 +36,13 @@ from lowmem_gblm.errors import UsageError
 from lowmem_gblm.mask import Pattern, flip_fraction, select_keep
 from lowmem_gblm.methods import LinearJob, Method, solve
 from lowmem_gblm.methods.solve import DAMP_GROWTH, DAMP_MAX, factor_hessian, solve_kept
-from lowmem_gblm.methods.sparsegpt import WEIGHT_DTYPE, _prepare_hessian, sparsegpt_prune
+from lowmem_gblm.methods.sparsegpt import (
+    WEIGHT_DTYPE,
+    HessianFactor,
+    _prepare_hessian,
+    hessian_factor,
+    sparsegpt_prune,
+)
 from lowmem_gblm.runtime import concrete
 
 log = logging.getLogger(__name__)
@@ -61,9 +67,22 @@ def resolve_solver(solver: str, in_features: int) -> str:
 
 
 def obs_update(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, blocksize: int,
-               percdamp: float) -> torch.Tensor:
-    """SparseGPT's OBS sweep for a fixed ``keep`` [out, in]: the updated weight [out, in] fp32 (0 off keep)."""
-    return sparsegpt_prune(weight, hessian, _any_pattern(), blocksize, percdamp, keep=keep)[0]
+               percdamp: float, factor: HessianFactor | None = None) -> torch.Tensor:
+    """SparseGPT's OBS sweep for a fixed ``keep`` [out, in]: the updated weight [out, in] fp32 (0 off keep).
+    ``factor``: SparseGPT's factor of ``hessian`` computed beforehand (shared by the linears reading one input)."""
+    return sparsegpt_prune(weight, hessian, _any_pattern(), blocksize, percdamp, keep=keep, factor=factor)[0]
+
+
+def _obs(job: LinearJob, dense: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``obs_update`` with SparseGPT's factor shared through the block's ``job.factors`` (as SparseGPT shares it)."""
+    hessian, o = job.stats["hessian"], job.options
+
+    def build() -> HessianFactor:
+        return hessian_factor(hessian, dense.device, o.percdamp)
+
+    factor = build() if job.factors is None else job.factors.get(
+        hessian, ("sparsegpt", o.percdamp, str(dense.device)), build)
+    return obs_update(dense, hessian, keep, o.blocksize, o.percdamp, factor)
 
 
 def lsq_update(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -247,7 +266,7 @@ def lsq_scratch_bytes(out_features: int, in_features: int) -> int:
 
 
 _UPDATE_FNS: dict[str, Callable[[LinearJob, torch.Tensor, torch.Tensor], torch.Tensor] | None] = {
-    "obs": lambda job, w, keep: obs_update(w, job.stats["hessian"], keep, job.options.blocksize, job.options.percdamp),
+    "obs": _obs,
     "lsq": lsq,
     "gradual": None,  # chooses its own mask: apply_update calls gradual()
 }
