@@ -125,9 +125,12 @@ def write_checkpoint(folder: Path, cfg: dict, seed: int = 0, dtype: torch.dtype 
 def run_prune(model: Path, out: Path, ids: Path, method: str, n: int, t: int, device: str, dtype: str,
               grad_dtype: str = "float32", offload: str = "cpu", prefetch: bool = True,
               chunk_windows: int | None = None) -> dict:
-    cmd = [sys.executable, "-m", "cli.main", "prune", str(model), str(out), "--method", method, "--calib-ids", str(ids),
+    base, _, update = method.partition("+")  # e.g. gblm+lsq: --method gblm --update lsq
+    cmd = [sys.executable, "-m", "cli.main", "prune", str(model), str(out), "--method", base, "--calib-ids", str(ids),
            "--nsamples", str(n), "--seqlen", str(t), "--device", device, "--dtype", dtype, "--offload", offload,
            "--grad-dtype", grad_dtype, "--prefetch" if prefetch else "--no-prefetch", "-q"]
+    if update:
+        cmd += ["--update", update]
     if chunk_windows is not None:
         cmd += ["--chunk-windows", str(chunk_windows)]
     timed = Path("/usr/bin/time").is_file()
@@ -165,7 +168,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
-    ap.add_argument("--methods", nargs="+", default=None, help="default: wanda and gblm")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="default: wanda and gblm; base+update runs --method base --update update (e.g. gblm+lsq)")
     ap.add_argument("--grad-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="GBLM gradient files (bfloat16: half the disk)")
     ap.add_argument("--offload", default="cpu", choices=["cpu", "disk"],
@@ -235,21 +239,21 @@ def main() -> None:
     print(f"{args.shape}: {cfg['num_hidden_layers']} blocks, d={cfg['hidden_size']}, ffn={cfg['intermediate_size']}, "
           f"vocab {cfg['vocab_size']}; checkpoint {fmt_size(model_bytes)} bf16 written in {write_s:.1f} s; "
           f"{args.nsamples} x {args.seqlen} tokens, device {args.device}; baseline RSS {fmt_size(base)}")
-    print(f"{'method':<8}{'wall s':>8}{'sweep s':>9}{'peak RSS':>12}{'time -v':>12}{'predicted':>12}{'error':>8}"
+    print(f"{'method':<14}{'wall s':>8}{'sweep s':>9}{'peak RSS':>12}{'time -v':>12}{'predicted':>12}{'error':>8}"
           f"{'read':>12}{'MB/s read':>10}")
     for r in rows:
         tv = fmt_size(r["max_rss_time_v_bytes"]) if r["max_rss_time_v_bytes"] else "-"
         rate = r["bytes_read"] / 1e6 / max(r["prune_sweep_s"], 1e-9)
-        print(f"{r['method']:<8}{r['wall_s']:>8.1f}{r['prune_sweep_s']:>9.1f}{fmt_size(r['peak_rss_bytes']):>12}"
+        print(f"{r['method']:<14}{r['wall_s']:>8.1f}{r['prune_sweep_s']:>9.1f}{fmt_size(r['peak_rss_bytes']):>12}"
               f"{tv:>12}{fmt_size(r['predicted_host_peak_bytes']):>12}{r['host_error']:>+8.1%}"
               f"{fmt_size(r['bytes_read']):>12}{rate:>10.1f}")
-    print(f"{'method':<8}{'phase':<16}{'seconds':>9}{'peak RSS':>12}{'RssAnon':>12}{'RssFile':>12}{'predicted':>12}"
+    print(f"{'method':<14}{'phase':<16}{'seconds':>9}{'peak RSS':>12}{'RssAnon':>12}{'RssFile':>12}{'predicted':>12}"
           f"{'error':>8}{'written':>12}")
     for r in rows:
         for ph in r["phases"]:
             want = r["predicted_host_by_phase"][ph["phase"]]
             anon, file = (fmt_size(ph.get(f"peak_rss_{k}_bytes") or 0) for k in ("anon", "file"))
-            print(f"{r['method']:<8}{ph['phase']:<16}{ph['seconds']:>9.1f}{fmt_size(ph['peak_rss_bytes']):>12}"
+            print(f"{r['method']:<14}{ph['phase']:<16}{ph['seconds']:>9.1f}{fmt_size(ph['peak_rss_bytes']):>12}"
                   f"{anon:>12}{file:>12}"
                   f"{fmt_size(want):>12}{want / ph['peak_rss_bytes'] - 1:>+8.1%}{fmt_size(ph['bytes_written']):>12}")
     print(json.dumps({"shape": args.shape, "config": {k: cfg[k] for k in ("num_hidden_layers", "hidden_size",
