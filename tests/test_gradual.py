@@ -149,3 +149,21 @@ def test_streamed_gradual_equals_inmemory(tiny_model, calib_text, tmp_path, patt
             assert float((w - ref[name]).abs().max() / ref[name].abs().max()) <= 1e-5, name
     rows = json.loads((out / "prune_report.json").read_text())["sparsity"]["per_linear"]
     assert all(r["solver"] == "iterative" and "flipped_vs_base" in r for r in rows.values())
+
+
+def test_a_killed_gradual_run_resumes_byte_identical(tiny_model, calib_text, tmp_path):
+    from lowmem_gblm import testing_hooks
+    from lowmem_gblm.engine import prune
+    from tests.faults import config, diff_trees
+
+    ref = tmp_path / "ref"
+    prune(config(tiny_model, ref, calib_text, update="gradual", pattern="2:4", sparsity=None))
+    out = tmp_path / "out"
+    testing_hooks.reset()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(testing_hooks.ENOSPC_ENV, "shard_write:3")  # block 2's shard fails: blocks 0, 1 are done
+        with pytest.raises((UsageError, OSError)):
+            prune(config(tiny_model, out, calib_text, update="gradual", pattern="2:4", sparsity=None))
+    testing_hooks.reset()
+    prune(config(tiny_model, out, calib_text, update="gradual", pattern="2:4", sparsity=None))
+    assert not diff_trees(ref, out)

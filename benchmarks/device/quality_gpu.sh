@@ -17,6 +17,12 @@ python3 -m cli.main import-gguf /tmp/stage/smol.gguf /tmp/smol --dtype float32 -
 export LOWMEM_WIKI_JSON=/tmp/stage/summaries_en-us.json
 python3 -m cli.main plan /tmp/smol --method gblm --nsamples 128 --seqlen 512 --gpu-memory 139GiB \
   --cpu-memory 120GiB --json > "$OUT/plan_smollm2_gblm_128x512.json" 2> "$OUT/plan.err"
+# the exact update first (issue 31): SparseGPT against GBLM l1 + the iterative lsq solver and + gradual, seed 0
+python3 benchmarks/quality.py --model /tmp/smol --work /tmp/qwork --nsamples 128 --seqlen 512 --seeds 0 \
+  --device cuda --skip-fetch --tag h200-updates --eval-batch 16 --batch 8 --methods sparsegpt gblm-l1 \
+  --patterns 50% 2:4 --updates none lsq gradual --solvers iterative \
+  --rows sparsegpt gblm-l1+lsq:it gblm-l1+gradual 2>&1 | tee "$OUT/quality-updates.log"
+cp benchmarks/results/quality-h200-updates.json benchmarks/results/quality-h200-updates.rows.jsonl "$OUT/" 2>/dev/null
 python3 benchmarks/quality.py --model /tmp/smol --work /tmp/qwork --nsamples 128 --seqlen 512 --seeds 0 1 2 \
   --device cuda --skip-fetch --tag h200 --eval-batch 16 --batch 8 2>&1 | tee "$OUT/quality.log"
 cp benchmarks/results/quality-h200.json "$OUT/" 2>/dev/null
