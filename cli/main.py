@@ -220,7 +220,7 @@ def prune(
     solver: SolverOpt = "auto",
     solver_tol: Annotated[float, typer.Option(
         "--solver-tol", help="iterative solver: each row stops at this relative residual (smaller: closer to the "
-        "exact solution, more iterations)")] = 1e-2,
+        "exact solution, more iterations)")] = 3e-2,
     solver_max_iter: Annotated[int, typer.Option(
         "--solver-max-iter", help="iterative solver: at most this many iterations per row")] = 100,
     gradual_steps: Annotated[int, typer.Option(

@@ -227,7 +227,7 @@ class PruneConfig(RunConfig):
     percdamp: float = 0.01
     blocksize: int = 128
     solver: Solver = Solver.AUTO  # --update lsq: direct, iterative, or auto (methods.update.resolve_solver)
-    solver_tol: float = 1e-2  # iterative: each row stops at this relative residual
+    solver_tol: float = 3e-2  # iterative: each row stops at this relative residual (methods.solve.DEFAULT_TOL)
     solver_max_iter: int = 100  # iterative: at most this many iterations per row
     gradual_steps: int = 4  # --update gradual, unstructured: steps to the target sparsity
     overwrite: bool = False

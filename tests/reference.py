@@ -55,7 +55,7 @@ def keep_from_score(score: torch.Tensor, pattern: str, sparsity: float | None) -
 def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "unstructured",
                    sparsity: float | None = 0.5, grads: dict | None = None, alpha: float = 0.0,
                    blocksize: int = 128, percdamp: float = 0.01, update: str = "none", prunes=None,
-                   solver: str = "auto", solver_tol: float = 1e-2):
+                   solver: str = "auto", solver_tol: float = 3e-2):
     """Prune the whole in-memory model: for each block, collect sum x^2 per linear input with hooks while
     the full model runs every window (earlier blocks already pruned), score, mask, go on. ``prunes``: which
     linears (by full module name) are pruned; None: all."""

@@ -66,12 +66,14 @@ def test_iterative_equals_the_direct_float64_solve(dead, percdamp):
 
 def test_the_default_tolerance_is_close_to_exact_and_a_looser_one_is_cheaper():
     x, w, h = _layer(out=64, inp=64, seed=3)
-    keep = _masks(w, x)["50%"]
-    ref, default, e_ref, e_default = _compare(w, h, keep, 0.01, tol=solve_module.DEFAULT_TOL)
-    assert abs(e_default - e_ref) <= 1e-3 * e_ref
-    loose = solve_kept(w, factor_hessian(h, 0.01), keep, tol=0.3)
-    assert loose.diagnostics["iterations"] < default.diagnostics["iterations"]
-    assert loose.diagnostics["reconstruction_error"] > default.diagnostics["reconstruction_error"]
+    for name, keep in _masks(w, x).items():
+        ref, default, e_ref, e_default = _compare(w, h, keep, 0.01, tol=solve_module.DEFAULT_TOL)
+        assert abs(e_default - e_ref) <= 2e-3 * e_ref, name
+        # the reported error (from the multipliers, no product with H) is the achieved one within 1e-3
+        assert default.diagnostics["reconstruction_error"] == pytest.approx(e_default, rel=1e-3), name
+        loose = solve_kept(w, factor_hessian(h, 0.01), keep, tol=0.3)
+        assert loose.diagnostics["iterations"] < default.diagnostics["iterations"], name
+        assert loose.diagnostics["reconstruction_error"] > default.diagnostics["reconstruction_error"], name
 
 
 def test_near_singular_hessian_gets_a_float64_inverse_and_stays_exact():
@@ -119,9 +121,10 @@ def test_rows_stop_on_their_own():
     keep[1] = False
     factor = factor_hessian(h, 0.01)
     wn = w * factor.scale
-    full, iters, rel = multipliers_cg(wn, factor.inverse, keep, 1e-6, 500)
-    assert iters[0] == 0 and torch.equal(full[0], wn[0])
-    assert int(iters[2:].min()) > 0 and bool((rel <= 1e-6).all())
+    m = multipliers_cg(wn, factor.inverse, keep, 1e-6, 500)
+    assert m.iters[0] == 0 and torch.equal(m.full[0], wn[0]) and not bool(m.lam[0].any())
+    assert int(m.iters[2:].min()) > 0 and bool((m.rel <= 1e-6).all())
+    assert not bool((m.lam * keep).any())  # the multipliers live on the pruned columns
     got = solve_kept(w, factor, keep, tol=1e-6)
     assert torch.equal(got.weight[1], torch.zeros_like(got.weight[1]))
 
@@ -182,7 +185,7 @@ def test_streamed_iterative_update_equals_inmemory_and_reports_the_solver(tiny_m
     rows = report["sparsity"]["per_linear"]
     for name, row in rows.items():
         assert row["solver"] == "iterative" and row["iterations"] >= 1, name
-        assert row["residual"] <= 1e-2 and row["reconstruction_error"] > 0, name
+        assert row["residual"] <= solve_module.DEFAULT_TOL and row["reconstruction_error"] > 0, name
         assert row["inverse_dtype"] in ("float32", "float64") and row["percdamp_used"] == 0.01, name
 
 

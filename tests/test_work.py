@@ -107,9 +107,9 @@ def test_lsq_iterative_terms_golden():
     # n = 64: potrf 89440, potri 176864 (as SparseGPT's); the probe: H (G z) for 4 columns z, 2 x 2 n^2 x 4
     assert work.lsq_factor_flops(64) == {"lsq_factor_cholesky": 89440, "lsq_factor_inverse": 176864,
                                          "lsq_inverse_check": 16 * 64 * 64}
-    assert work.lsq_iterative_flops(32, 64, 3) == {"lsq_cg_products": 3 * 2 * 32 * 64 * 64,
-                                                   "lsq_reconstruction": 2 * 32 * 64 * 64}
-    assert work.lsq_iterative_flops(1, 1) == {"lsq_cg_products": 2 * work.LSQ_ITERATIONS, "lsq_reconstruction": 2}
+    assert work.lsq_iterative_flops(32, 64, 3) == {"lsq_cg_products": 3 * 2 * 32 * 64 * 64}
+    assert work.lsq_iterative_flops(1, 1) == {"lsq_cg_products": 2 * work.LSQ_ITERATIONS}
+    assert work.gradual_flops(32, 64) == {"lsq_cg_products": work.GRADUAL_ITERATIONS * 2 * 32 * 64 * 64}
     with pytest.raises(UsageError, match="--solver"):
         work.phase_work(load_shape(BENCH / "llama-7b.json"), _settings("wanda+lsq", solver="cg"), "prune_sweep")
 
@@ -210,13 +210,12 @@ def test_prune_sweep_golden(shape):
     obs = work.phase_work(shape, _settings("wanda+obs"), "prune_sweep")
     assert obs.flops == sgpt.flops
     # --update lsq, iterative (every linear here is >= 64 wide, so auto is iterative too): per input one fp32
-    # Cholesky, its inverse and the inverse's probe (16 in^2); per linear LSQ_ITERATIONS = 10 products with G and the
-    # final product with H, 2 out in^2 each: sum(out in^2) = 64*64^2 * 2 + 32*64^2 * 2 + 128*64^2 * 2 + 64*128^2
-    # = 2883584
+    # Cholesky, its inverse and the inverse's probe (16 in^2); per linear LSQ_ITERATIONS = 8 products with G,
+    # 2 out in^2 each: sum(out in^2) = 64*64^2 * 2 + 32*64^2 * 2 + 128*64^2 * 2 + 64*128^2 = 2883584
     lsq = {"forward_statistics": fwd, "forward": fwd, "hessian": 2 * 28672 * N * T,
            "lsq_factor_cholesky": 3 * 89440 + 707264, "lsq_factor_inverse": 3 * 176864 + 1406400,
-           "lsq_inverse_check": 16 * 28672, "lsq_cg_products": 10 * 2 * 2883584, "lsq_reconstruction": 2 * 2883584}
-    assert work.LSQ_ITERATIONS == 10
+           "lsq_inverse_check": 16 * 28672, "lsq_cg_products": 8 * 2 * 2883584}
+    assert work.LSQ_ITERATIONS == 8
     assert work.phase_work(shape, _settings("wanda+lsq"), "prune_sweep").flops == lsq
     assert work.phase_work(shape, _settings("gblm+lsq", solver="iterative"), "prune_sweep").flops == lsq
     # --update gradual: the same factorization, GRADUAL_ITERATIONS products with G per linear over all its steps
@@ -380,7 +379,7 @@ def test_lsq_iterative_prune_step_matches_flop_counter(shape, monkeypatch):
     w = work.phase_work(shape, _settings("wanda+lsq", solver="iterative"), "prune_sweep")
     uncounted = w.flops["lsq_factor_cholesky"] + w.flops["lsq_factor_inverse"] + w.flops["hessian"]
     assert sum(counted.values()) == w.total_flops - uncounted
-    assert w.flops["lsq_cg_products"] == 3 * w.flops["lsq_reconstruction"]
+    assert w.flops["lsq_cg_products"] == 3 * 2 * sum(o * i * i for o, i in shape.linear_shapes.values())
 
 
 @pytest.mark.parametrize("blocksize", [1, 7, 128])

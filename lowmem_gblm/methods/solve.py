@@ -19,9 +19,8 @@ G comes from an fp32 Cholesky factor; its accuracy is probed (||H G z - z|| for 
 enough (long calibration windows make H ill-conditioned) G is formed once in float64 and rounded to fp32. A damped H
 that is not positive definite is retried with ten times the damping, logged and reported, never a crash.
 
-Each solve ends with one product E = (W - V) H, from which the report's numbers come, computed rather than
-estimated: the reconstruction error sum_r (w_r - v_r)^T H (w_r - v_r) and the optimality residual ||E[S]|| / ||E||
-(0 at the exact solution; what the direct float64 solve reaches up to rounding).
+The report's numbers need no further product: the iterations, the residual each row reached, and the
+reconstruction error sum_r (w_r - v_r)^T H (w_r - v_r) from the multipliers (``reconstruction_error``).
 """
 
 from __future__ import annotations
@@ -43,7 +42,8 @@ INVERSE_TOL = 1e-3  # ||H G z - z|| / ||z|| above this: G is formed in float64 i
 INVERSE_PROBES = 4  # random vectors for that probe
 DAMP_GROWTH = 10.0  # a damped H that is not positive definite is retried with this factor more damping
 DAMP_MAX = 10.0  # ... up to this fraction of mean(diag H) (the largest --percdamp accepted)
-DEFAULT_TOL = 1e-2  # per row: ||r||_{D^-1} / ||w_P||_{D^-1} (relative residual of the multipliers' system)
+DEFAULT_TOL = 3e-2  # per row: ||r||_{D^-1} / ||w_P||_{D^-1} (relative residual of the multipliers' system); on
+# SmolLM2 the perplexity is within 0.15% of the direct solve's at 50% and 2:4 (benchmarks/results/quality-cpu-solver-*)
 DEFAULT_MAX_ITER = 100
 
 
@@ -135,6 +135,18 @@ class SolveResult:
     diagnostics: dict[str, float]
 
 
+@dataclass
+class Multipliers:
+    """The state of ``multipliers_cg`` for every row: ``full`` = w - lambda G [out, in] (the solution on the kept
+    columns, the residual r on the pruned ones), ``lam`` = lambda [out, in] (0 off the pruned columns), and per row
+    the iterations run [out] and the relative residual reached [out]."""
+
+    full: torch.Tensor
+    lam: torch.Tensor
+    iters: torch.Tensor
+    rel: torch.Tensor
+
+
 def solve_kept(weight: torch.Tensor, factor: Factor, keep: torch.Tensor, tol: float = DEFAULT_TOL,
                max_iter: int = DEFAULT_MAX_ITER) -> SolveResult:
     """The kept weights minimising (w - v)^T H (w - v) per row, all rows at once (module docstring).
@@ -143,7 +155,7 @@ def solve_kept(weight: torch.Tensor, factor: Factor, keep: torch.Tensor, tol: fl
     dead inputs). Each row iterates until its relative residual is <= tol, at most max_iter times."""
     w = scaled(weight, factor)
     keep = keep & ~factor.dead
-    return finish(w, factor, keep, *multipliers_cg(w, factor.inverse, keep, tol, max_iter), tol)
+    return finish(w, factor, keep, multipliers_cg(w, factor.inverse, keep, tol, max_iter), tol)
 
 
 def scaled(weight: torch.Tensor, factor: Factor) -> torch.Tensor:
@@ -154,37 +166,46 @@ def scaled(weight: torch.Tensor, factor: Factor) -> torch.Tensor:
     return w.mul_(factor.scale)
 
 
-def finish(w: torch.Tensor, factor: Factor, keep: torch.Tensor, full: torch.Tensor, iters: torch.Tensor,
-           rel: torch.Tensor, tol: float) -> SolveResult:
+def finish(w: torch.Tensor, factor: Factor, keep: torch.Tensor, m: Multipliers, tol: float) -> SolveResult:
     """``multipliers_cg``'s result -> the kept weights in the caller's coordinates and the numbers of the solve
-    (``w``: the scaled weight it solved for; ``full`` is consumed)."""
-    v = full.masked_fill_(~keep, 0.0)  # [out, in]
-    del full
-    if not concrete(v):  # the planner's fake tensors: the final product, no numbers
-        e = (w - v) @ factor.hessian
-        del e
-        return SolveResult(v.div_(factor.scale), {})
-    diagnostics = {"iterations": float(iters.max()) if iters.numel() else 0.0,
-                   "iterations_mean": float(iters.float().mean()) if iters.numel() else 0.0,
-                   "residual": float(rel.max()) if rel.numel() else 0.0,
-                   "unconverged_rows": float((rel > tol).sum())}
-    diagnostics.update(reconstruction(w, v, factor.hessian, keep))
-    v.div_(factor.scale)
-    return SolveResult(v, diagnostics)
+    (``w``: the scaled weight it solved for; ``m.full`` becomes the result)."""
+    diagnostics = {}
+    if concrete(w):  # (the planner's fake tensors have no numbers)
+        it, rel = m.iters, m.rel
+        diagnostics = {"iterations": float(it.max()) if it.numel() else 0.0,
+                       "iterations_mean": float(it.float().mean()) if it.numel() else 0.0,
+                       "residual": float(rel.max()) if rel.numel() else 0.0,
+                       "unconverged_rows": float((rel > tol).sum()),
+                       "reconstruction_error": reconstruction_error(w, keep, m)}
+    v = m.full.masked_fill_(~keep, 0.0)  # [out, in]
+    m.full = m.lam = None
+    return SolveResult(v.div_(factor.scale), diagnostics)
+
+
+def reconstruction_error(w: torch.Tensor, keep: torch.Tensor, m: Multipliers) -> float:
+    """sum_r (w_r - v_r)^T H (w_r - v_r) for v = ``m.full`` on the kept columns, from the multipliers, without a
+    product with H. With r the residual (``m.full`` on the pruned columns), w - v = lambda G + r, so (G H = I)
+    the error is lambda G lambda^T + 2 lambda . r + r H r^T, and lambda G = w - r on the pruned columns gives
+    sum lambda (w + r) + r H r^T. The last term is r's own energy, O(residual^2): its diagonal part sum r^2 (H has
+    a unit diagonal here) is added, the rest left out. On SmolLM2's Hessians at --solver-tol 3e-2 this is within
+    7e-4 of the exact value (mostly within 1e-4; tests/test_solve.py checks 1e-3)."""
+    r = m.full.masked_fill(keep, 0.0)  # [out, in]: the residual on the pruned columns
+    total = torch.sum(m.lam * (w + r), dtype=torch.float64) + torch.sum(r * r, dtype=torch.float64)
+    return float(total)
 
 
 def multipliers_cg(w: torch.Tensor, inverse: torch.Tensor, keep: torch.Tensor, tol: float, max_iter: int,
-                   start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   start: Multipliers | None = None) -> Multipliers:
     """Conjugate gradients on G[P, P] lambda = w[P] for every row (P: the row's pruned columns), Jacobi-preconditioned.
 
-    w [out, in] (scaled), inverse G [in, in], keep [out, in] bool. ``start``: w - lambda0 G for multipliers lambda0
-    that are 0 off this P (a previous solve with fewer pruned columns; consumed), else lambda0 = 0. Returns
-    (w - lambda G [out, in]: the solution on the kept columns, the residual on the pruned ones; iterations per row
-    [out] int; relative residual per row [out], relative to w[P]). Rows stop on their own: once converged they leave
-    the products (the active rows are gathered)."""
+    w [out, in] (scaled), inverse G [in, in], keep [out, in] bool. ``start``: a previous solve's state whose
+    multipliers are 0 off this P (fewer pruned columns; consumed), else lambda = 0. Rows stop on their own at a
+    relative residual (to w[P], in the preconditioner's norm) <= tol: once converged they leave the products (the
+    active rows are gathered)."""
     pruned = (~keep).to(w.dtype)  # [out, in] 1 where pruned
     g = inverse.diagonal().clamp_min(torch.finfo(w.dtype).tiny)  # [in] Jacobi preconditioner diag(G)
-    full = w.clone() if start is None else start  # w - lambda G
+    full = w.clone() if start is None else start.full  # w - lambda G
+    lam = torch.zeros_like(w) if start is None else start.lam
     z = full * pruned / g  # preconditioned residual
     p = z.clone()
     rz = (full * pruned * z).sum(dim=1)  # [out]
@@ -194,38 +215,27 @@ def multipliers_cg(w: torch.Tensor, inverse: torch.Tensor, keep: torch.Tensor, t
     fake = not concrete(w)  # the planner's fake tensors: one iteration over every row (the peak), no stopping test
     active = torch.arange(w.shape[0], device=w.device) if fake else (rz > target).nonzero().flatten()
     del z
+    tiny = torch.finfo(w.dtype).tiny
     for _ in range(1 if fake else max_iter):
         if active.numel() == 0:
             break
         every = active.numel() == w.shape[0]
-        pa = p if every else p[active]  # [a, in]
-        ma = pruned if every else pruned[active]
+        pa, ma = (p, pruned) if every else (p[active], pruned[active])  # [a, in]
+        fa, la = (full, lam) if every else (full[active], lam[active])
         q = pa @ inverse  # [a, in]: the one product of the iteration
-        alpha = rz[active] / (pa * q * ma).sum(dim=1).clamp_min(torch.finfo(w.dtype).tiny)  # [a]
-        fa = full if every else full[active]
-        fa.sub_(alpha.unsqueeze(1) * q)  # w - lambda G, lambda += alpha p
+        alpha = (rz[active] / (pa * q * ma).sum(dim=1).clamp_min(tiny)).unsqueeze(1)  # [a, 1]
+        la.add_(alpha * pa)  # lambda += alpha p
+        fa.sub_(alpha * q)  # w - lambda G
         del q
         za = fa * ma / g  # the residual (full on the pruned columns), preconditioned
         rz_new = (fa * ma * za).sum(dim=1)
-        beta = rz_new / rz[active].clamp_min(torch.finfo(w.dtype).tiny)
-        pa.mul_(beta.unsqueeze(1)).add_(za)
+        pa.mul_((rz_new / rz[active].clamp_min(tiny)).unsqueeze(1)).add_(za)  # p = z + beta p
         if not every:
-            full[active], p[active] = fa, pa
-        del fa, pa, za, ma
+            full[active], lam[active], p[active] = fa, la, pa
+        del fa, la, pa, za, ma
         rz[active] = rz_new
         iters[active] += 1
         if not fake:
             active = active[rz_new > target[active]]
-    rel = (rz / rz0.clamp_min(torch.finfo(w.dtype).tiny)).sqrt()
-    return full, iters, rel
-
-
-def reconstruction(w: torch.Tensor, v: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor) -> dict[str, float]:
-    """One product E = (W - V) H: the reconstruction error sum_r (w_r - v_r)^T H (w_r - v_r) (float64 sum) and the
-    optimality residual ||E[keep]|| / ||E|| (0 at the exact solution)."""
-    d = w - v  # [out, in]
-    e = d @ hessian
-    total = float((d.double() * e.double()).sum())
-    norm = float(torch.linalg.matrix_norm(e))
-    kept = float(torch.linalg.matrix_norm(e * keep))
-    return {"reconstruction_error": total, "optimality": kept / norm if norm > 0 else 0.0}
+    rel = (rz / rz0.clamp_min(tiny)).sqrt()
+    return Multipliers(full, lam, iters, rel)

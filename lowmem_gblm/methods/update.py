@@ -52,7 +52,7 @@ LSQ_CALL_BYTES = 256 * 2**20  # rows per batched solve: at most this many bytes 
 
 UPDATES = ("none", "obs", "lsq", "gradual")
 GRADUAL_STEPS = 4  # --update gradual (unstructured): the sparsity reaches its target in this many steps
-GRADUAL_COARSE_TOL = 3e-2  # ... each but the last solved to this tolerance (their solutions are warm starts)
+GRADUAL_COARSE_TOL = 1e-1  # ... each but the last solved to this tolerance (their solutions are warm starts)
 SOLVERS = ("auto", "direct", "iterative")
 AUTO_MIN_COLUMNS = 64  # --solver auto: the direct solve below this many input columns (benchmarks/lsq_solvers.py)
 
@@ -182,23 +182,24 @@ def gradual(job: LinearJob, dense: torch.Tensor, base: Method) -> tuple[torch.Te
     factor = _factor(job)
     w = solve.scaled(dense, factor)  # [out, in] in unit-diagonal coordinates
     keep = torch.ones_like(dense, dtype=torch.bool)
-    full, total = None, 0
+    state, total, total_mean = None, 0, 0.0
     schedule = gradual_schedule(job.pattern, o.gradual_steps)
     for t, pattern in enumerate(schedule):
-        current = w if full is None else (full * keep)  # the refit weights (scaled), 0 where pruned
+        current = w if state is None else (state.full * keep)  # the refit weights (scaled), 0 where pruned
         score = base.score(job, current / factor.scale)  # [out, in] fp32, higher = keep
         keep = select_keep(score.masked_fill_(~keep, -torch.inf), pattern)  # per row (config refuses matrix scope)
         del score, current
         last = t == len(schedule) - 1
         tol = o.solver_tol if last else max(o.solver_tol, GRADUAL_COARSE_TOL)
-        full, iters, rel = solve.multipliers_cg(w, factor.inverse, keep & ~factor.dead, tol, o.solver_max_iter,
-                                                start=full)
+        state = solve.multipliers_cg(w, factor.inverse, keep & ~factor.dead, tol, o.solver_max_iter, start=state)
         if concrete(w):
-            total += int(iters.max())
-    result = solve.finish(w, factor, keep & ~factor.dead, full, iters, rel, o.solver_tol)
+            total += int(state.iters.max())
+            total_mean += float(state.iters.float().mean())
+    result = solve.finish(w, factor, keep & ~factor.dead, state, o.solver_tol)
     job.diagnostics.update({"solver": "iterative", "percdamp_used": factor.percdamp,
                             "inverse_dtype": factor.inverse_dtype, "gradual_steps": float(len(schedule)),
-                            "iterations_all_steps": float(total)} | result.diagnostics)
+                            "iterations_all_steps": float(total), "iterations_mean_all_steps": total_mean}
+                           | result.diagnostics)
     del hessian
     return result.weight, keep
 
