@@ -208,9 +208,9 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}
-                     | {"per_linear_s": {n: {"sparsegpt": round(r["sparsegpt_factor_s"] + r["sparsegpt_sweep_s"], 2),
-                                             "iterative": round(r["iterative_factor_s"] + r["iterative_solve_s"], 2),
-                                             "direct": round(r["direct_s"], 1) if "direct_s" in r else None}
+                     | {"per_linear_s": {n: {"sparsegpt": round(r["sparsegpt_factor_s"] + r["sparsegpt_sweep_s"], 6),
+                                             "iterative": round(r["iterative_factor_s"] + r["iterative_solve_s"], 6),
+                                             "direct": round(r["direct_s"], 6) if "direct_s" in r else None}
                                          for n, r in rows.items()}}))
     assert math.isfinite(result["seconds_total"])
 

@@ -209,15 +209,22 @@ def test_prune_sweep_golden(shape):
     # --update obs (methods.update.obs_update) shares SparseGPT's factor the same way: the same FLOPs
     obs = work.phase_work(shape, _settings("wanda+obs"), "prune_sweep")
     assert obs.flops == sgpt.flops
-    # --update lsq, iterative (every linear here is >= 64 wide, so auto is iterative too): per input one fp32
+    # --update lsq, iterative: per input one fp32
     # Cholesky, its inverse and the inverse's probe (16 in^2); per linear LSQ_ITERATIONS = 8 products with G,
     # 2 out in^2 each: sum(out in^2) = 64*64^2 * 2 + 32*64^2 * 2 + 128*64^2 * 2 + 64*128^2 = 2883584
     lsq = {"forward_statistics": fwd, "forward": fwd, "hessian": 2 * 28672 * N * T,
            "lsq_factor_cholesky": 3 * 89440 + 707264, "lsq_factor_inverse": 3 * 176864 + 1406400,
            "lsq_inverse_check": 16 * 28672, "lsq_cg_products": 8 * 2 * 2883584}
     assert work.LSQ_ITERATIONS == 8
-    assert work.phase_work(shape, _settings("wanda+lsq"), "prune_sweep").flops == lsq
+    assert work.phase_work(shape, _settings("wanda+lsq", solver="iterative"), "prune_sweep").flops == lsq
     assert work.phase_work(shape, _settings("gblm+lsq", solver="iterative"), "prune_sweep").flops == lsq
+    # auto: the direct solve on the linears narrower than 128 inputs, the iterative one on down_proj (128 wide)
+    auto = work.phase_work(shape, _settings("wanda+lsq"), "prune_sweep").flops
+    narrow = 64 + 32 + 32 + 64 + 128 + 128  # the rows of the 64-wide linears (k = 32 kept per row)
+    assert auto == {"forward_statistics": fwd, "forward": fwd, "hessian": 2 * 28672 * N * T,
+                    "lsq_target": 2 * narrow * 64 * 64, "lsq_cholesky": narrow * (32 * 33 * 65 // 6),
+                    "lsq_solve": narrow * 2 * 32 * 32, "lsq_factor_cholesky": 707264, "lsq_factor_inverse": 1406400,
+                    "lsq_inverse_check": 16 * 128 * 128, "lsq_cg_products": 8 * 2 * 64 * 128 * 128}
     # --update gradual: the same factorization, GRADUAL_ITERATIONS products with G per linear over all its steps
     gradual = lsq | {"lsq_cg_products": work.GRADUAL_ITERATIONS * 2 * 2883584}
     assert work.phase_work(shape, _settings("gblm+gradual"), "prune_sweep").flops == gradual
