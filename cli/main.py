@@ -29,6 +29,7 @@ from lowmem_gblm.config import (
     MagnitudeScope,
     Offload,
     PruneConfig,
+    RidgeScaling,
     Solver,
     StoreDtype,
     Update,
@@ -68,7 +69,8 @@ ModelDir = Annotated[Path, typer.Argument(parser=_folder, help="local Hugging Fa
 Method = Annotated[str, typer.Option("--method", help=f"pruning method ({_METHODS})")]
 Calib = Annotated[str | None, typer.Option(
     "--calib", help="calibration text: a .txt/.jsonl file, a folder of .txt, wiki-offline[:calib|:eval], c4, "
-    "wikitext2")]
+    "wikitext2, the out-of-domain python-stdlib / debian-docs / moby-dick[:calib|:eval] (scripts/fetch_ood.sh), or a "
+    "mix A+B (an equal share of the windows from each)")]
 CalibIds = Annotated[Path | None, typer.Option(
     "--calib-ids", help="safetensors file with input_ids [N, T]: reuse exact windows (e.g. a run's own)")]
 CalibImages = Annotated[Path | None, typer.Option(
@@ -226,6 +228,12 @@ def prune(
     gradual_steps: Annotated[int, typer.Option(
         "--gradual-steps", help="--update gradual, unstructured: steps to the target sparsity (N:M: M-N steps, "
         "one more pruned per group each)")] = 4,
+    ridge: Annotated[float, typer.Option(
+        "--ridge", help="--update lsq/gradual: a ridge toward the dense weights, a fraction of mean(diag H) added to "
+        "the damping (0: the exact refit; large: the masked dense weights)")] = 0.0,
+    ridge_scaling: Annotated[RidgeScaling, typer.Option(
+        "--ridge-scaling", help="none, or inputs-per-token: --ridge times a linear's inputs / calibration tokens")]
+        = "none",
     batch_size: BatchSize = 1,
     checkpoint_every: CheckpointEvery = None,
     chunk_windows: ChunkWindows = None,
@@ -254,7 +262,8 @@ def prune(
             device=device, dtype=dtype, alpha=alpha,
             grad_norm=grad_norm, gradients=None if gradients is None else str(gradients), offload=offload,
             percdamp=percdamp, blocksize=blocksize, solver=solver, solver_tol=solver_tol,
-            solver_max_iter=solver_max_iter, gradual_steps=gradual_steps, batch_size=batch_size,
+            solver_max_iter=solver_max_iter, gradual_steps=gradual_steps, ridge=ridge, ridge_scaling=ridge_scaling,
+            batch_size=batch_size,
             checkpoint_every=checkpoint_every, chunk_windows=chunk_windows, store_dtype=store_dtype,
             grad_dtype=grad_dtype, head_chunk=head_chunk, prefetch=prefetch, overwrite=overwrite,
             progress=not quiet, plan_check=plan_check, cpu_memory=cpu_memory, gpu_memory=gpu_memory,
@@ -321,7 +330,8 @@ def eval_cmd(
     model_dir: Annotated[Path, typer.Argument(help="checkpoint folder (dense or pruned)")],
     data: Annotated[str | None, typer.Option(
         "--data", help="perplexity on this evaluation text: a .txt/.jsonl file, a folder of .txt, wiki-offline:eval, "
-        "wikitext2")] = None,
+        "wikitext2, or out of domain: python-stdlib:eval (code), debian-docs:eval (manuals), moby-dick:eval (a "
+        "novel of 1851; these two from scripts/fetch_ood.sh)")] = None,
     tasks: Annotated[str | None, typer.Option(
         "--tasks", help="zero-shot accuracy on these lm-evaluation-harness tasks, comma-separated (e.g. "
         "boolq,arc_easy; needs pip install 'lowmem-gblm[zeroshot]'); with --data both run")] = None,

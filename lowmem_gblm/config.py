@@ -82,6 +82,13 @@ class Solver(Choice):
     ITERATIVE = "iterative"
 
 
+class RidgeScaling(Choice):
+    """How --ridge scales per linear (methods.update.update_damping)."""
+
+    NONE = "none"
+    INPUTS_PER_TOKEN = "inputs-per-token"
+
+
 SOLVED_UPDATES = frozenset({"lsq", "gradual"})  # the updates that run a solver (--solver applies to them)
 _SOLVER_OPTIONS = ("solver", "solver_tol", "solver_max_iter")
 
@@ -95,11 +102,11 @@ _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "
 # Fingerprinted only when not at this default, so runs started before the option existed still resume.
 _FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chunk": None, "update": "none",
                        "layer_sparsity": "uniform", "owl_lambda": 0.08, "owl_m": 5.0, "targets": None,
-                       "ignore": None, "gradual_steps": 4}
+                       "ignore": None, "gradual_steps": 4, "ridge": 0.0, "ridge_scaling": "none"}
 _VISION_CALIB = ("images", "labels_file", "pixels_file")  # fingerprinted only when set (older runs resume)
 _CHOICES = {"dtype": Dtype, "store_dtype": StoreDtype, "grad_dtype": GradDtype, "offload": Offload,
             "grad_norm": GradNorm, "magnitude_scope": MagnitudeScope, "method": MethodName, "update": Update,
-            "layer_sparsity": LayerSparsity, "solver": Solver}
+            "layer_sparsity": LayerSparsity, "solver": Solver, "ridge_scaling": RidgeScaling}
 
 
 def _coerce(cfg, name: str) -> None:
@@ -230,6 +237,8 @@ class PruneConfig(RunConfig):
     solver_tol: float = 3e-2  # iterative: each row stops at this relative residual (methods.solve.DEFAULT_TOL)
     solver_max_iter: int = 100  # iterative: at most this many iterations per row
     gradual_steps: int = 4  # --update gradual, unstructured: steps to the target sparsity
+    ridge: float = 0.0  # lsq / gradual: a ridge toward the dense weights (a fraction of mean(diag H))
+    ridge_scaling: RidgeScaling = RidgeScaling.NONE  # inputs-per-token: the ridge times in_features / calib tokens
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -262,6 +271,11 @@ class PruneConfig(RunConfig):
             raise UsageError(f"--solver-tol must be in (0, 1), got {self.solver_tol}")
         if self.solver_max_iter < 1:
             raise UsageError(f"--solver-max-iter must be >= 1, got {self.solver_max_iter}")
+        if not 0.0 <= self.ridge <= 1e6:
+            raise UsageError(f"--ridge must be in [0, 1e6] (a fraction of mean(diag H)), got {self.ridge}")
+        if self.ridge and str(self.update) not in SOLVED_UPDATES:
+            raise UsageError(f"--ridge regularises the exact update of the kept weights: it applies to --update lsq "
+                             f"or gradual, not --update {self.update}")
         if not 1 <= self.gradual_steps <= 64:
             raise UsageError(f"--gradual-steps must be in [1, 64], got {self.gradual_steps}")
         if str(self.update) == "gradual":
@@ -296,7 +310,8 @@ class PruneConfig(RunConfig):
     def method_options(self) -> MethodOptions:
         return MethodOptions(magnitude_scope=str(self.magnitude_scope), alpha=self.alpha, percdamp=self.percdamp,
                              blocksize=self.blocksize, solver=str(self.solver), solver_tol=self.solver_tol,
-                             solver_max_iter=self.solver_max_iter, gradual_steps=self.gradual_steps)
+                             solver_max_iter=self.solver_max_iter, gradual_steps=self.gradual_steps,
+                             ridge=self.ridge, ridge_scaling=str(self.ridge_scaling))
 
     def fingerprint_dict(self) -> dict:
         """The options that decide the output bytes. model_dir is a path: the model itself is

@@ -218,3 +218,53 @@ def test_solver_options_are_fingerprinted_only_where_they_change_bytes(tiny_mode
     assert "solver" not in fp(update="lsq", solver="direct")  # as runs made before --solver (they resume)
     assert fp(update="lsq")["solver"] == "auto"
     assert fp(update="lsq", solver_tol=1e-3) != fp(update="lsq")
+
+
+def test_ridge_zero_is_the_exact_solve_and_a_huge_ridge_the_masked_dense_weights():
+    """--ridge: minimise (w - v)^T H (w - v) + mu ||w - v||^2 over the kept weights = the same problem with H + mu I."""
+    from lowmem_gblm.methods.update import update_damping
+
+    x, w, h = _layer(out=16, inp=32, dead=False)
+    keep = _masks(w, x)["50%"]
+    stats = {"scaler_row": x.pow(2).mean(0), "hessian": h}
+
+    def run(solver, **options):
+        job = LinearJob("l", w.clone(), stats, Pattern.parse("unstructured", 0.5),
+                        MethodOptions(solver=solver, solver_tol=1e-7, solver_max_iter=500, **options))
+        get_method("wanda+lsq").prune(job)
+        return job.weight
+
+    for solver in ("direct", "iterative"):
+        exact = run(solver)
+        assert torch.equal(run(solver, ridge=0.0), exact)
+        assert float((run(solver, ridge=1e6) - w * keep).norm() / (w * keep).norm()) <= 1e-4, solver
+        # in between: the closed form (H + mu I)[S,S] v = ((H + mu I) w)[S], mu = ridge * mean(diag H) on top of
+        # the damping, per row in float64
+        mid = run(solver, ridge=0.5)
+        hd = h.double() + (0.01 + 0.5) * float(h.diagonal().mean()) * torch.eye(32, dtype=torch.float64)
+        for r in range(w.shape[0]):
+            cols = keep[r].nonzero().flatten()
+            ref = torch.linalg.solve(hd[cols][:, cols], (hd @ w[r].double())[cols])
+            assert torch.allclose(mid[r, cols].double(), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max())), r
+    # inputs-per-token scaling: the ridge times in / tokens
+    o = MethodOptions(ridge=2.0, ridge_scaling="inputs-per-token", calib_tokens=128)
+    assert update_damping(o, 32) == pytest.approx(0.01 + 2.0 * 32 / 128)
+    assert update_damping(MethodOptions(ridge=2.0), 32) == pytest.approx(2.01)
+
+
+def test_ridge_options_are_checked_fingerprinted_and_scaled_by_the_runs_tokens(tiny_model, calib_text, tmp_path):
+    from lowmem_gblm.errors import UsageError
+    from tests.faults import config
+
+    with pytest.raises(UsageError, match="--ridge regularises"):
+        config(tiny_model, tmp_path / "o", calib_text, ridge=0.1)
+    with pytest.raises(UsageError, match="--ridge must be"):
+        config(tiny_model, tmp_path / "o", calib_text, update="lsq", ridge=-1.0)
+    assert "ridge" not in config(tiny_model, tmp_path / "o", calib_text, update="lsq").fingerprint_dict()
+    out = tmp_path / "out"
+    run(tiny_model, out, calib_text, method="wanda", update="lsq", ridge=0.5, ridge_scaling="inputs-per-token")
+    report = json.loads((out / "prune_report.json").read_text())
+    tokens = report["calibration"]["windows"][0] * report["calibration"]["windows"][1]
+    for name, row in report["sparsity"]["per_linear"].items():
+        width = row["shape"][1]
+        assert row["percdamp_used"] == pytest.approx(0.01 + 0.5 * width / tokens), name

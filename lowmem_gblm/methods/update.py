@@ -117,10 +117,24 @@ class NotPositiveDefinite(UsageError):
     """The direct solve met a row system that is not positive definite (lsq_direct retries with more damping)."""
 
 
+def update_damping(options, in_features: int) -> float:
+    """The damping the exact update solves with, as a fraction of mean(diag H): ``--percdamp`` plus ``--ridge``.
+
+    A ridge toward the dense weights, minimising (w - v)^T H (w - v) + mu ||w - v||^2 over the kept weights, is the
+    same problem with H + mu I (the pruned weights' part of ||w - v||^2 does not depend on v): ``--ridge R`` adds
+    mu = R mean(diag H), or R (in / tokens) mean(diag H) with ``--ridge-scaling inputs-per-token`` (the refit has
+    ``in`` unknowns per row against ``tokens`` calibration rows: the fewer tokens per input, the more it can fit the
+    calibration text's noise). R = 0 is the exact solve; R -> infinity keeps the masked dense weights."""
+    ridge = options.ridge
+    if ridge and options.ridge_scaling == "inputs-per-token":
+        ridge *= in_features / max(options.calib_tokens, 1)
+    return options.percdamp + ridge
+
+
 def lsq_direct(job: LinearJob, dense: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``lsq_update`` with more damping while a row system is not positive definite; reports the solver, the damping
     used and the reconstruction error in ``job.diagnostics``."""
-    percdamp = job.options.percdamp
+    percdamp = update_damping(job.options, dense.shape[1])
     while True:
         try:
             new = lsq_update(dense, job.stats["hessian"], keep, percdamp)
@@ -208,7 +222,8 @@ def gradual(job: LinearJob, dense: torch.Tensor, base: Method) -> tuple[torch.Te
 
 def _factor(job: LinearJob) -> solve.Factor:
     """The job's Hessian factored (damped, scaled, inverted), shared by the linears reading the same input."""
-    hessian, percdamp = job.stats["hessian"], job.options.percdamp
+    hessian = job.stats["hessian"]
+    percdamp = update_damping(job.options, hessian.shape[0])
 
     def build():
         return factor_hessian(hessian, percdamp, job.name)
