@@ -18,6 +18,7 @@ stopped, and the table printed at the end is the whole grid.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
@@ -32,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("quality")
 
+DEFAULT_CALIB = "wiki-offline:calib"
 PATTERNS = [({"pattern": "unstructured", "sparsity": 0.5}, "50%"),
             ({"pattern": "unstructured", "sparsity": 0.6}, "60%"),
             ({"pattern": "unstructured", "sparsity": 0.7}, "70%"),
@@ -45,9 +47,14 @@ METHODS = [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("gblm-l1", {"gr
 def run_setting(a, threads: int) -> dict:
     """What a row's number depends on besides its method, pattern and seed: rows are reused only under an equal
     setting (SparseGPT's sums move with the thread count, so it is part of it)."""
-    return {"model": a.name, "nsamples": a.nsamples, "seqlen": a.seqlen, "eval_windows": a.eval_windows,
-            "device": a.device, "threads": threads, "owl_lambda": a.owl_lambda, "owl_m": a.owl_m,
-            "zeroshot_limit": a.zeroshot_limit}
+    setting = {"model": a.name, "nsamples": a.nsamples, "seqlen": a.seqlen, "eval_windows": a.eval_windows,
+               "device": a.device, "threads": threads, "owl_lambda": a.owl_lambda, "owl_m": a.owl_m,
+               "zeroshot_limit": a.zeroshot_limit}
+    if a.ood:  # (only when given: rows measured before the option existed keep their setting)
+        setting["ood"] = {"sources": a.ood, "windows": a.ood_windows}
+    if a.calib != DEFAULT_CALIB:
+        setting["calib"] = a.calib
+    return setting
 
 
 def code_commit() -> str | None:
@@ -98,18 +105,24 @@ def grid_table(rows: list[dict], seed: int) -> str:
     return "\n".join(lines)
 
 
-def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int, work: Path) -> Path:
-    """Sample the windows once per seed; every run of that seed reuses them (--calib-ids)."""
+def calib_tag(source: str) -> str:
+    """A file-name tag for a calibration source other than the default ("" for it)."""
+    return "" if source == DEFAULT_CALIB else "-" + hashlib.sha256(source.encode()).hexdigest()[:8]
+
+
+def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int, work: Path,
+                    source: str = DEFAULT_CALIB) -> Path:
+    """Sample the windows once per seed (and source); every run of that seed reuses them (--calib-ids)."""
     from transformers import AutoTokenizer
 
     from lowmem_gblm.calib.data import calibration_windows, save_ids
     from lowmem_gblm.io.model import StreamedModel
 
-    path = work / f"calib-ids-{nsamples}x{seqlen}-s{seed}.safetensors"
+    path = work / f"calib-ids-{nsamples}x{seqlen}-s{seed}{calib_tag(source)}.safetensors"
     if not path.is_file():
         tok = AutoTokenizer.from_pretrained(str(model))
         bos = StreamedModel.open(model).family.bos_per_window  # the windows prune itself would sample
-        save_ids(path, calibration_windows(tok, "wiki-offline:calib", nsamples, seqlen, seed, bos))
+        save_ids(path, calibration_windows(tok, source, nsamples, seqlen, seed, bos))
     return path
 
 
@@ -134,11 +147,45 @@ def run_prune(model: Path, out: Path, calib, device: str, **options) -> tuple[di
 
 
 def evaluate(model_dir: Path, a) -> dict:
+    """Perplexity on the in-domain evaluation split, and with --ood on each out-of-domain source (``ood``:
+    source -> {"ppl", "windows", "tokens"})."""
     from lowmem_gblm.config import EvalConfig
     from lowmem_gblm.engine import evaluate_checkpoint
 
-    return evaluate_checkpoint(EvalConfig(str(model_dir), "wiki-offline:eval", a.seqlen, a.eval_windows or None,
-                                          a.eval_batch, a.device, progress=False))
+    res = evaluate_checkpoint(EvalConfig(str(model_dir), "wiki-offline:eval", a.seqlen, a.eval_windows or None,
+                                         a.eval_batch, a.device, progress=False))
+    if a.ood:
+        res["ood"] = {}
+        for source in a.ood:
+            r = evaluate_checkpoint(EvalConfig(str(model_dir), source, a.seqlen, a.ood_windows, a.eval_batch,
+                                               a.device, progress=False))
+            res["ood"][source] = {"ppl": r["ppl"], "windows": r["windows"], "tokens": r["tokens"]}
+    return res
+
+
+def ood_table(rows: list[dict], seed: int, sources: list[str]) -> str:
+    """Per pattern, a markdown table: a line per method, the in-domain and every out-of-domain perplexity, each with
+    its change against SparseGPT's row of the same pattern when there is one."""
+    out = []
+    for _, pattern in PATTERNS:
+        sel = [r for r in rows if r["pattern"] == pattern and r["seed"] == seed and "ood" in r]
+        if not sel:
+            continue
+        ref = next((r for r in sel if r["method"] == "sparsegpt"), None)
+        cols = ["wiki-offline:eval", *sources]
+
+        def value(r, c):
+            return r["ppl"] if c == "wiki-offline:eval" else r["ood"].get(c, {}).get("ppl")
+
+        out.append(f"{pattern}:\n\n| method | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols))
+        for r in sel:
+            cells = []
+            for c in cols:
+                v, base = value(r, c), value(ref, c) if ref else None
+                cells.append("–" if v is None else f"{v:.2f}" + (f" ({100 * (v / base - 1):+.1f}%)"
+                                                                  if base and r is not ref else ""))
+            out[-1] += f"\n| {r['method']} | " + " | ".join(cells) + " |"
+    return "\n\n".join(out)
 
 
 def zeroshot(model_dir: Path, a, task_dir: Path) -> dict:
@@ -178,6 +225,16 @@ def main() -> None:
                    "iterative (X+lsq:it), auto (X+lsq:auto); gradual always runs the iterative solver")
     p.add_argument("--solver-tol", type=float, default=1e-2,
                    help="--solver-tol of the iterative solver (rows named ...@tol<value> when not 1e-2)")
+    p.add_argument("--ridges", nargs="+", type=float, default=[0.0],
+                   help="--ridge values for lsq / gradual rows (rows named ...+ridge<value> when not 0)")
+    p.add_argument("--ridge-scaling", default="none", choices=["none", "inputs-per-token"],
+                   help="--ridge-scaling of those rows (named ...+ridgeD<value> with inputs-per-token)")
+    p.add_argument("--ood", nargs="+", default=[],
+                   help="out-of-domain evaluation sources besides wiki-offline:eval, e.g. python-stdlib:eval "
+                   "debian-docs:eval moby-dick:eval (scripts/fetch_ood.sh)")
+    p.add_argument("--ood-windows", type=int, default=64, help="windows of each --ood source")
+    p.add_argument("--calib", default=DEFAULT_CALIB,
+                   help="calibration source (a mix: A+B, e.g. wiki-offline:calib+python-stdlib:calib)")
     p.add_argument("--layer-sparsities", nargs="+", default=["uniform"],
                    help="uniform and/or owl (owl: score methods, unstructured patterns only)")
     p.add_argument("--owl-lambda", type=float, default=0.08)
@@ -248,8 +305,8 @@ def main() -> None:
         for method, extra in METHODS:
             if method not in a.methods or (not primary and not a.all_seeds and method not in ("wanda", "gblm-l1")):
                 continue
-            for (options, short), update, layers, solver in itertools.product(PATTERNS, a.updates,
-                                                                               a.layer_sparsities, a.solvers):
+            for (options, short), update, layers, solver, ridge in itertools.product(
+                    PATTERNS, a.updates, a.layer_sparsities, a.solvers, a.ridges):
                 if short not in a.patterns or (not primary and not a.all_seeds and short != "50%"):
                     continue
                 if (update != "none" or layers != "uniform") and method not in SCORE_METHODS:
@@ -258,6 +315,8 @@ def main() -> None:
                     continue
                 if update != "lsq" and solver != a.solvers[0]:
                     continue  # --solver applies to lsq only: one row of the others
+                if ridge and update not in ("lsq", "gradual"):
+                    continue  # --ridge applies to lsq and gradual only
                 name = method if update == "none" else f"{method}+{update}"
                 if update == "lsq" and solver != "direct":
                     name += ":it" if solver == "iterative" else f":{solver}"
@@ -266,6 +325,9 @@ def main() -> None:
                                          "solver_tol": a.solver_tol}
                     if a.solver_tol != 1e-2:
                         name += f"@tol{a.solver_tol:g}"
+                if ridge:
+                    name += f"+ridge{'D' if a.ridge_scaling != 'none' else ''}{ridge:g}"
+                    options = options | {"ridge": ridge, "ridge_scaling": a.ridge_scaling}
                 if a.rows and name not in a.rows:
                     continue
                 if layers == "owl":
@@ -279,11 +341,12 @@ def main() -> None:
                 if a.report_only:
                     continue
                 if calib is None:
-                    ids_file = calibration_ids(model, a.nsamples, a.seqlen, seed, work)
+                    ids_file = calibration_ids(model, a.nsamples, a.seqlen, seed, work, a.calib)
                     calib = CalibConfig(source=None, ids_file=str(ids_file), nsamples=a.nsamples, seqlen=a.seqlen,
                                         seed=seed)
+                    log.info("calibration: %s, %d x %d, seed %d (%s)", a.calib, a.nsamples, a.seqlen, seed, ids_file)
                 if method.startswith("gblm") and method not in grads:  # once per (norm, seed), when first needed
-                    gdir = work / f"grad-{extra['grad_norm']}-s{seed}"
+                    gdir = work / f"grad-{extra['grad_norm']}-s{seed}{calib_tag(a.calib)}"
                     grads[method] = (gdir, *run_gradients(model, gdir, calib, extra["grad_norm"], a.device))
                 out = work / f"{name}-{short.replace(':', 'of').replace('%', 'pct')}-s{seed}"
                 margs = {"method": "gblm", "gradients": str(grads[method][0]), **extra} if method.startswith(
@@ -315,6 +378,10 @@ def main() -> None:
         print(f"{r['method']:<16}{r['pattern']:<9}{'' if r['seed'] is None else r['seed']!s:<6}{r['ppl']:>10.3f}"
               f"{r['sparsity']:>10.4f}{r.get('prune_seconds') or 0:>9.1f}{r.get('gradient_seconds') or 0:>8.1f}{zs}")
     print(f"\nseed {a.seeds[0]}, perplexity (dense {dense['ppl']:.2f}):\n" + grid_table(rows, a.seeds[0]))
+    if a.ood:
+        dense_ood = ", ".join(f"{k} {v['ppl']:.2f}" for k, v in dense.get("ood", {}).items())
+        print(f"\nin and out of domain (dense: wiki-offline:eval {dense['ppl']:.2f}, {dense_ood}):\n\n"
+              + ood_table(rows, a.seeds[0], a.ood))
     spread = {}
     for method, pattern in dict.fromkeys((r["method"], r["pattern"]) for r in rows if r["seed"] is not None):
         vals = [r["ppl"] for r in rows if r["method"] == method and r["pattern"] == pattern]
