@@ -24,7 +24,7 @@ from lowmem_gblm.mask import Pattern, flip_fraction, select_keep
 from lowmem_gblm.report.summary import keep_grid, linear_kind, load_run, per_block_rows, per_kind
 from lowmem_gblm.score import gblm_score, gradient_term, term_share, wanda_score
 from tests.reference import full_model
-from tests.tiny import make_tiny_llama
+from tests.tiny import VISION_CLASSES, VISION_SIZE, make_tiny_llama, make_tiny_vision
 
 N, T = 4, 16
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +172,29 @@ def test_report_prints_and_writes_figures(runs, tmp_path):
     for name in written:
         data = (tmp_path / "png" / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2"])
+def test_vision_runs_report_their_figures(kind, tmp_path):
+    """Issue 37 case 1: the report names linears as transformers 5's modules do (``vit.layers.1.attention.k_proj``),
+    the output's index as the checkpoint stores them (``vit.encoder.layer.1.attention.attention.key``): the mask
+    figure maps one to the other, as verify does."""
+    from lowmem_gblm.calib.images import save_pixels
+
+    model = make_tiny_vision(tmp_path / "model", kind, layers=2, seed=4)
+    g = torch.Generator().manual_seed(2)
+    pixels = tmp_path / "pixels.safetensors"
+    save_pixels(pixels, torch.randn(4, 3, VISION_SIZE, VISION_SIZE, generator=g),
+                torch.randint(0, VISION_CLASSES, (4,), generator=g))
+    prune(PruneConfig(model_dir=str(model), out_dir=str(tmp_path / "out"), method="gblm", sparsity=0.5,
+                      device="cpu", progress=False, calib=CalibConfig(pixels_file=str(pixels), nsamples=4)))
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "out"), "--png", str(tmp_path / "png"),
+                                      "--block", "1"])
+    assert result.exit_code == 0, result.output
+    assert "attention.k_proj" in result.output or "mlp" in result.output
+    written = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert written == ["gradient_share.png", "masks.png", "output_error.png"]
+    assert all((tmp_path / "png" / n).read_bytes().startswith(PNG_MAGIC) for n in written)
 
 
 def test_compare_two_runs_of_one_model(runs, tmp_path):

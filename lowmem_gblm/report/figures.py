@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from lowmem_gblm.report import require_matplotlib
-from lowmem_gblm.report.summary import CORNER, GRID_CELLS, RunSummary, keep_grid, per_kind, read_keep
+from lowmem_gblm.report.summary import CORNER, GRID_CELLS, RunSummary, keep_grid, per_kind, read_keep, stored_name
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def mask_figure(runs: list[RunSummary], names: list[str], path: Path) -> Path:
     CORNER x CORNER weights at full resolution (where N:M groups and single weights show). With two runs, a last
     panel shows where their keep decisions differ. Narrow groups are laid out several to a row. Zeros in the
     written weights are shown as pruned (the masks themselves are not stored)."""
-    keeps = {(name, run.out): read_keep(run.out, name) for name in names for run in runs}
+    keeps = {(name, run.out): read_keep(run.out, name, stored_name(run, name)) for name in names for run in runs}
     corners = any(max(k.shape) > GRID_CELLS for k in keeps.values())
     per_run = 2 if corners else 1
     group = per_run * len(runs) + (len(runs) == 2)  # panels per linear

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 from lowmem_gblm.errors import InputError, UsageError
 from lowmem_gblm.io.checkpoint import INDEX_NAME, read_tensors, read_weight_map
+from lowmem_gblm.io.layout import FAMILIES, Family
 from lowmem_gblm.io.runstate import REPORT_NAME
+from lowmem_gblm.userregex import compile_user_regex
 
 GRID_CELLS = 256  # a mask heatmap has at most this many cells along each side
 CORNER = 64  # the full-resolution corner shown beside it (rows x columns), where N:M groups are visible
@@ -154,10 +156,7 @@ def choose_linears(run: RunSummary, block: int | None, pattern: str | None) -> l
     without one, every pruned linear of ``block`` (default: the middle block); at most MAX_LINEARS, in name
     order."""
     if pattern is not None:
-        try:
-            rx = re.compile(pattern)
-        except re.error as exc:
-            raise UsageError(f"--linears {pattern!r} is not a regular expression ({exc})") from exc
+        rx = compile_user_regex("--linears", pattern)
         names = [n for n in run.per_linear if rx.search(n)]
         if not names:
             raise UsageError(f"--linears {pattern!r} matches no pruned linear of {run.out} (names look like "
@@ -172,16 +171,39 @@ def choose_linears(run: RunSummary, block: int | None, pattern: str | None) -> l
     return sorted(names)[:MAX_LINEARS]
 
 
-def read_keep(out_dir: Path, name: str) -> torch.Tensor:
-    """keep [out, in] bool of a written linear: its nonzero entries. The masks themselves are not stored, so a kept
-    weight that is exactly 0 (in the source checkpoint, or after a weight update) shows as pruned."""
+def run_family(run: RunSummary) -> Family | None:
+    """The family row of the run's model: its report's ``diagnostics.model.architecture``, else the
+    ``architectures`` of OUT_DIR's config.json; None when neither names a family we know."""
+    name = run.model.get("architecture")
+    if name is not None:
+        return next((f for f in FAMILIES if f.name == name), None)
+    try:
+        archs = json.loads((run.out / "config.json").read_bytes().decode("utf-8")).get("architectures") or []
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError):
+        return None
+    return next((f for f in FAMILIES if any(a in f.architectures for a in archs if isinstance(a, str))), None)
+
+
+def stored_name(run: RunSummary, name: str) -> str:
+    """A linear's name in the run's index: the report names linears as transformers' modules do, the checkpoint
+    stores vision layers under transformers 4's names (io.layout, the same mapping verify uses)."""
+    family = run_family(run)
+    return name if family is None else family.to_stored(name)
+
+
+def read_keep(out_dir: Path, name: str, stored: str | None = None) -> torch.Tensor:
+    """keep [out, in] bool of a written linear ``name`` (``stored``: its name in the index, when it differs). The
+    masks themselves are not stored, so a kept weight that is exactly 0 (in the source checkpoint, or after a weight
+    update) shows as pruned."""
     index = out_dir / INDEX_NAME
     if not index.is_file():
         raise InputError(f"{out_dir} has no {INDEX_NAME}: not a finished run")
-    shard = read_weight_map(index).get(name)
+    key = stored or name
+    shard = read_weight_map(index).get(key)
     if shard is None or Path(shard).name != shard or not (out_dir / shard).is_file():
-        raise InputError(f"{out_dir}: {name} is not in its index or its shard {shard!r} is missing")
-    weight = read_tensors(out_dir / shard, [name])[name]
+        shown = name if key == name else f"{name} (stored as {key})"
+        raise InputError(f"{out_dir}: {shown} is not in its index or its shard {shard!r} is missing")
+    weight = read_tensors(out_dir / shard, [key])[key]
     if weight.dim() != 2:
         raise InputError(f"{out_dir}: {name} has shape {list(weight.shape)}, not a matrix")
     return weight != 0
