@@ -228,6 +228,17 @@ def test_png_without_matplotlib_names_the_extra(runs, tmp_path, monkeypatch):
     assert result.exit_code == 0 and "out_err" in result.output
 
 
+def test_png_path_that_is_a_file_is_one_error_line(runs, tmp_path):
+    """Issue 32 case 14: ``--png FILE`` (or a folder under a file) was a FileExistsError traceback."""
+    (tmp_path / "taken").write_text("not a folder")
+    for png in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        result = CliRunner().invoke(app, ["report", str(runs["wanda"]), "--png", str(png)])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: --png") and "a file, not a folder" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert (tmp_path / "taken").read_text() == "not a folder"
+
+
 def test_report_refuses_a_folder_without_a_finished_run(tmp_path, runs):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "error:" in result.output and "prune_report.json" in result.output

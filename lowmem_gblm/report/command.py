@@ -9,12 +9,23 @@ from lowmem_gblm.report import require_matplotlib
 from lowmem_gblm.report.summary import check_comparable, choose_linears, compare_lines, load_run, summary_lines
 
 
+def check_png_folder(folder: Path) -> None:
+    """Refuse a ``--png`` path that cannot be a folder: an existing file, or a path under a file."""
+    for path in (folder, *folder.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                what = "is" if path == folder else f"is under {path}, which is"
+                raise UsageError(f"--png {folder} {what} a file, not a folder; name a folder for the figures")
+            return
+
+
 def report(out_dir: str | Path, png: str | Path | None = None, compare: str | Path | None = None,
            block: int | None = None, linears: str | None = None) -> tuple[list[str], list[Path]]:
     """(lines to print, PNG files written). Everything is checked before anything is written: matplotlib (for
     ``png``), both reports, that both runs are of one model, the chosen linears."""
     if png is not None:
         require_matplotlib()
+        check_png_folder(Path(png))
     runs = [load_run(out_dir)]
     if compare is not None:
         runs.append(load_run(compare))
@@ -33,9 +44,12 @@ def report(out_dir: str | Path, png: str | Path | None = None, compare: str | Pa
         from lowmem_gblm.report import figures
 
         folder = Path(png)
-        written.append(figures.output_error_figure(runs, folder / "output_error.png"))
-        share = figures.gradient_share_figure(runs, folder / "gradient_share.png")
-        if share is not None:
-            written.append(share)
-        written.append(figures.mask_figure(runs, names, folder / "masks.png"))
+        try:
+            written.append(figures.output_error_figure(runs, folder / "output_error.png"))
+            share = figures.gradient_share_figure(runs, folder / "gradient_share.png")
+            if share is not None:
+                written.append(share)
+            written.append(figures.mask_figure(runs, names, folder / "masks.png"))
+        except OSError as exc:  # a folder we may not write, a full disk
+            raise UsageError(f"--png {folder}: cannot write the figures ({exc})") from exc
     return lines, written
