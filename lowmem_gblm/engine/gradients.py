@@ -48,7 +48,7 @@ from lowmem_gblm.io.runstate import (
     diff_dicts,
     prepare_out_dir,
 )
-from lowmem_gblm.io.writer import save_tensors_atomic
+from lowmem_gblm.io.writer import file_sha256, save_tensors_atomic
 from lowmem_gblm.runtime import dtype_name, named_dtype
 from lowmem_gblm.stream.backward import block_windows, classifier_windows, finish, grad_accumulators, head_windows
 from lowmem_gblm.stream.reduce import ChunkFold
@@ -416,6 +416,8 @@ def gradient_feed(run: Run, manifest: RunState | None, gradients: str | None) ->
             log.info("using gradients from %s (%s norm, computed in %s on %s)", folder.folder, folder.identity[
                 "grad_norm"], folder.identity.get("compute_dtype"), folder.identity.get("device_type"))
     else:
+        if ranks.writer and manifest is not None:
+            forget_lost_gradients(run.out / STATE_DIR / OWN_GRADIENTS, manifest)
         with run.phase("gradient_sweep"):
             folder = gradient_sweep(run, run.out / STATE_DIR / OWN_GRADIENTS)
     if folder is not None:
@@ -431,6 +433,39 @@ def gradient_feed(run: Run, manifest: RunState | None, gradients: str | None) ->
             manifest.save()
     ranks.agree(error, "checking the gradients against OUT_DIR's manifest")
     return GradientFeed(folder, private=not gradients) if folder is not None else None
+
+
+def forget_lost_gradients(path: Path, manifest: RunState) -> list[int]:
+    """A prune run's own gradient folder drops block i's file once block i's shard is durable (GradientFeed). A block
+    the resume must redo (its shard deleted, resized or changed since: sha256 against the manifest) needs that file
+    again: such shards leave OUT_DIR and the manifest, and the folder is removed, so the sweep computes the gradients
+    again (the same bytes, so the manifest's gradient record still holds). Returns the blocks to redo that lost their
+    gradients (call it on the writer, under the lock)."""
+    folder = GradientFolder.load_folder(path) if path.is_dir() else None
+    if folder is None:
+        return []
+    lost = sorted(int(key) for key in folder.done if key.isdigit() and not folder.is_done(key))
+    redo = [i for i in lost if not _shard_intact(manifest, f"block.{i}")]
+    if not redo:
+        return []
+    for i in redo:  # the file first: a kill in between leaves an entry whose file is missing, which is redone too
+        entry = manifest.done.get(f"block.{i}")
+        if entry is not None:
+            (manifest.folder / entry["file"]).unlink(missing_ok=True)
+            del manifest.done[f"block.{i}"]
+    manifest.save()
+    log.warning("block(s) %s must be redone (shard missing or changed since this run wrote it) and this run's gradient "
+                "folder had already dropped their gradients: computing the gradients again", redo)
+    shutil.rmtree(path)
+    return redo
+
+
+def _shard_intact(manifest: RunState, key: str) -> bool:
+    """``key``'s shard is there with the size and sha256 the manifest recorded."""
+    if not manifest.is_done(key):
+        return False
+    entry = manifest.entry(key)
+    return file_sha256(manifest.folder / entry["file"]) == entry["sha256"]
 
 
 def compute_gradients(config: GradientConfig) -> dict:

@@ -11,6 +11,7 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +37,14 @@ from lowmem_gblm.io.runstate import (
     prepare_out_dir,
     remove_stale_temps,
 )
-from lowmem_gblm.io.writer import atomic_write_text, copy_side_files, save_tensors_atomic, shard_name, side_files
+from lowmem_gblm.io.writer import (
+    TMP_MARK,
+    atomic_write_text,
+    copy_side_files,
+    save_tensors_atomic,
+    shard_name,
+    side_files,
+)
 from lowmem_gblm.mask import Pattern
 from lowmem_gblm.methods import Method
 from lowmem_gblm.methods.apply import BlockPruner, linear_report, statistics_needed
@@ -121,6 +129,9 @@ def _open_output(run: Run, config: PruneConfig, stack: contextlib.ExitStack) -> 
                 "compute_dtype": str(run.dtype), "chunk_windows": run.part.chunk}
     manifest = RunState.open(out, f"{STATE_DIR}/{MANIFEST_NAME}", identity, what="OUT_DIR",
                              fix="pass --overwrite to start over")
+    if manifest.data.get(TOTAL_SHARDS) != model.num_blocks + 1:  # before any shard: --overwrite knows their names
+        manifest.data[TOTAL_SHARDS] = model.num_blocks + 1
+        manifest.save()
     missing = sorted(entry["file"] for key, entry in manifest.done.items() if not manifest.is_done(key))
     if manifest.complete and (out / INDEX_NAME).is_file() and (out / REPORT_NAME).is_file() and not missing:
         log.info("%s is already complete (same options and model); nothing to do", out)
@@ -250,9 +261,13 @@ class _PruneSweep:
         try:
             block = reader.next(i)
         except ShardChanged as exc:  # a finished shard was changed since: its damage must not reach later blocks
-            log.warning("%s; redoing block %d from the input model", exc, i)
+            (run.out / self.manifest.entry(key)["file"]).unlink(missing_ok=True)  # ours; written again below
             del self.manifest.done[key]
             self.manifest.save()
+            if self.grads is not None and not self.grads.folder.block_done(i):  # changed after the resume's check
+                raise InputError(f"{exc}; block {i} must be redone and this run's gradients for it were already "
+                                 "dropped: run the same command again (it computes them again and resumes)") from None
+            log.warning("%s; redoing block %d from the input model", exc, i)
             block = run.model.load_block(i, run.device, run.dtype)
         replay = ranks.broadcast_object(self.manifest is not None and self.manifest.is_done(key),
                                         f"block {i}: replayed or pruned")
@@ -441,14 +456,38 @@ def _previous_run_files(out: Path, config: PruneConfig, model_dir: Path) -> list
         return []
     ours = {entry.get("file") for entry in manifest.done.values() if isinstance(entry, dict)}
     ours |= {INDEX_NAME, REPORT_NAME, CALIB_IDS_NAME, CALIB_PIXELS_NAME, *manifest.data.get("side_files", []),
-             *side_files(model_dir)}
+             *side_files(model_dir), *_run_shard_names(manifest)}
     ours = {name for name in ours if isinstance(name, str) and name and Path(name).name == name}  # plain names only
+    ours |= {name for name in entries if _stale_temp_of(name, ours)}  # a write the kill interrupted
     foreign = sorted(entries - ours)
     if foreign:
         raise InputError(f"OUT_DIR {out} holds files no lowmem-gblm run wrote ({', '.join(foreign[:3])}"
                          f"{'...' if len(foreign) > 3 else ''}); --overwrite leaves them alone: move them or "
                          "choose another OUT_DIR (nothing was deleted)")
     return sorted(entries & ours)
+
+
+TOTAL_SHARDS = "total_shards"  # in the manifest: how many shards the run writes (their names are shard_name(k, n))
+
+
+def _run_shard_names(manifest: RunState) -> set[str]:
+    """Every shard name the run in ``manifest`` writes, listed or not: one written just before a kill, before its
+    entry, or one a resume dropped from the manifest to redo is still the run's own file. Older manifests without
+    the count: the totals their entries' names carry."""
+    totals = {manifest.data.get(TOTAL_SHARDS)}
+    for entry in manifest.done.values():
+        match = _SHARD_RE.fullmatch(str(entry.get("file")))
+        totals.add(int(match.group(2)) if match else None)
+    return {shard_name(k, n) for n in totals if isinstance(n, int) and 0 < n < 100_000 for k in range(n)}
+
+
+_SHARD_RE = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+
+
+def _stale_temp_of(name: str, ours: set[str]) -> bool:
+    """``name`` is the temporary file of an atomic write of one of ``ours`` (``.NAME.tmp-PID``) a kill left."""
+    base, mark, pid = name.partition(TMP_MARK)
+    return bool(mark) and pid.isdigit() and base.startswith(".") and base[1:] in ours
 
 
 def _remove_previous_run(out: Path, config: PruneConfig, model_dir: Path) -> None:
