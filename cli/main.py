@@ -78,6 +78,11 @@ CalibImages = Annotated[Path | None, typer.Option(
     "--calib-labels), preprocessed by the model's preprocessor_config.json or the documented default")]
 CalibLabels = Annotated[Path | None, typer.Option(
     "--calib-labels", help="--calib-images of a flat folder: a CSV of file,label lines")]
+RenumberLabels = Annotated[bool, typer.Option(
+    "--renumber-labels", help="image classes: number the class names (subfolders, or --calib-labels / --images "
+    "labels) 0, 1, ... in natural order (LABEL_2 before LABEL_10) instead of the model's config.json "
+    "label2id/id2label; without it a class is its id in the config (a name such as LABEL_3, or a class id "
+    "such as 3) and a class the config does not know is refused")]
 CalibPixels = Annotated[Path | None, typer.Option(
     "--calib-pixels", help="vision transformers: safetensors with pixel_values [N, 3, H, W] and optional labels [N] "
     "(exact inputs, e.g. a run's own calibration_pixels.safetensors)")]
@@ -169,9 +174,11 @@ def _expected_errors():
 
 
 def _calib(calib: str | None, calib_ids: Path | None, nsamples: int, seqlen: int, seed: int,
-           images: Path | None = None, labels: Path | None = None, pixels: Path | None = None) -> CalibConfig:
+           images: Path | None = None, labels: Path | None = None, pixels: Path | None = None,
+           renumber_labels: bool = False) -> CalibConfig:
     return CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, ids_file=_text(calib_ids),
-                       images=_text(images), labels_file=_text(labels), pixels_file=_text(pixels))
+                       images=_text(images), labels_file=_text(labels), pixels_file=_text(pixels),
+                       renumber_labels=renumber_labels)
 
 
 def _text(path: Path | None) -> str | None:
@@ -205,6 +212,7 @@ def prune(
     calib_ids: CalibIds = None,
     calib_images: CalibImages = None,
     calib_labels: CalibLabels = None,
+    renumber_labels: RenumberLabels = False,
     calib_pixels: CalibPixels = None,
     nsamples: NSamples = 128,
     seqlen: SeqLen = 2048,
@@ -256,7 +264,7 @@ def prune(
         config = PruneConfig(
             model_dir=str(model_dir), out_dir=str(out_dir),
             calib=_calib(calib, calib_ids, nsamples, seqlen, seed,
-                         calib_images, calib_labels, calib_pixels), method=method, sparsity=sparsity,
+                         calib_images, calib_labels, calib_pixels, renumber_labels), method=method, sparsity=sparsity,
             pattern=pattern, magnitude_scope=magnitude_scope, update=update,
             layer_sparsity=layer_sparsity, owl_lambda=owl_lambda, owl_m=owl_m, targets=targets, ignore=ignore,
             device=device, dtype=dtype, alpha=alpha,
@@ -287,6 +295,7 @@ def gradients(
     calib_ids: CalibIds = None,
     calib_images: CalibImages = None,
     calib_labels: CalibLabels = None,
+    renumber_labels: RenumberLabels = False,
     calib_pixels: CalibPixels = None,
     nsamples: NSamples = 128,
     seqlen: SeqLen = 2048,
@@ -312,7 +321,7 @@ def gradients(
     with _expected_errors():
         config = GradientConfig(
             model_dir=str(model_dir), out_dir=str(grad_dir), calib=_calib(calib, calib_ids, nsamples, seqlen, seed,
-                         calib_images, calib_labels, calib_pixels),
+                         calib_images, calib_labels, calib_pixels, renumber_labels),
             grad_norm=grad_norm, device=device, dtype=dtype, offload=offload, store_dtype=store_dtype,
             grad_dtype=grad_dtype, head_chunk=head_chunk, batch_size=batch_size, checkpoint_every=checkpoint_every,
             chunk_windows=chunk_windows, prefetch=prefetch, progress=not quiet, plan_check=plan_check,
@@ -347,6 +356,7 @@ def eval_cmd(
     images: Annotated[Path | None, typer.Option(
         "--images", help="vision transformers: top-1 on an image folder (FOLDER/<class>/<image>; flat: features "
         "only), preprocessed as for --calib-images")] = None,
+    renumber_labels: RenumberLabels = False,
     pixels: Annotated[Path | None, typer.Option(
         "--pixels", help="vision transformers: safetensors pixel_values [N, 3, H, W] and optional labels [N]")] = None,
     reference: Annotated[Path | None, typer.Option(
@@ -375,7 +385,8 @@ def eval_cmd(
                             chunk_windows=chunk_windows, prefetch=prefetch, progress=not (quiet or as_json),
                             tasks=names, include_path=None if include_path is None else str(include_path),
                             num_fewshot=num_fewshot, limit=limit, pass_tokens=pass_tokens,
-                            images=_text(images), pixels=_text(pixels), reference=_text(reference))
+                            images=_text(images), pixels=_text(pixels), reference=_text(reference),
+                            renumber_labels=renumber_labels)
         result = evaluate(config)
     if env_rank() != 0:
         return

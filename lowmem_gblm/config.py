@@ -103,7 +103,8 @@ _NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "
 _FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chunk": None, "update": "none",
                        "layer_sparsity": "uniform", "owl_lambda": 0.08, "owl_m": 5.0, "targets": None,
                        "ignore": None, "gradual_steps": 4, "ridge": 0.0, "ridge_scaling": "none"}
-_VISION_CALIB = ("images", "labels_file", "pixels_file")  # fingerprinted only when set (older runs resume)
+# fingerprinted only when set (not None, not False): older runs resume
+_VISION_CALIB = ("images", "labels_file", "pixels_file", "renumber_labels")
 _CHOICES = {"dtype": Dtype, "store_dtype": StoreDtype, "grad_dtype": GradDtype, "offload": Offload,
             "grad_norm": GradNorm, "magnitude_scope": MagnitudeScope, "method": MethodName, "update": Update,
             "layer_sparsity": LayerSparsity, "solver": Solver, "ridge_scaling": RidgeScaling}
@@ -152,6 +153,7 @@ class CalibConfig:
     images: str | None = None
     labels_file: str | None = None
     pixels_file: str | None = None
+    renumber_labels: bool = False  # class names -> 0, 1, ... in natural order, not the model's label2id
 
     def __post_init__(self) -> None:
         given = [f for f, v in (("--calib", self.source), ("--calib-ids", self.ids_file),
@@ -163,6 +165,8 @@ class CalibConfig:
             raise UsageError(f"{' and '.join(given)}: pass one source of calibration data")
         if self.labels_file and not self.images:
             raise UsageError("--calib-labels needs --calib-images (a flat image folder)")
+        if self.renumber_labels and not self.images:
+            raise UsageError("--renumber-labels needs --calib-images (class folders or --calib-labels)")
         if self.nsamples < 1:
             raise UsageError(f"--nsamples must be >= 1, got {self.nsamples}")
         if self.seqlen < 2:
@@ -318,7 +322,8 @@ class PruneConfig(RunConfig):
         fingerprinted separately (io.checkpoint.CheckpointIndex.fingerprint)."""
         data = {k: v for k, v in self.to_dict().items()
                 if k not in _NOT_FINGERPRINTED and _FINGERPRINT_IF_NOT.get(k, object()) != v}
-        data["calib"] = {k: v for k, v in data["calib"].items() if k not in _VISION_CALIB or v is not None}
+        data["calib"] = {k: v for k, v in data["calib"].items()
+                         if k not in _VISION_CALIB or (v is not None and v is not False)}
         if str(self.update) not in SOLVED_UPDATES or str(self.solver) == "direct":  # runs before --solver resume
             for k in _SOLVER_OPTIONS:
                 data.pop(k, None)
@@ -358,6 +363,7 @@ class EvalConfig:
     images: str | None = None
     pixels: str | None = None
     reference: str | None = None
+    renumber_labels: bool = False  # --images: class names -> 0, 1, ... in natural order, not the model's label2id
 
     def __post_init__(self) -> None:
         _coerce(self, "dtype")
@@ -369,6 +375,8 @@ class EvalConfig:
             raise UsageError("--images and --pixels: pass one set of evaluation images")
         if self.reference and not (self.images or self.pixels):
             raise UsageError("--reference compares features on images: pass --images or --pixels too")
+        if self.renumber_labels and not self.images:
+            raise UsageError("--renumber-labels numbers the class folders of --images: pass --images too")
         if (self.images or self.pixels) and (self.data or self.tasks):
             raise UsageError("--images/--pixels evaluate a vision transformer; --data/--tasks a language model: "
                              "pass one kind")

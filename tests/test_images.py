@@ -93,10 +93,130 @@ def test_class_names_go_through_the_model_label2id(folder, tmp_path):
     assert load_image_folder(folder, model)[1].tolist() == [1, 1, 0, 0]
     assert load_image_folder(folder, label2id={"cat": 5, "dog": 7})[1].tolist() == [5, 5, 7, 7]
     (model / "config.json").write_text(json.dumps({"label2id": {"LABEL_0": 0, "LABEL_1": 1}}))  # placeholders
-    assert load_image_folder(folder, model)[1].tolist() == [0, 0, 1, 1]
+    with pytest.raises(InputError, match="class 'cat' is not one of the model's labels.*--renumber-labels"):
+        load_image_folder(folder, model)  # issue 32 case 4: not silently renumbered
+    assert load_image_folder(folder, model, renumber=True)[1].tolist() == [0, 0, 1, 1]
     (model / "config.json").write_text(json.dumps({"label2id": {"dog": 0, "bird": 1}}))
     with pytest.raises(InputError, match="class 'cat' is not one of the model's labels"):
         load_image_folder(folder, model)
+
+
+def _config(model, n: int, **extra):
+    """config.json of a classifier with ``n`` classes as transformers writes it (placeholder names LABEL_<i>)."""
+    model.mkdir(exist_ok=True)
+    labels = {"id2label": {str(i): f"LABEL_{i}" for i in range(n)}, "label2id": {f"LABEL_{i}": i for i in range(n)}}
+    (model / "config.json").write_text(json.dumps(labels | extra))
+    return model
+
+
+def test_placeholder_class_folders_keep_the_config_ids(tmp_path):
+    """Issue 32 case 4 / issue 37 case 2's note: folders named as the config's labels keep their ids (LABEL_3,
+    LABEL_4 -> 3, 4, not 0, 1), and LABEL_10 is not sorted as text before LABEL_2."""
+    model = _config(tmp_path / "model", 12)
+    for name in ("LABEL_3", "LABEL_4"):
+        solid(tmp_path / "a" / name / "x.png", (1, 2, 3))
+    assert load_image_folder(tmp_path / "a", model)[1].tolist() == [3, 4]
+    for name in ("LABEL_10", "LABEL_2", "LABEL_11"):
+        solid(tmp_path / "b" / name / "x.png", (1, 2, 3))
+    _, ids, files = load_image_folder(tmp_path / "b", model)
+    assert [(f.parent.name, i) for f, i in zip(files, ids.tolist(), strict=True)] == [
+        ("LABEL_10", 10), ("LABEL_11", 11), ("LABEL_2", 2)]
+    # only id2label (label2id left out): read backwards
+    (model / "config.json").write_text(json.dumps({"id2label": {"0": "ant", "1": "bee", "2": "LABEL_2",
+                                                                "10": "LABEL_10", "11": "LABEL_11"}}))
+    assert load_image_folder(tmp_path / "b", model)[1].tolist() == [10, 11, 2]
+    # asked for: renumbered in natural order (LABEL_2 < LABEL_10 < LABEL_11)
+    assert load_image_folder(tmp_path / "b", model, renumber=True)[1].tolist() == [1, 2, 0]
+
+
+def test_numeric_labels_are_class_ids_and_unknown_names_are_refused(tmp_path):
+    """Issue 32 case 4: a labels CSV of 0, 1, 4 keeps class 4 (it became 2); a name the config does not know is
+    refused with the way out; a model whose config names no classes takes class ids."""
+    root = tmp_path / "flat"
+    for name in ("x1.png", "x2.png", "x3.png"):
+        solid(root / name, (9, 9, 9))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("x1.png,0\nx2.png,4\nx3.png,1\n")
+    model = _config(tmp_path / "model", 5)
+    assert load_image_folder(root, model, labels_file=labels)[1].tolist() == [0, 4, 1]
+    assert load_image_folder(root, model, labels_file=labels, renumber=True)[1].tolist() == [0, 2, 1]
+    labels.write_text("x1.png,0\nx2.png,7\nx3.png,1\n")  # 7: not a class of the model
+    with pytest.raises(InputError, match=r"labels file .*: class '7' is not one of the model's labels \(LABEL_0, "):
+        load_image_folder(root, model, labels_file=labels)
+    (model / "config.json").write_text("{}")  # a config without labels: whole numbers are ids, names are not
+    assert load_image_folder(root, model, labels_file=labels)[1].tolist() == [0, 7, 1]
+    labels.write_text("x1.png,cat\nx2.png,dog\nx3.png,cat\n")
+    with pytest.raises(InputError, match="'cat' is not a class id .* names no classes.*--renumber-labels"):
+        load_image_folder(root, model, labels_file=labels)
+
+
+def test_renumber_labels_is_fingerprinted_only_when_asked_for():
+    """--renumber-labels changes the labels (GBLM's loss): a resume must not mix the two; runs without it keep the
+    fingerprint they had before the option existed."""
+    from lowmem_gblm.config import CalibConfig, PruneConfig
+    from lowmem_gblm.errors import UsageError
+
+    def calib_of(**kw):
+        config = PruneConfig(model_dir="m", out_dir="o", calib=CalibConfig(images="imgs", **kw))
+        return config.fingerprint_dict()["calib"]
+
+    assert "renumber_labels" not in calib_of()
+    assert calib_of(renumber_labels=True)["renumber_labels"] is True
+    with pytest.raises(UsageError, match="--renumber-labels needs --calib-images"):
+        CalibConfig(pixels_file="p.safetensors", renumber_labels=True)
+
+
+def test_labels_file_with_a_byte_order_mark(tmp_path):
+    """A CSV saved with a UTF-8 BOM (spreadsheets do) was blamed on its labels: the BOM hid the header."""
+    root = tmp_path / "flat"
+    for name in ("x1.png", "x2.png"):
+        solid(root / name, (9, 9, 9))
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("file,label\nx1.png,1\nx2.png,0\n".encode("utf-8-sig"))
+    assert load_image_folder(root, _config(tmp_path / "model", 2), labels_file=labels)[1].tolist() == [1, 0]
+
+
+def png_16bit_rgb(path, size=(8, 8)):
+    """A valid PNG of 16 bits per RGB channel (Pillow cannot write one), values that differ in the low bytes."""
+    import struct
+    import zlib
+
+    w, h = size
+    rows = np.arange(w * h * 3, dtype=">u2").reshape(h, w * 3) * 97
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    return write_png(path, struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0), zlib.compress(raw))
+
+
+def write_png(path, ihdr: bytes, idat: bytes):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def bomb_png(path, side=15000):
+    """A PNG header of side x side RGB pixels (more than Pillow's decompression-bomb limit) with a token IDAT."""
+    import struct
+    import zlib
+
+    return write_png(path, struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0), zlib.compress(b"\x00" * 64))
+
+
+def test_16_bit_png_and_decompression_bomb_are_refused_naming_the_file(tmp_path):
+    """Issue 32 case 5: a 16-bit-per-channel PNG was read as 8-bit (its high bytes); case 14: a 15000x15000 PNG
+    was a DecompressionBombError traceback."""
+    deep = png_16bit_rgb(tmp_path / "deep" / "c" / "d.png")
+    assert Image.open(deep).mode == "RGB"  # what Pillow reports: the depth shows only in its raw mode
+    with pytest.raises(InputError, match=r"d\.png: 16 bits per channel"):
+        load_image_folder(tmp_path / "deep", renumber=True)
+    bomb_png(tmp_path / "big" / "c" / "b.png")
+    with pytest.raises(InputError, match=r"b\.png: too large to decode safely"):
+        load_image_folder(tmp_path / "big", renumber=True)
 
 
 def test_model_image_processor_is_used_when_present(folder, tmp_path):
@@ -107,7 +227,7 @@ def test_model_image_processor_is_used_when_present(folder, tmp_path):
         "size": {"shortest_edge": 40}, "resample": 3, "do_center_crop": True, "crop_size": {"height": 28, "width": 28},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}))
-    x, _, _ = load_image_folder(folder, model)
+    x, _, _ = load_image_folder(folder, model, renumber=True)  # a folder without config.json: no labels to follow
     assert x.shape == (4, 3, 28, 28) and x.dtype == torch.float32
     torch.testing.assert_close(x[0], normalized((10, 200, 10)).expand(3, 28, 28), rtol=0, atol=1e-5)
 

@@ -251,14 +251,14 @@ def test_bad_images_exit_2_naming_the_file(tmp_path):
     from PIL import Image
 
     model_dir = make_vision(tmp_path / "model", "vit", seed=1)
-    good = tmp_path / "good" / "cat"
+    good = tmp_path / "good" / "LABEL_0"  # a class of the model's config
     good.mkdir(parents=True)
     Image.new("RGB", (SIZE, SIZE), (10, 20, 30)).save(good / "a.png")
-    truncated = tmp_path / "truncated" / "cat"
+    truncated = tmp_path / "truncated" / "LABEL_0"
     truncated.mkdir(parents=True)
     Image.new("RGB", (64, 64), (1, 2, 3)).save(truncated / "t.png")
     (truncated / "t.png").write_bytes((truncated / "t.png").read_bytes()[:60])
-    rgba = tmp_path / "rgba" / "cat"
+    rgba = tmp_path / "rgba" / "LABEL_0"
     rgba.mkdir(parents=True)
     Image.new("RGBA", (SIZE, SIZE)).save(rgba / "alpha.png")
     (tmp_path / "empty").mkdir()
@@ -286,7 +286,8 @@ def test_bad_images_exit_2_naming_the_file(tmp_path):
 
 def test_an_image_folder_calibrates_through_the_cli_with_its_class_labels(tmp_path):
     """ImageFolder in, default preprocessing (no preprocessor_config.json: 224x224 crops, which DINOv2 takes by
-    interpolating its positions), class names numbered in sorted order; the run keeps the exact pixels."""
+    interpolating its positions), class names the config does not know numbered in sorted order as asked
+    (--renumber-labels); the run keeps the exact pixels."""
     from PIL import Image
 
     model_dir = make_vision(tmp_path / "model", "dinov2", seed=2)
@@ -296,12 +297,57 @@ def test_an_image_folder_calibrates_through_the_cli_with_its_class_labels(tmp_pa
             Image.new("RGB", (40 + 8 * k, 32), colour).save(tmp_path / "imgs" / cls / f"{k}.png")
     out = tmp_path / "out"
     r = _cli("prune", str(model_dir), str(out), "--method", "gblm", "--calib-images", str(tmp_path / "imgs"),
-             "--nsamples", "4", "--device", "cpu", "-q")
+             "--renumber-labels", "--nsamples", "4", "--device", "cpu", "-q")
     assert r.returncode == 0, r.stderr
     saved = load_file(str(out / "calibration_pixels.safetensors"))
     assert list(saved["pixel_values"].shape) == [4, 3, 224, 224]
     assert saved["labels"].tolist() == [0, 0, 1, 1]
     assert all(check.ok for check in verify(out))
     result = evaluate(EvalConfig(model_dir=str(out), images=str(tmp_path / "imgs"), reference=str(model_dir),
-                                 device="cpu", progress=False))
+                                 device="cpu", progress=False, renumber_labels=True))
     assert result["images"] == 4 and 0 < result["feature_cosine"] < 1
+
+
+def test_class_folders_keep_the_config_ids_and_bad_images_are_one_error_line(tmp_path):
+    """Issue 32 case 4: class folders named as the config's labels (LABEL_1, LABEL_2 of a 3-class ViT) are classes 1
+    and 2 in GBLM's loss and in eval's top-1 (they were renumbered 0 and 1); an unknown class, a 16-bit PNG (case 5)
+    and a 15000x15000 PNG (case 14) are one error line and exit code 2 through the CLI."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from tests.test_images import bomb_png, png_16bit_rgb
+
+    model_dir = make_vision(tmp_path / "model", "vit", seed=5)
+    (model_dir / "preprocessor_config.json").write_text(
+        '{"image_processor_type": "ViTImageProcessor", "do_resize": true, "size": {"height": 28, "width": 28}, '
+        '"do_rescale": true, "rescale_factor": 0.00392156862745098, "do_normalize": true, '
+        '"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}')
+    g = torch.Generator().manual_seed(9)
+    for cls in ("LABEL_1", "LABEL_2"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for k in range(2):
+            noise = torch.randint(0, 256, (SIZE, SIZE, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(noise).save(tmp_path / "imgs" / cls / f"{k}.png")
+    out = tmp_path / "out"
+    args = ["--method", "gblm", "--device", "cpu", "-q"]
+    r = CliRunner().invoke(app, ["prune", str(model_dir), str(out), "--calib-images", str(tmp_path / "imgs"),
+                                 "--nsamples", "4", *args])
+    assert r.exit_code == 0, r.output
+    saved = load_file(str(out / "calibration_pixels.safetensors"))
+    assert saved["labels"].tolist() == [1, 1, 2, 2]
+    with torch.no_grad():
+        predicted = _full(model_dir)(pixel_values=saved["pixel_values"]).logits.argmax(1)
+    result = evaluate(EvalConfig(model_dir=str(model_dir), images=str(tmp_path / "imgs"), device="cpu",
+                                 progress=False))
+    assert result["top1"] == pytest.approx(float((predicted == torch.tensor([1, 1, 2, 2])).float().mean()))
+    # refused, one line each, naming the class or the file
+    (tmp_path / "imgs" / "LABEL_2").rename(tmp_path / "imgs" / "ants")
+    png_16bit_rgb(tmp_path / "deep" / "LABEL_1" / "d16.png")
+    bomb_png(tmp_path / "big" / "LABEL_1" / "huge.png")
+    for folder, needle in (("imgs", "class 'ants' is not one of the model's labels"), ("deep", "d16.png: 16 bits"),
+                           ("big", "huge.png: too large")):
+        r = CliRunner().invoke(app, ["prune", str(model_dir), str(tmp_path / f"o-{folder}"), "--calib-images",
+                                     str(tmp_path / folder), "--nsamples", "1", *args])
+        assert r.exit_code == 2 and r.output.startswith("error:") and needle in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output

@@ -10,10 +10,16 @@ A folder is read in one of two layouts:
 
 Files are taken in sorted order of their path relative to FOLDER, so the same folder always gives the
 same tensor. ``nsamples`` picks that many images with a seeded permutation and keeps them in that
-sorted order. Class names become ids through, first, an explicit ``label2id``; else the model's
-``config.json`` ``label2id`` when it has real names (not transformers' ``LABEL_0, LABEL_1...``
-placeholders); else the sorted class names numbered 0, 1, ... A class the mapping does not know is
-refused, naming it.
+sorted order.
+
+Labels follow the checkpoint: a class name becomes the id the model's ``config.json`` gives it
+(``label2id``, and ``id2label`` read backwards), transformers' placeholder names included (``LABEL_3``
+is class 3); a name that is a whole number (``4``) and no name of the config is that class id. A class
+the config does not know is refused, naming it, unless the classes are renumbered (``renumber``, the
+CLI's ``--renumber-labels``): the distinct names in natural order (digits compared as numbers, so
+``LABEL_2`` comes before ``LABEL_10``) numbered 0, 1, ... Every class of the folder is checked and
+numbered, not only those of the images ``nsamples`` picks. An explicit ``label2id`` replaces the
+config's; without a model folder (and without ``label2id``) the classes are renumbered.
 
 Pixels: when the model folder holds a ``preprocessor_config.json``, transformers'
 ``AutoImageProcessor`` for it does the preprocessing, exactly as the model expects. Otherwise a
@@ -24,9 +30,11 @@ normalize with the ImageNet mean/std.
 Colour: RGB images are used as they are; 8-bit grayscale (``L``), 1-bit (``1``) and palette
 (``P``) images are converted to RGB (gray is replicated into three equal channels, a palette is
 looked up), which is what the models' own processors do (``do_convert_rgb``). Anything else (an alpha
-channel: ``LA`` with 2 channels, ``RGBA``; ``CMYK``; 16-bit or float grayscale) is refused rather than
-silently altered. An unreadable, truncated or non-image file, or an empty folder, is an
-``InputError`` naming the file; the CLI turns it into one ``error:`` line and exit code 2.
+channel: ``LA`` with 2 channels, ``RGBA``; ``CMYK``; 16-bit or float grayscale; 16 bits per channel
+RGB, which Pillow would silently cut to its high bytes) is refused rather than silently altered. So is
+an image larger than Pillow's decompression-bomb limit. An unreadable, truncated or non-image file, or
+an empty folder, is an ``InputError`` naming the file; the CLI turns it into one ``error:`` line and
+exit code 2. A labels file may start with a UTF-8 byte-order mark (as spreadsheet programs write it).
 
 ``save_pixels`` / ``load_pixels`` keep exact inputs in a safetensors file: ``pixel_values``
 float32 ``[N, 3, H, W]`` and optionally ``labels`` int64 ``[N]``.
@@ -37,6 +45,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +66,9 @@ RGB_CONVERTIBLE = {"RGB": 3, "L": 1, "1": 1, "P": 1}  # mode -> channels in the 
 PROCESSOR_FILE = "preprocessor_config.json"
 PROCESS_CHUNK = 64  # images per image-processor call (bounds the memory of decoded images)
 PIXEL_KEYS = ("pixel_values", "labels")
+CLASS_ID = re.compile(r"[0-9]+")  # a class name that is a class id
+HIGH_DEPTH_RAWMODE = re.compile(r";16[BLN]$")  # Pillow's raw modes of 16 bits per channel (PNG, TIFF)
+RENUMBER_HINT = "pass --renumber-labels to number the classes 0, 1, ... in natural order of their names"
 
 
 def _pil():
@@ -102,7 +114,7 @@ def read_labels_file(path: str | Path, folder: str | Path) -> dict[Path, str]:
         raise InputError(f"labels file {path} does not exist")
     out: dict[Path, str] = {}
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not a character
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"labels file {path}: cannot read it as file,label lines ({exc})") from exc
@@ -121,30 +133,64 @@ def read_labels_file(path: str | Path, folder: str | Path) -> dict[Path, str]:
 
 
 def model_label2id(model_dir: str | Path | None) -> dict[str, int] | None:
-    """The model config's ``label2id`` when it names real classes (not the LABEL_0... placeholders)."""
+    """{class name: id} of the model's config.json: its ``label2id`` and its ``id2label`` read backwards,
+    transformers' ``LABEL_<i>`` placeholders included; None when there is no config.json or it names no class."""
     if model_dir is None or not (Path(model_dir) / "config.json").is_file():
         return None
+    path = Path(model_dir) / "config.json"
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{Path(model_dir) / 'config.json'}: not readable JSON ({exc})") from exc
-    mapping = config.get("label2id") if isinstance(config, dict) else None
-    if not isinstance(mapping, dict) or not mapping:
-        return None
-    if all(k == f"LABEL_{v}" for k, v in mapping.items()):
-        return None
-    return {str(k): int(v) for k, v in mapping.items()}
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc})") from exc
+    config = config if isinstance(config, dict) else {}
+    id2label, label2id = config.get("id2label") or {}, config.get("label2id") or {}
+    if not isinstance(id2label, dict) or not isinstance(label2id, dict):
+        raise InputError(f"{path}: id2label and label2id must be objects")
+    try:
+        mapping = {str(name): int(i) for i, name in id2label.items()}
+        mapping |= {str(name): int(i) for name, i in label2id.items()}
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: id2label / label2id hold an id that is not a whole number ({exc})") from exc
+    return mapping or None
 
 
-def label_ids(names: list[str], label2id: dict[str, int] | None, where: str) -> torch.Tensor:
-    """[N] int64 ids of class ``names`` through ``label2id`` (or the sorted distinct names when None)."""
-    mapping = label2id if label2id is not None else {n: i for i, n in enumerate(sorted(set(names)))}
-    unknown = sorted(set(names) - mapping.keys())
+def natural_key(name: str) -> tuple:
+    """Sort key comparing runs of digits as numbers: ``LABEL_2`` < ``LABEL_10``, ``a9`` < ``a10`` < ``b1``."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"([0-9]+)", name) if part)
+
+
+def renumbered(names: list[str]) -> dict[str, int]:
+    """The distinct class ``names`` in natural order, numbered 0, 1, ..."""
+    return {n: i for i, n in enumerate(sorted(set(names), key=natural_key))}
+
+
+def class_id(name: str, label2id: dict[str, int] | None) -> int | None:
+    """The id of class ``name``: its entry in ``label2id``, else the number it spells when that is one of the
+    mapping's ids (any whole number when there is no mapping); None when it is neither."""
+    if label2id and name in label2id:
+        return label2id[name]
+    if CLASS_ID.fullmatch(name) and (not label2id or int(name) in label2id.values()):
+        return int(name)
+    return None
+
+
+def label_ids(names: list[str], label2id: dict[str, int] | None, where: str, renumber: bool = False) -> torch.Tensor:
+    """[N] int64 ids of class ``names``: renumbered (``renumber``, see :func:`renumbered`), or each through
+    :func:`class_id`; a class neither knows is an InputError naming it and the way out."""
+    mapping = renumbered(names) if renumber else label2id
+    ids = {n: class_id(n, mapping) for n in set(names)}
+    unknown = sorted((n for n, i in ids.items() if i is None), key=natural_key)
     if unknown:
-        known = sorted(mapping, key=mapping.get)
-        raise InputError(f"{where}: class {unknown[0]!r} is not one of the model's labels "
-                         f"({', '.join(known[:10])}{'...' if len(known) > 10 else ''})")
-    return torch.tensor([mapping[n] for n in names], dtype=torch.long)
+        if mapping:
+            known = sorted(mapping, key=lambda n: (mapping[n], natural_key(n)))
+            what = (f"is not one of the model's labels ({', '.join(known[:10])}{'...' if len(known) > 10 else ''}) "
+                    "nor one of its class ids")
+        else:
+            what = "is not a class id (0, 1, ...) and the model's config.json names no classes (label2id)"
+        raise InputError(f"{where}: class {unknown[0]!r} {what}; name the classes as the model does, or "
+                         f"{RENUMBER_HINT}")
+    return torch.tensor([ids[n] for n in names], dtype=torch.long)
 
 
 def open_rgb(path: Path):
@@ -152,20 +198,33 @@ def open_rgb(path: Path):
     Image, UnidentifiedImageError = _pil()
     try:
         with Image.open(path) as img:
-            img.load()  # decode now: a truncated file fails here, not later
             mode = img.mode
             if mode not in RGB_CONVERTIBLE:
                 bands = len(img.getbands())
                 raise InputError(f"image {path}: mode {mode} ({bands} channel{'s' if bands != 1 else ''}) cannot be "
                                  "used as RGB without changing it (alpha, CMYK or high bit depth); save it as 8-bit "
                                  "RGB or grayscale")
+            if high_bit_depth(img):
+                raise InputError(f"image {path}: 16 bits per channel ({mode}); reading it as 8-bit would drop the low "
+                                 "bytes; save it as 8-bit RGB or grayscale")
+            img.load()  # decode now: a truncated file fails here, not later
             return img.convert("RGB") if mode != "RGB" else img.copy()
     except InputError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image {path}: too large to decode safely ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise InputError(f"image {path}: not a readable image file ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise InputError(f"image {path}: cannot decode it ({exc})") from exc
+
+
+def high_bit_depth(img) -> bool:
+    """Whether a PIL image (opened, not yet decoded) stores more than 8 bits per channel in a mode Pillow decodes to
+    8 bits (16-bit RGB PNG and TIFF: raw mode ``RGB;16B`` and the like)."""
+    args = [tile[3] if len(tile) > 3 else None for tile in (img.tile or [])]  # (codec, extents, offset, args)
+    raw = [a[0] if isinstance(a, tuple) and a else a for a in args]
+    return any(isinstance(r, str) and HIGH_DEPTH_RAWMODE.search(r) for r in raw)
 
 
 def default_preprocess(img, resize: int = DEFAULT_RESIZE, crop: int = DEFAULT_CROP) -> torch.Tensor:
@@ -213,8 +272,9 @@ def preprocess(files: list[Path], model_dir: str | Path | None = None) -> torch.
 
 def load_image_folder(folder: str | Path, model_dir: str | Path | None = None, nsamples: int | None = None,
                       seed: int = 0, label2id: dict[str, int] | None = None, labels_file: str | Path | None = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, list[Path]]:
-    """(pixel_values [N, 3, H, W] float32, labels [N] int64 or None, files) for the images in ``folder``."""
+                      renumber: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, list[Path]]:
+    """(pixel_values [N, 3, H, W] float32, labels [N] int64 or None, files) for the images in ``folder``; labels
+    as the module doc says (``renumber``: the class names in natural order numbered 0, 1, ...)."""
     folder = Path(folder)
     items = list_image_folder(folder)
     if labels_file is not None:
@@ -228,17 +288,18 @@ def load_image_folder(folder: str | Path, model_dir: str | Path | None = None, n
         if absent:
             raise InputError(f"labels file {labels_file} names {absent[0]}, which is not an image in {folder}")
         items = [(p, labels[p]) for p, _ in items]
+    ids = None
+    if items[0][1] is not None:  # every class of the folder, not only those picked, is checked (and numbered)
+        where = f"image folder {folder}" if labels_file is None else f"labels file {labels_file}"
+        mapping = label2id if label2id is not None else model_label2id(model_dir)
+        ids = label_ids([c for _, c in items], mapping, where, renumber or (mapping is None and model_dir is None))
     if nsamples is not None:
         if nsamples < 1 or nsamples > len(items):
             raise InputError(f"image folder {folder} holds {len(items)} images; cannot take nsamples={nsamples}")
-        pick = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:nsamples]
-        items = [items[i] for i in sorted(pick.tolist())]
+        pick = sorted(torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:nsamples].tolist())
+        items = [items[i] for i in pick]
+        ids = None if ids is None else ids[pick]
     files = [p for p, _ in items]
-    names = [c for _, c in items]
-    ids = None
-    if names[0] is not None:
-        where = f"image folder {folder}" if labels_file is None else f"labels file {labels_file}"
-        ids = label_ids(names, label2id if label2id is not None else model_label2id(model_dir), where)
     pixels = preprocess(files, model_dir)
     log.info("images: %d from %s -> pixel_values %s", len(files), folder, list(pixels.shape))
     return pixels, ids, files

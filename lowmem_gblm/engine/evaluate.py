@@ -134,7 +134,8 @@ def evaluate_images(config: EvalConfig) -> dict:
         raise InputError(f"{config.model_dir} is a language model ({model.family.name}): evaluate it with --data or "
                          "--tasks")
     if config.images:
-        pixels, labels, _ = load_image_folder(config.images, model.root)
+        pixels, labels, _ = load_image_folder(config.images, model.root,
+                                              renumber=config.renumber_labels or not model.num_labels)
     else:
         pixels, labels = load_pixels(config.pixels)
     samples = Samples.of_pixels(pixels, labels)

@@ -286,8 +286,10 @@ def resolve_samples(config: RunConfig, model: StreamedModel) -> Samples:
         raise InputError(f"{model.root} is a vision transformer ({model.family.name}): pass --calib-images FOLDER "
                          "(class subfolders, or --calib-labels FILE) or --calib-pixels FILE.safetensors")
     if calib.images:
+        # a backbone without a classifier does not use labels: its class names need no ids of the model's
         pixels, labels, _files = load_image_folder(calib.images, model.root, calib.nsamples, calib.seed,
-                                                   labels_file=calib.labels_file)
+                                                   labels_file=calib.labels_file,
+                                                   renumber=calib.renumber_labels or not model.num_labels)
     else:
         pixels, labels = load_pixels(calib.pixels_file)
         if pixels.shape[0] < calib.nsamples:
