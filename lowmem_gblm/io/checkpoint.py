@@ -271,6 +271,16 @@ def _is_file(path: Path) -> bool:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+
+
+def side_files(model_dir: Path) -> list[str]:
+    """The model folder's files an output folder gets a copy of: config, generation config, tokenizer and
+    every other non-weight file."""
+    return [src.name for src in sorted(Path(model_dir).iterdir())
+            if _is_file(src) and src.name != INDEX_NAME and not src.name.endswith(WEIGHT_SUFFIXES)]
+
+
 def hf_cache_repo(folder: Path) -> Path | None:
     """``.../models--ORG--NAME`` when resolved ``folder`` is a Hugging Face cache snapshot in it, else None."""
     snapshots = folder.parent
@@ -302,6 +312,8 @@ class CheckpointIndex:
                     raise InputError(f"{self.root}: tensor {name!r} is stored twice, in {self.tensors[name].shard} "
                                      f"and in {shard}; re-download the checkpoint")
                 self.tensors[name] = TensorInfo(shard, info["dtype"], tuple(info["shape"]))
+        for name in side_files(self.root):  # copied into OUT_DIR: refused where a shard would be
+            self._inside(name, f"{self.root}: side file")
         if self.weight_map is not None:
             for name, shard in self.weight_map.items():
                 if name not in self.tensors or self.tensors[name].shard != shard:
@@ -314,6 +326,10 @@ class CheckpointIndex:
         if _is_file(index):
             self.weight_map = read_weight_map(index)
             shards = sorted(set(self.weight_map.values()))
+            if _is_file(self.root / SINGLE_NAME) and shards != [SINGLE_NAME]:
+                raise InputError(f"MODEL_DIR {self.root} holds both {SINGLE_NAME} and {INDEX_NAME} (naming "
+                                 f"{len(shards)} other shard(s)): from_pretrained loads {SINGLE_NAME}, so which "
+                                 "weights are the model is ambiguous; move one of them aside")
             for shard in shards:
                 path = self._inside(shard, f"{index}: shard path")
                 if not _is_file(path):

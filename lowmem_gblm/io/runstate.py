@@ -8,6 +8,7 @@ with the differences named.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -239,12 +240,44 @@ def _lock_error(path: Path, exc: OSError) -> InputError:
 
 
 def check_out_dir(out_dir: Path, model_dir: Path) -> None:
-    """OUT_DIR is not the model folder, not inside it, and not a file (reads only)."""
+    """OUT_DIR is not the model folder, not inside it, holds none of its files (where they resolve: a Hugging Face
+    cache snapshot's links into a ``blobs`` folder that is OUT_DIR, or hard links) and is not a file (reads only)."""
     out_r, model_r = out_dir.resolve(), model_dir.resolve()
     if out_r == model_r or model_r in out_r.parents:
         raise InputError(f"OUT_DIR {out_dir} is MODEL_DIR or inside it; choose a folder outside {model_dir}")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"OUT_DIR {out_dir} exists and is not a folder")
+    held = model_files_in(out_dir, model_dir)
+    if held:
+        raise InputError(f"OUT_DIR {out_dir} holds MODEL_DIR's own data ({held}); writing there would change the "
+                         "input model: choose another OUT_DIR (nothing was deleted)")
+
+
+def model_files_in(out_dir: Path, model_dir: Path) -> str | None:
+    """The first of MODEL_DIR's entries whose data is in OUT_DIR ("NAME -> TARGET"): it resolves to OUT_DIR or into
+    it, or it is the same file as one of OUT_DIR's (a hard link); None when there is none (reads only)."""
+    out_r = out_dir.resolve()
+    model_entries = sorted(Path(model_dir).iterdir())
+    for child in model_entries:
+        try:
+            target = child.resolve()
+        except (OSError, RuntimeError):  # a loop: the model's own checks refuse it
+            continue
+        if target == out_r or out_r in target.parents:
+            return f"{child.name} -> {target}"
+    if not out_dir.is_dir():
+        return None
+    ids = {}
+    for child in model_entries:
+        with contextlib.suppress(OSError):
+            st = child.stat()
+            ids[(st.st_dev, st.st_ino)] = child.name
+    for entry in sorted(out_dir.iterdir()):
+        with contextlib.suppress(OSError):
+            st = entry.stat()
+            if (st.st_dev, st.st_ino) in ids and not entry.is_dir():
+                return f"{ids[(st.st_dev, st.st_ino)]} is the same file as {entry}"
+    return None
 
 
 def prepare_out_dir(out_dir: Path, model_dir: Path) -> None:

@@ -16,10 +16,8 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from lowmem_gblm.errors import InputError, OutOfSpace
-from lowmem_gblm.io.checkpoint import INDEX_NAME
+from lowmem_gblm.io.checkpoint import side_files
 from lowmem_gblm.testing_hooks import crash_point
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
 
 def fsync_dir(path: Path) -> None:
@@ -91,13 +89,6 @@ def file_sha256(path: Path) -> str:
 
 def shard_name(k: int, total: int) -> str:
     return f"model-{k + 1:05d}-of-{total:05d}.safetensors"
-
-
-def side_files(model_dir: Path) -> list[str]:
-    """The model folder's files an output folder gets a copy of: config, generation config, tokenizer and
-    every other non-weight file."""
-    return [src.name for src in sorted(Path(model_dir).iterdir())
-            if src.is_file() and src.name != INDEX_NAME and not src.name.endswith(_WEIGHT_SUFFIXES)]
 
 
 def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
