@@ -128,9 +128,11 @@ def _nm_violations(w: torch.Tensor, n: int, m: int) -> int:
     return int((nonzero > n).sum())
 
 
-def _report_problem(per_linear) -> str | None:
+def _report_problem(per_linear, skipped) -> str | None:
     if not isinstance(per_linear, dict):
         return "sparsity.per_linear is not an object"
+    if not isinstance(skipped, list) or not all(isinstance(k, str) for k in skipped):
+        return "skipped is not a list of names"
     for name, want in per_linear.items():
         shape, zeros = want.get("shape") if isinstance(want, dict) else None, None
         if isinstance(want, dict):
@@ -157,8 +159,9 @@ def check_sparsity(root: Path, weight_map: dict, headers: dict) -> list[Check]:
     try:
         report = _read_json(path)
         per_linear = report["sparsity"]["per_linear"]
+        skipped = report.get("skipped", [])  # left dense by --targets / --ignore
         pattern = str(report.get("pattern", "unstructured"))
-        problem = _report_problem(per_linear)
+        problem = _report_problem(per_linear, skipped)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         problem = str(exc) or type(exc).__name__
     if problem:
@@ -166,11 +169,18 @@ def check_sparsity(root: Path, weight_map: dict, headers: dict) -> list[Check]:
     family = _family(root)
     if family is not None:
         per_linear = {family.to_stored(k): v for k, v in per_linear.items()}
+        skipped = [family.to_stored(k) for k in skipped]
     nm = _NM.match(pattern)
     problems, nm_problems, zeros, numel = [], [], 0, 0
     matrices = {k for k, s in weight_map.items()
                 if _BLOCK_MATRIX.search(k) and k in headers.get(s, {}) and len(headers[s][k]["shape"]) == 2}
-    problems += [f"{k} is a block matrix missing from the report" for k in sorted(matrices - set(per_linear))]
+    routers = {k for k in matrices if _is_router(family, k)}  # a mixture of experts' router is never pruned
+    problems += [f"{k} is a block matrix missing from the report"
+                 for k in sorted(matrices - set(per_linear) - set(skipped) - routers)]
+    problems += [f"report lists {k!r} as skipped, the index does not hold it as a block matrix"
+                 for k in sorted(set(skipped) - matrices)]
+    problems += [f"report lists {k!r} both as pruned and as skipped" for k in sorted(set(skipped) & set(per_linear))]
+    counted: dict[str, tuple[int, int]] = {}  # stored name -> (zeros, numel) found in the shard
     by_shard: dict[str, list[str]] = {}
     for name in sorted(per_linear):
         if name not in weight_map:
@@ -187,6 +197,7 @@ def check_sparsity(root: Path, weight_map: dict, headers: dict) -> list[Check]:
             want = per_linear[name]
             got = int((w == 0).sum())
             zeros, numel = zeros + got, numel + w.numel()
+            counted[name] = got, w.numel()
             if list(w.shape) != list(want.get("shape", [])):
                 problems.append(f"{name}: shape {list(w.shape)}, report says {want.get('shape')}")
             elif got != want.get("zeros"):
@@ -198,12 +209,63 @@ def check_sparsity(root: Path, weight_map: dict, headers: dict) -> list[Check]:
                                        else f"{name}: columns not a multiple of {nm.group(2)}")
         del tensors
     overall = zeros / max(numel, 1)
+    if not problems:  # every linear as reported: the report's sums must be these linears' sums
+        problems += _summary_problems(report["sparsity"], counted, _num_blocks(root))
     checks = [Check("sparsity", not problems, _fail(problems) if problems else
                     f"{len(per_linear)} linears match the report, overall {overall:.4f}")]
     if nm:
         checks.append(Check("pattern", not nm_problems, _fail(nm_problems) if nm_problems else
                             f"every group of {nm.group(2)} keeps at most {nm.group(1)} in {len(per_linear)} linears"))
     return checks
+
+
+def _is_router(family, name: str) -> bool:
+    """``name`` is a mixture of experts' router (left dense: it is no linear the engine prunes)."""
+    return family is not None and family.experts is not None and name.endswith("." + family.experts.router)
+
+
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer)\.(\d+)\.")
+
+
+def _num_blocks(root: Path) -> int | None:
+    try:
+        n = getattr(load_hf_config(root), "num_hidden_layers", None)
+    except InputError:
+        return None
+    return n if isinstance(n, int) else None
+
+
+def _summary_problems(sparsity: dict, counted: dict[str, tuple[int, int]], num_blocks: int | None) -> list[str]:
+    """The report's overall sparsity, zeros, weights and per-block sparsity against the sums of what the shards
+    hold (``counted``: each reported linear's zeros and weights)."""
+    zeros, numel = sum(z for z, _ in counted.values()), sum(n for _, n in counted.values())
+    problems = []
+    for key, want in (("zeros", zeros), ("numel", numel)):
+        if sparsity.get(key) != want:
+            problems.append(f"sparsity.{key} is {sparsity.get(key)!r}, the linears hold {want}")
+    overall = sparsity.get("overall")
+    if not _close(overall, zeros / max(numel, 1)):
+        problems.append(f"sparsity.overall is {overall!r}, the linears give {zeros / max(numel, 1):.6f}")
+    per_block = sparsity.get("per_block")
+    if per_block is None or num_blocks is None:  # older reports have no per-block numbers
+        return problems
+    sums = [[0, 0] for _ in range(num_blocks)]
+    for name, (z, n) in counted.items():
+        match = _BLOCK_INDEX.search(name)
+        if match and int(match.group(1)) < num_blocks:
+            sums[int(match.group(1))][0] += z
+            sums[int(match.group(1))][1] += n
+    want = [z / max(n, 1) for z, n in sums]
+    if not isinstance(per_block, list) or len(per_block) != len(want):
+        return [*problems, f"sparsity.per_block has {len(per_block) if isinstance(per_block, list) else '?'} "
+                           f"entries, the model {len(want)} blocks"]
+    problems += [f"sparsity.per_block[{i}] is {got!r}, block {i}'s linears give {w:.6f}"
+                 for i, (got, w) in enumerate(zip(per_block, want, strict=True)) if not _close(got, w)]
+    return problems
+
+
+def _close(got, want: float) -> bool:
+    return isinstance(got, (int, float)) and not isinstance(got, bool) and abs(got - want) <= 1e-9
 
 
 def _tied_keys(model, config) -> set[str]:
@@ -228,9 +290,10 @@ def check_keys(root: Path, weight_map: dict, headers: dict) -> Check:
             model = auto.from_config(config, trust_remote_code=False)
     except Exception as exc:
         return Check("keys", False, f"cannot build the model from {root / 'config.json'} ({exc})")
-    # the model's names as the checkpoint stores them (transformers 5 renames vision layers' modules on load)
+    # the model's names as the checkpoint stores them (transformers 5 renames vision layers' modules on load, and
+    # fuses a mixture of experts' per-expert matrices)
     rename = family.to_stored if family is not None else str
-    state = {rename(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    state = stored_state({k: tuple(v.shape) for k, v in model.state_dict().items()}, family)
     needed = set(state) - {rename(k) for k in _tied_keys(model, config)}
     problems = [f"from_pretrained needs {k!r}, the index lacks it" for k in sorted(needed - set(weight_map))]
     problems += [f"index holds {k!r}, which the model does not load" for k in sorted(set(weight_map) - set(state))]
@@ -241,6 +304,28 @@ def check_keys(root: Path, weight_map: dict, headers: dict) -> Check:
     tied = sorted(set(state) - needed)
     detail = f"{type(model).__name__}: all {len(needed)} keys found" + (f" ({', '.join(tied)} tied)" if tied else "")
     return Check("keys", not problems, _fail(problems) if problems else detail)
+
+
+def stored_state(shapes: dict[str, tuple[int, ...]], family) -> dict[str, tuple[int, ...]]:
+    """A model's state (transformers 5's names -> shapes) as checkpoints store it: names renamed (io.layout), and a
+    mixture of experts' fused ``mlp.experts.gate_up_proj`` / ``down_proj`` and router split back into the stored
+    per-expert matrices (ExpertLayout.stored_shapes), block by block."""
+    if family is None:
+        return dict(shapes)
+    layout, out = family.experts, {}
+    blocks: dict[str, dict[str, tuple[int, ...]]] = {}
+    prefix = re.compile(rf"^({re.escape(family.layers_prefix)}\.\d+\.)(.+)$")
+    for name, shape in shapes.items():
+        match = prefix.match(name) if layout is not None else None
+        if match:
+            blocks.setdefault(match.group(1), {})[match.group(2)] = shape
+        else:
+            out[family.to_stored(name)] = shape
+    for block, relative in blocks.items():
+        if f"{layout.module}.gate_up_proj" in relative:
+            relative = layout.stored_shapes(relative)
+        out.update({family.to_stored(block + k): v for k, v in relative.items()})
+    return out
 
 
 def verify(out_dir: str | Path) -> list[Check]:
