@@ -19,6 +19,14 @@ class OutOfSpace(UsageError):
     """A write failed for lack of disk space; the run stopped cleanly and can be resumed."""
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception for a one-line message: its first non-blank line (transformers and datasets write
+    paragraphs of advice after it), cut at ``limit`` characters; the type's name when it says nothing."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def require_extra(module: str, needed_by: str, extra: str, after: str = "") -> None:
     """Refuse (UsageError naming ``pip install 'lowmem-gblm[extra]'``) when the optional ``module`` of that extra
     is not installed; ``needed_by`` names the option that needs it, ``after`` is added to the message."""

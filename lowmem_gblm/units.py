@@ -20,6 +20,16 @@ def parse_size(text: str | int | float | None) -> int | None:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+MAX_COUNT = 2**31 - 1  # the largest count option (windows, tokens, batch, ...) a run can mean; far below int64
+
+
+def check_count(flag: str, value: int | None, lo: int = 1) -> None:
+    """UsageError unless ``value`` (None: the option was not given) is an integer in [lo, MAX_COUNT]: a count
+    past int32 is a typo, and past int64 it would overflow inside torch (an OverflowError, not an error line)."""
+    if value is not None and not lo <= value <= MAX_COUNT:
+        raise UsageError(f"{flag} must be an integer in [{lo}, {MAX_COUNT}], got {value}")
+
+
 def fmt_size(n: float) -> str:
     """1536 -> '1.50 KiB' (binary units, two decimals; whole bytes below 1 KiB)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

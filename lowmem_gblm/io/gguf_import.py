@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import time
 from pathlib import Path
 
 import torch
 
-from lowmem_gblm.errors import InputError, UsageError
+from lowmem_gblm.errors import InputError, UsageError, first_line
 from lowmem_gblm.io.writer import atomic_write_text
 from lowmem_gblm.runtime import COMPUTE_DTYPES, dtype_name, named_dtype
 
@@ -108,6 +109,19 @@ def _strip_quantization(out_dir: Path) -> None:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def check_complete(gguf_path: Path) -> None:
+    """Read the file's header, metadata and tensor table with the gguf package's reader, which also checks that
+    every tensor's bytes are in the file: a file cut short (an interrupted download) or not a GGUF at all is an
+    InputError here, not a struct.error deep inside transformers."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf_path)
+    except Exception as exc:  # the reader's way of meeting a short or garbled file: struct/Index/Value/...Error
+        raise InputError(f"{gguf_path}: not a complete GGUF file ({type(exc).__name__}: {first_line(exc, 160)}); "
+                         "an interrupted download? fetch it again") from None
+
+
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.dtype = "float32",
                 shard_size: str = "500MB", overwrite: bool = False) -> Path:
     """Dequantize ``gguf_path`` and write a sharded safetensors checkpoint to ``out_dir``; return it."""
@@ -116,6 +130,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.d
     torch_dtype = parse_dtype(dtype)
     if not gguf_path.is_file():
         raise InputError(f"GGUF file {gguf_path} does not exist")
+    check_complete(gguf_path)
     prepare_out_dir(out_dir, overwrite)
     _mark(out_dir, gguf_path, None)  # started: a rerun with --overwrite may replace what it leaves
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -128,8 +143,8 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.d
         )
     except ImportError as exc:
         raise InputError(f"gguf import needs the gguf package ({exc}); pip install 'gguf>=0.10'") from exc
-    except (ValueError, KeyError, OSError) as exc:
-        raise InputError(f"{gguf_path}: cannot load as a causal LM ({exc})") from exc
+    except (ValueError, KeyError, OSError, struct.error) as exc:
+        raise InputError(f"{gguf_path}: cannot load as a causal LM ({first_line(exc)})") from exc
     n_params = sum(p.numel() for p in model.parameters())
     log.info("gguf import: %s, %.1f M parameters loaded in %.1fs",
              type(model).__name__, n_params / 1e6, time.perf_counter() - t0)

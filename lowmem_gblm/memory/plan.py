@@ -36,7 +36,7 @@ from lowmem_gblm.runtime import COMPUTE_DTYPES, GRAD_FILE_DTYPES, auto_dtype, dt
 from lowmem_gblm.stream.partition import Partition, auto_chunk
 from lowmem_gblm.stream.segments import boundaries_held, candidates, recomputed_blocks
 from lowmem_gblm.stream.store import store_nbytes
-from lowmem_gblm.units import fmt_budget, fmt_size, parse_size
+from lowmem_gblm.units import check_count, fmt_budget, fmt_size, parse_size
 
 HEAD_CHUNKS = (None, 512, 128)  # head_chunk="auto": tokens per head call, tried in this order (None: the window)
 OFFLOADS = ("cpu", "disk")
@@ -94,8 +94,10 @@ class PlanSettings:
         stay as given (see ``offloads`` / ``head_chunks``)."""
         get_method(self.method)
         resolve_solver(str(self.solver), AUTO_MIN_COLUMNS)  # refuses an unknown --solver
-        if self.nsamples < 1 or self.seqlen < 2:
-            raise UsageError("--nsamples must be >= 1 and --seqlen >= 2")
+        for flag, value, lo in (("--nsamples", self.nsamples, 1), ("--seqlen", self.seqlen, 2),
+                                ("--batch-size", self.batch_size, 1), ("--nproc", self.nproc, 1),
+                                ("--chunk-windows", self.chunk_windows, 1)):
+            check_count(flag, value, lo)
         compute = _dtype(self.compute_dtype, "--dtype", (None, "auto"))
         compute = auto_dtype(self.device, storage)[0] if compute in (None, "auto") else compute
         store = _dtype(self.store_dtype, "--store-dtype", (None, "auto", "int8"))
@@ -112,8 +114,10 @@ class PlanSettings:
         if chunks < self.nproc:
             raise UsageError(f"{self.nproc} ranks but only {chunks} chunk(s) of windows: pass --chunk-windows "
                              f"{max(1, self.nsamples // self.nproc)} or fewer, or fewer ranks")
+        # a call never crosses a chunk (stream.partition): the probe runs the batch the engine will run
+        batch = min(self.batch_size, self.partition.chunk)
         return replace(self, compute_dtype=compute, store_dtype=store, grad_dtype=named_dtype(self.grad_dtype),
-                       solver=str(self.solver))
+                       solver=str(self.solver), batch_size=batch)
 
     def offloads(self) -> list[str]:
         return list(OFFLOADS) if self.offload in (None, "auto") else [self.offload]
