@@ -39,6 +39,7 @@ from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.runstate import (
     CALIB_IDS_NAME,
     CALIB_PIXELS_NAME,
+    CPU_THREADS,
     GRADIENTS_JSON,
     OWN_GRADIENTS,
     STATE_DIR,
@@ -47,6 +48,7 @@ from lowmem_gblm.io.runstate import (
     check_out_dir,
     diff_dicts,
     prepare_out_dir,
+    with_defaults,
 )
 from lowmem_gblm.io.writer import file_sha256, save_tensors_atomic
 from lowmem_gblm.runtime import dtype_name, named_dtype
@@ -87,7 +89,7 @@ def gradient_identity(run: Run) -> dict:
         "chunk_windows": run.part.chunk,  # the order the windows' gradients are summed in
         "compute_dtype": dtype_name(run.dtype),
         "device_type": run.device.type,
-    }
+    } | run.threads_identity
 
 
 def gradient_sweep(run: Run, path: Path) -> GradientFolder | None:
@@ -100,8 +102,10 @@ def gradient_sweep(run: Run, path: Path) -> GradientFolder | None:
             try:
                 path.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(OutputLock(path))
-                state = RunState.open(path, GRADIENTS_JSON, gradient_identity(run), what="gradient folder",
-                                      fix="choose another folder", own=_OWN)
+                identity = gradient_identity(run)
+                state = RunState.open(path, GRADIENTS_JSON, identity, what="gradient folder",
+                                      fix="choose another folder", own=_OWN,
+                                      older=lambda recorded: with_defaults(recorded, identity, (CPU_THREADS,)))
                 folder = GradientFolder(path, GRADIENTS_JSON, state.data)
             except UsageError as exc:
                 error = exc

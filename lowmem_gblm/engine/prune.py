@@ -14,9 +14,10 @@ import logging
 import re
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
-from lowmem_gblm.config import PruneConfig
+from lowmem_gblm.config import PruneConfig, without_paths
 from lowmem_gblm.engine.gradients import GradientFeed, gradient_feed
 from lowmem_gblm.engine.layerwise import layer_sparsity
 from lowmem_gblm.engine.progress import PhaseProgress
@@ -27,6 +28,7 @@ from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.runstate import (
     CALIB_IDS_NAME,
     CALIB_PIXELS_NAME,
+    CPU_THREADS,
     MANIFEST_NAME,
     OWN_GRADIENTS,
     REPORT_NAME,
@@ -36,6 +38,7 @@ from lowmem_gblm.io.runstate import (
     check_out_dir,
     prepare_out_dir,
     remove_stale_temps,
+    with_defaults,
 )
 from lowmem_gblm.io.writer import (
     TMP_MARK,
@@ -126,9 +129,9 @@ def _open_output(run: Run, config: PruneConfig, stack: contextlib.ExitStack) -> 
         _remove_previous_run(out, config, model.root)
     identity = {"config": config.fingerprint_dict(), "model": model.index.fingerprint(),
                 "calibration_sha256": run.calib_sha256, "device_type": run.device.type,
-                "compute_dtype": str(run.dtype), "chunk_windows": run.part.chunk}
+                "compute_dtype": str(run.dtype), "chunk_windows": run.part.chunk} | run.threads_identity
     manifest = RunState.open(out, f"{STATE_DIR}/{MANIFEST_NAME}", identity, what="OUT_DIR",
-                             fix="pass --overwrite to start over")
+                             fix="pass --overwrite to start over", older=partial(_older_identity, identity))
     if manifest.data.get(TOTAL_SHARDS) != model.num_blocks + 1:  # before any shard: --overwrite knows their names
         manifest.data[TOTAL_SHARDS] = model.num_blocks + 1
         manifest.save()
@@ -148,6 +151,15 @@ def _open_output(run: Run, config: PruneConfig, stack: contextlib.ExitStack) -> 
     if not (out / run.calib_file).is_file():
         save_tensors_atomic(out / run.calib_file, run.samples.file_tensors())
     return manifest, None
+
+
+def _older_identity(current: dict, recorded: dict) -> dict:
+    """A manifest identity in this version's terms: path-valued options dropped (an older version recorded them as
+    typed), no thread count taken as this run's (runs that did not record it resume as before)."""
+    recorded = with_defaults(recorded, current, (CPU_THREADS,))
+    if isinstance(recorded.get("config"), dict):
+        recorded = recorded | {"config": without_paths(recorded["config"])}
+    return recorded
 
 
 def _prune_run(run: Run, config: PruneConfig, method: Method, manifest: RunState | None,

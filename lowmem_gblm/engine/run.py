@@ -24,10 +24,12 @@ from lowmem_gblm.io.model import StreamedModel
 from lowmem_gblm.io.runstate import (
     CALIB_IDS_NAME,
     CALIB_PIXELS_NAME,
+    CPU_THREADS,
     GRADIENTS_JSON,
     MANIFEST_NAME,
     OWN_GRADIENTS,
     STATE_DIR,
+    thread_identity,
     written_bytes,
 )
 from lowmem_gblm.memory.budget import machine_budgets, plan_run
@@ -63,6 +65,15 @@ class Run:
     ranks: Ranks = field(default_factory=Ranks)
     part: Partition | None = None  # the windows' chunks and this rank's share (set by open_run)
     scratch_root: Path | None = None  # a non-writing rank's disk store folder (it writes nothing in OUT_DIR)
+    threads: list[int] = field(default_factory=list)  # every rank's torch CPU thread count, by rank
+
+    @property
+    def threads_identity(self) -> dict:
+        """{"cpu_threads": ...} for a CPU run's identity (the thread count splits its float sums, so it decides the
+        bytes); empty on other devices, whose sums do not run on the CPU's threads."""
+        if self.device.type != "cpu" or not self.threads:
+            return {}
+        return {CPU_THREADS: thread_identity(self.threads)}
 
     @property
     def offload(self) -> str:
@@ -265,7 +276,9 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
     if budgets.disk_free is not None and ranks.writer:  # what an earlier run here wrote is kept or freed
         budgets = dataclasses.replace(budgets, disk_free=budgets.disk_free + reusable_bytes(out))
     plan = plan_run(shape_of(model), settings, budgets, check=config.plan_check)
-    return Run(config, model, samples, device, dtype, out, plan, settings=settings, ranks=ranks, part=part)
+    threads = ranks.all_objects(torch.get_num_threads(), "gathering every rank's CPU thread count")
+    return Run(config, model, samples, device, dtype, out, plan, settings=settings, ranks=ranks, part=part,
+               threads=threads)
 
 
 def resolve_samples(config: RunConfig, model: StreamedModel) -> Samples:

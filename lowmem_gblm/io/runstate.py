@@ -28,6 +28,23 @@ REPORT_NAME = "prune_report.json"
 OWN_GRADIENTS = "gradients"  # a GBLM prune run's own gradient folder, under STATE_DIR
 
 
+CPU_THREADS = "cpu_threads"  # identity field: torch's CPU threads per process (every rank's) on a CPU run
+# why an identity field that is no option differs, and how to match it
+IDENTITY_HINTS = {CPU_THREADS: "The CPU thread count per process decides how float sums are split, so the bytes "
+                               "depend on it: set OMP_NUM_THREADS to the run's count (torchrun sets 1 per rank)."}
+
+
+def thread_identity(threads: list[int]) -> int | list[int]:
+    """Every rank's CPU thread count, as recorded: one number when the ranks agree, else the list by rank."""
+    return threads[0] if len(set(threads)) == 1 else list(threads)
+
+
+def with_defaults(recorded: dict, current: dict, fields: tuple[str, ...]) -> dict:
+    """``recorded`` with ``current``'s value for each of ``fields`` it lacks: an identity written before those
+    fields were recorded resumes as it did then."""
+    return recorded | {k: current[k] for k in fields if k in current and k not in recorded}
+
+
 def diff_dicts(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Human-readable differences between two identity dicts ("alpha: 100 -> 10")."""
     out = []
@@ -84,11 +101,12 @@ class RunState:
 
     @classmethod
     def open(cls, folder: Path, name: str, identity: dict, *, what: str, fix: str,
-             own: tuple[str, ...] = (STATE_DIR,)) -> RunState:
+             own: tuple[str, ...] = (STATE_DIR,), older=None) -> RunState:
         """Resume the run in ``folder`` if its identity matches, start one in an empty folder, refuse else.
 
         ``what`` names the folder in messages ("OUT_DIR", "gradient folder"); ``fix`` says what to do on a
-        mismatch; ``own``: entries an empty folder may already hold (the state folder, ids written early).
+        mismatch; ``own``: entries an empty folder may already hold (the state folder, ids written early);
+        ``older``: the recorded identity -> this version's terms (fields older versions recorded or lacked).
         """
         cls.refuse_foreign(folder, name, what, own)
         state = cls.load(folder, name)
@@ -96,14 +114,17 @@ class RunState:
             state = cls(folder, name, {"identity": identity, "done": {}, "complete": False})
             state.save()
             return state
-        if state.identity != identity:
-            diffs = diff_dicts(state.identity, identity)
+        recorded = older(state.identity) if older is not None else state.identity
+        if recorded != identity:
+            diffs = diff_dicts(recorded, identity)
             changed = sorted({d.split(":")[0].removeprefix("model.") for d in diffs if d.startswith("model.")})
             if changed:
                 raise ResumeMismatch(f"the input model changed since the run in {folder} started "
                                      f"({', '.join(changed[:3])} differs in size, time or header); restore it, or "
                                      f"{fix}")
+            hints = [IDENTITY_HINTS[k] for k in IDENTITY_HINTS if any(d.startswith(k + ":") for d in diffs)]
             raise ResumeMismatch(f"{what} {folder} holds a run with other settings ({'; '.join(diffs[:4])}); "
+                                 f"{' '.join(hints) + ' ' if hints else ''}"
                                  f"rerun with the same options to resume, or {fix}")
         return state
 
