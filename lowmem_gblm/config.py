@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -21,7 +20,8 @@ from lowmem_gblm.mask import Pattern
 from lowmem_gblm.methods import Method, MethodOptions, get_method, registered
 from lowmem_gblm.runtime import COMPUTE_DTYPES, GRAD_FILE_DTYPES
 from lowmem_gblm.stream.store import STORE_DTYPES
-from lowmem_gblm.units import parse_size
+from lowmem_gblm.units import check_count, parse_size
+from lowmem_gblm.userregex import compile_user_regex
 
 
 class Choice(str, Enum):
@@ -136,13 +136,13 @@ def _check_device(device: str) -> None:
 
 
 def _check_chunk(chunk: int | None) -> None:
-    if chunk is not None and chunk < 1:
-        raise UsageError(f"--chunk-windows must be >= 1, got {chunk}")
+    check_count("--chunk-windows", chunk)
 
 
 def _check_head_chunk(chunk: int | None) -> None:
     if chunk is not None and chunk < 1:
         raise UsageError(f"--head-chunk must be >= 1 token (or omitted: the whole window), got {chunk}")
+    check_count("--head-chunk", chunk)
 
 
 @dataclass(frozen=True)
@@ -173,10 +173,8 @@ class CalibConfig:
             raise UsageError("--calib-labels needs --calib-images (a flat image folder)")
         if self.renumber_labels and not self.images:
             raise UsageError("--renumber-labels needs --calib-images (class folders or --calib-labels)")
-        if self.nsamples < 1:
-            raise UsageError(f"--nsamples must be >= 1, got {self.nsamples}")
-        if self.seqlen < 2:
-            raise UsageError(f"--seqlen must be >= 2 (one predicted token), got {self.seqlen}")
+        check_count("--nsamples", self.nsamples)
+        check_count("--seqlen", self.seqlen, 2)  # one predicted token
 
 
 @dataclass(frozen=True)
@@ -209,10 +207,8 @@ class RunConfig:
                 _coerce(self, name)
         _check_device(self.device)
         _check_head_chunk(self.head_chunk)
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise UsageError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        check_count("--batch-size", self.batch_size)
+        check_count("--checkpoint-every", self.checkpoint_every)
         _check_chunk(self.chunk_windows)
         for size in (self.cpu_memory, self.gpu_memory, self.disk_space):
             parse_size(size)  # raises UsageError naming the bad size
@@ -267,20 +263,15 @@ class PruneConfig(RunConfig):
         Pattern.parse(self.pattern, self.sparsity)
         for flag, regex in (("--targets", self.targets), ("--ignore", self.ignore)):
             if regex is not None:
-                try:
-                    re.compile(regex)
-                except re.error as exc:
-                    raise UsageError(f"{flag} {regex!r} is not a regular expression ({exc})") from None
+                compile_user_regex(flag, regex)
         if not 0.0 <= self.alpha <= ALPHA_MAX:
             raise UsageError(f"--alpha must be a number in [0, {ALPHA_MAX:g}] (float32's range), got {self.alpha}")
         if not 0.0 <= self.percdamp <= 10.0:
             raise UsageError(f"--percdamp must be in [0, 10], got {self.percdamp}")
-        if self.blocksize < 1:
-            raise UsageError(f"--blocksize must be >= 1, got {self.blocksize}")
+        check_count("--blocksize", self.blocksize)
         if not 0.0 < self.solver_tol < 1.0:
             raise UsageError(f"--solver-tol must be in (0, 1), got {self.solver_tol}")
-        if self.solver_max_iter < 1:
-            raise UsageError(f"--solver-max-iter must be >= 1, got {self.solver_max_iter}")
+        check_count("--solver-max-iter", self.solver_max_iter)
         if not 0.0 <= self.ridge <= 1e6:
             raise UsageError(f"--ridge must be in [0, 1e6] (a fraction of mean(diag H)), got {self.ridge}")
         if self.ridge and str(self.update) not in SOLVED_UPDATES:
@@ -303,9 +294,9 @@ class PruneConfig(RunConfig):
     def prunes(self, linear: str) -> bool:
         """Whether the linear of this full module name (e.g. ``model.layers.3.mlp.down_proj``) is pruned:
         it matches --targets (when given) and not --ignore (llm-compressor's two lists, as regexes)."""
-        if self.targets is not None and not re.search(self.targets, linear):
+        if self.targets is not None and not compile_user_regex("--targets", self.targets).search(linear):
             return False
-        return self.ignore is None or not re.search(self.ignore, linear)
+        return self.ignore is None or not compile_user_regex("--ignore", self.ignore).search(linear)
 
     @property
     def method_spec(self) -> Method:
@@ -410,15 +401,7 @@ class EvalConfig:
             raise UsageError(f"--tasks: empty or padded task name in {list(self.tasks)}; use --tasks a,b,c")
         if self.include_path is not None and not Path(self.include_path).is_dir():
             raise UsageError(f"--include-path {self.include_path}: no such folder")
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise UsageError(f"--num-fewshot must be >= 0, got {self.num_fewshot}")
-        if self.limit is not None and self.limit < 1:
-            raise UsageError(f"--limit must be >= 1, got {self.limit}")
-        if self.pass_tokens < 1:
-            raise UsageError(f"--pass-tokens must be >= 1, got {self.pass_tokens}")
-        if self.seqlen < 2:
-            raise UsageError(f"--seqlen must be >= 2, got {self.seqlen}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.max_windows is not None and self.max_windows < 1:
-            raise UsageError(f"--max-windows must be >= 1, got {self.max_windows}")
+        for flag, value, lo in (("--num-fewshot", self.num_fewshot, 0), ("--limit", self.limit, 1),
+                                ("--pass-tokens", self.pass_tokens, 1), ("--seqlen", self.seqlen, 2),
+                                ("--batch-size", self.batch_size, 1), ("--max-windows", self.max_windows, 1)):
+            check_count(flag, value, lo)
