@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from lowmem_gblm.errors import UsageError, first_line
 from lowmem_gblm.userregex import compile_user_regex
+from tests.fuzz_inputs import TASK_CASES, write_task
 from tests.test_fuzz import Hang, deadline
 
 CATASTROPHIC = r"(([a-z_.0-9])+)+!"  # exponential backtracking in Python's re against any module name
@@ -116,3 +117,39 @@ def test_first_line_keeps_the_first_meaningful_line():
     assert first_line(exc) == "Can't load tokenizer for 'x'."
     assert first_line(ValueError("")) == "ValueError"
     assert len(first_line(ValueError("y" * 1000))) == 300
+
+
+# -- case 13: broken lm-eval tasks ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def task_model(tmp_path_factory):
+    pytest.importorskip("lm_eval")
+    from tests.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("taskmodel") / "model")
+
+
+def eval_task(model, folder, name="tiny_mc", *extra):
+    return run_cli(["eval", str(model), "--tasks", name, "--include-path", str(folder), "--device", "cpu", "-q",
+                    *extra], seconds=120)
+
+
+@pytest.mark.parametrize("case", [c for c in TASK_CASES if not c.startswith("yaml-")])
+def test_a_broken_task_is_one_error_line_naming_the_cause(case, task_model, tmp_path):
+    write_kw, extra, needle = TASK_CASES[case]
+    one_error(eval_task(task_model, write_task(tmp_path / "tasks", **write_kw), "tiny_mc", *extra), needle)
+
+
+def test_an_unreadable_or_empty_yaml_is_named_when_its_task_is_unknown(task_model, tmp_path):
+    folder = tmp_path / "tasks"
+    for case, name in (("yaml-syntax-error", "syntax"), ("yaml-empty", "empty")):
+        write_task(folder / name, name, **TASK_CASES[case][0])
+    result = eval_task(task_model, folder, "syntax,empty")
+    one_error(result, "unknown task(s) syntax, empty")
+    assert "syntax.yaml (expected ',' or ']', but got ':', line 3)" in result.stderr
+    assert "empty.yaml (empty)" in result.stderr
+
+
+def test_the_working_task_still_runs(task_model, tmp_path):
+    result = eval_task(task_model, write_task(tmp_path / "tasks"), "tiny_mc", "--json")
+    assert result.exit_code == 0, result.output

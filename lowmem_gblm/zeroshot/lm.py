@@ -28,7 +28,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from lowmem_gblm.engine.loglik import DEFAULT_PASS_TOKENS, streamed_loglikelihoods
-from lowmem_gblm.errors import UsageError
+from lowmem_gblm.errors import InputError, UsageError
 from lowmem_gblm.io.model import StreamedModel
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ class StreamedLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
+        if not isinstance(string, str):  # a task's doc_to_text / doc_to_target gave a number or a list
+            raise InputError(f"--tasks: a task gave {string!r} ({type(string).__name__}) where lm-eval needs text: "
+                             "its doc_to_text / doc_to_target must name a text field for this kind of task")
         special = add_special_tokens if add_special_tokens is not None else self.add_bos_token
         kw = {} if special is None else {"add_special_tokens": special}
         if add_special_tokens is None and string.startswith(self.tokenizer.decode(self.prefix_token_id)):

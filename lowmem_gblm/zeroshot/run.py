@@ -9,11 +9,12 @@ from importlib.metadata import version
 from lowmem_gblm.config import EvalConfig
 from lowmem_gblm.engine.evaluate import checkpoint_sparsity, evaluate_checkpoint, evaluate_images
 from lowmem_gblm.engine.run import open_model
-from lowmem_gblm.errors import InputError, UsageError
+from lowmem_gblm.errors import InputError, UsageError, first_line
 from lowmem_gblm.memory.tracker import PhaseTracker
 from lowmem_gblm.ranks import env_world
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.zeroshot import require_lm_eval
+from lowmem_gblm.zeroshot.diagnose import task_problem, through_package, unreadable_yamls
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,28 @@ def task_manager(tasks: tuple[str, ...], include_path: str | None):
     if unknown:
         where = (f" or under --include-path {include_path}" if include_path
                  else " (pass --include-path DIR for local ones)")
-        raise InputError(f"--tasks: unknown task(s) {', '.join(unknown)}: not among lm-eval's tasks{where}")
+        skipped = unreadable_yamls(include_path) if include_path else []
+        why = f"; lm-eval skipped {len(skipped)} YAML file(s) there: {', '.join(skipped[:3])}" if skipped else ""
+        raise InputError(f"--tasks: unknown task(s) {', '.join(unknown)}: not among lm-eval's tasks{where}{why}")
     return manager
+
+
+def run_tasks(lm, config: EvalConfig, manager) -> dict:
+    """lm-eval's ``simple_evaluate``. A task it cannot build or run is an InputError naming the cause
+    (zeroshot.diagnose); an error raised through this package's own code stays a bug."""
+    from lm_eval import simple_evaluate
+
+    try:
+        return simple_evaluate(model=lm, tasks=list(config.tasks), num_fewshot=config.num_fewshot,
+                               limit=config.limit, task_manager=manager, log_samples=False)
+    except UsageError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, MemoryError) or through_package(exc.__traceback__):
+            raise
+        problems = (task_problem(manager, t, config.limit, config.num_fewshot) for t in config.tasks)
+        problem = next((p for p in problems if p), None) or f"{type(exc).__name__}: {first_line(exc)}"
+        raise InputError(f"--tasks {','.join(config.tasks)}: lm-eval cannot run it: {problem}") from exc
 
 
 def evaluate_tasks(config: EvalConfig) -> dict:
@@ -61,7 +82,6 @@ def evaluate_tasks(config: EvalConfig) -> dict:
     require_lm_eval()
     if env_world() > 1:
         raise UsageError("--tasks runs in one process; start it without torchrun / accelerate launch")
-    from lm_eval import simple_evaluate
     from transformers import AutoTokenizer
 
     from lowmem_gblm.zeroshot.lm import StreamedLM
@@ -78,8 +98,7 @@ def evaluate_tasks(config: EvalConfig) -> dict:
                     config.head_chunk, config.progress)
     t0 = time.perf_counter()
     with PhaseTracker("zeroshot", device) as tracker:
-        results = simple_evaluate(model=lm, tasks=list(config.tasks), num_fewshot=config.num_fewshot,
-                                  limit=config.limit, task_manager=manager, log_samples=False)
+        results = run_tasks(lm, config, manager)
     if results is None:
         raise RuntimeError("lm-eval returned no results")
     metrics = task_metrics(results)
