@@ -153,3 +153,67 @@ def test_an_unreadable_or_empty_yaml_is_named_when_its_task_is_unknown(task_mode
 def test_the_working_task_still_runs(task_model, tmp_path):
     result = eval_task(task_model, write_task(tmp_path / "tasks"), "tiny_mc", "--json")
     assert result.exit_code == 0, result.output
+
+
+# -- messages that sent the user the wrong way ---------------------------------------------------------------
+
+def _without_tokenizer(tiny_model, folder):
+    import shutil
+
+    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    return folder
+
+
+def test_a_model_without_tokenizer_is_named_so(tiny_model, calib_text, tmp_path):
+    model = _without_tokenizer(tiny_model, tmp_path / "m")
+    one_error(run_cli(prune_args(model, tmp_path / "out", calib_text)), "has no tokenizer")
+    result = run_cli(["eval", str(model), "--data", str(calib_text), "--seqlen", "16", "--device", "cpu", "-q"])
+    one_error(result, "has no tokenizer")
+    assert "--calib-ids" not in result.stderr  # eval has no such option
+
+
+def test_a_broken_tokenizer_is_one_line_not_transformers_paragraphs(tiny_model, calib_text, tmp_path):
+    model = _without_tokenizer(tiny_model, tmp_path / "m")
+    (model / "tokenizer.json").write_text("{ not json")
+    result = run_cli(["eval", str(model), "--data", str(calib_text), "--seqlen", "16", "--device", "cpu", "-q"])
+    one_error(result, "cannot load the tokenizer")
+    assert result.stderr.split("error: ", 1)[1].strip().count("\n") == 0, result.stderr
+
+
+def test_eval_bos_advice_names_no_calib_option():
+    from lowmem_gblm.calib.data import window_bos
+
+    class NoBos:
+        bos_token_id = None
+
+    with pytest.raises(UsageError) as got:
+        window_bos(NoBos(), True, "--data x.txt")
+    assert "--calib-ids" not in str(got.value) and "bos_token" in str(got.value)
+    with pytest.raises(UsageError, match="--calib-ids"):
+        window_bos(NoBos(), True, "--calib x.txt")
+
+
+def test_an_overflow_names_the_compute_dtype_and_the_method_s_remedy():
+    import torch
+
+    from lowmem_gblm.mask import Pattern
+    from lowmem_gblm.methods import LinearJob, MethodOptions
+    from lowmem_gblm.methods.scored import overflow_fix
+
+    def job(dtype, gradient=False):
+        stats = {"scaler_row": torch.ones(4)} | ({"gradient": torch.ones(2, 4)} if gradient else {})
+        return LinearJob("model.layers.0.mlp.up_proj.weight", torch.ones(2, 4, dtype=dtype), stats,
+                         Pattern.parse("unstructured", 0.5), MethodOptions())
+
+    wanda16 = overflow_fix(job(torch.float16))
+    assert "float16" in wanda16 and "--dtype float32" in wanda16 and "--alpha" not in wanda16
+    assert "--alpha" in overflow_fix(job(torch.float32, gradient=True))
+    assert "--dtype" not in overflow_fix(job(torch.float32))
+
+
+def test_plan_without_budgets_does_not_claim_it_fits(tiny_model):
+    result = run_cli(["plan", str(tiny_model), "--seqlen", "16"])
+    assert result.exit_code == 0, result.output
+    assert "fits: not checked, no budget was given" in result.stdout and "fits: yes" not in result.stdout
+    result = run_cli(["plan", str(tiny_model), "--seqlen", "16", "--cpu-memory", "64GiB"])
+    assert "fits: yes (disk: no budget given, not checked)" in result.stdout

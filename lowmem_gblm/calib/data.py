@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from lowmem_gblm.calib.ood import is_ood_source, ood_documents
 from lowmem_gblm.calib.wiki import is_wiki_source, wiki_documents
-from lowmem_gblm.errors import InputError, UsageError
+from lowmem_gblm.errors import InputError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,31 @@ def window_bos(tokenizer, bos_per_window: bool, what: str) -> int | None:
         return None
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
+        fix = ("pass --calib-ids FILE.safetensors with windows that start with it" if what.startswith("--calib")
+               else "give the tokenizer its bos_token (tokenizer_config.json of the model's release)")
         raise InputError(f"{what}: this model family starts every window with BOS, but the tokenizer has no "
-                         "bos_token; pass --calib-ids FILE.safetensors with windows that start with it")
+                         f"bos_token; {fix}")
     return int(bos)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def load_tokenizer(folder: str | Path, instead: str = ""):
+    """The model folder's tokenizer. A folder without any tokenizer file is refused as such (transformers may
+    otherwise fail with paragraphs of advice, or build a tokenizer that turns the text into one token);
+    ``instead``: the alternative the command has, added to the message."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}): copy the "
+                         f"tokenizer files of the model's release into it{instead}")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # transformers' errors for a tokenizer it cannot build are of many types
+        raise InputError(f"cannot load the tokenizer from {folder} ({first_line(exc)}){instead}") from exc
 
 
 def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
@@ -250,14 +272,7 @@ def resolve_windows(calib, tokenizer_dir: str | Path, vocab_size: int, max_posit
     else:
         if max_positions is not None and calib.seqlen > max_positions:
             raise UsageError(f"--seqlen {calib.seqlen} exceeds the model's context ({max_positions} positions)")
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        except Exception as exc:
-            raise InputError(
-                f"cannot load the tokenizer from {tokenizer_dir} ({exc}); pass --calib-ids FILE.safetensors instead"
-            ) from exc
+        tokenizer = load_tokenizer(tokenizer_dir, "; or pass --calib-ids FILE.safetensors instead")
         ids = calibration_windows(tokenizer, calib.source, calib.nsamples, calib.seqlen, calib.seed, bos_per_window)
     if int(ids.max()) >= vocab_size or int(ids.min()) < 0:
         raise InputError(f"calibration ids fall outside the model's vocabulary (size {vocab_size})")

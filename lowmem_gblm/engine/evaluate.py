@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lowmem_gblm.calib.data import eval_windows
+from lowmem_gblm.calib.data import eval_windows, load_tokenizer
 from lowmem_gblm.calib.images import load_image_folder, load_pixels
 from lowmem_gblm.calib.samples import Samples
 from lowmem_gblm.config import EvalConfig
@@ -190,18 +190,13 @@ def checkpoint_sparsity(model: StreamedModel) -> dict:
 def evaluate_checkpoint(config: EvalConfig) -> dict:
     """Streamed perplexity of a checkpoint folder on a text source (windows cut with the checkpoint's own
     tokenizer), its decoder-linear sparsity and the measured peaks of the phase."""
-    from transformers import AutoTokenizer
-
     if not config.data:
         raise InputError("perplexity needs --data (an evaluation text)")
     model = open_model(config.model_dir)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and config.seqlen > max_pos:
         raise InputError(f"--seqlen {config.seqlen} exceeds the model's context ({max_pos} positions)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(config.model_dir))
-    except Exception as exc:
-        raise InputError(f"cannot load the tokenizer from {config.model_dir} ({exc})") from exc
+    tokenizer = load_tokenizer(config.model_dir)
     ids = eval_windows(tokenizer, config.data, config.seqlen, config.max_windows, model.family.bos_per_window)
     device = resolve_device(config.device)
     ranks = current(device.type)

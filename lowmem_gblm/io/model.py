@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowmem_gblm.errors import InputError
+from lowmem_gblm.errors import InputError, first_line
 from lowmem_gblm.io.checkpoint import CheckpointIndex
 from lowmem_gblm.io.layout import Family, family_for
 from lowmem_gblm.runtime import storage_dtype
@@ -31,7 +31,7 @@ def load_hf_config(model_dir: str | Path):
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as exc:
-        raise InputError(f"MODEL_DIR {model_dir}: cannot read config.json ({exc})") from exc
+        raise InputError(f"MODEL_DIR {model_dir}: cannot read config.json ({first_line(exc)})") from exc
     # Streamed blocks get the masks the full model would pass for unpadded input (stream.context: None for
     # full attention, where SDPA's causal path applies; eager attention would need an explicit mask there).
     config._attn_implementation = "sdpa"

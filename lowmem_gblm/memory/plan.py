@@ -228,6 +228,21 @@ class Plan:
                 "phases": [{"phase": q.name, "device_peak_bytes": q.device_peak_bytes,
                             "host_peak_bytes": q.host_peak_bytes, "disk_bytes": q.disk_bytes} for q in self.phases]}
 
+    def fits_line(self) -> str:
+        """"fits: yes" only for the budgets that were given: without one a peak is compared with nothing (an
+        unlimited budget "fits" any prediction, 33,876 TiB of host memory too)."""
+        if not self.fits:
+            return "fits: NO"
+        g = self.budgets
+        names = [("host", "cpu_memory"), ("disk", "disk_free")]
+        if self.settings.get("device") != "cpu":
+            names.insert(0, ("device", "gpu_memory"))
+        unchecked = [name for name, key in names if g.get(key) is None]
+        if len(unchecked) == len(names):
+            return ("fits: not checked, no budget was given (pass --cpu-memory, --gpu-memory, --disk or "
+                    "--disk-space to compare the peaks with one)")
+        return "fits: yes" + (f" ({', '.join(unchecked)}: no budget given, not checked)" if unchecked else "")
+
     def table(self) -> str:
         g = self.budgets
         lines = [f"{self.model}: {self.method}, {self.nsamples} x {self.seqlen} tokens; budgets: device "
@@ -242,7 +257,7 @@ class Plan:
                          f"{fmt_size(p.disk_bytes):>14}   {dn} {fmt_size(dv)} / {hn} {fmt_size(hv)}")
         lines.append(f"{'peak':<16}{fmt_size(self.device_peak_bytes):>14}{fmt_size(self.host_peak_bytes):>14}"
                      f"{fmt_size(self.disk_bytes):>14}")
-        lines.append("fits: yes" if self.fits else "fits: NO")
+        lines.append(self.fits_line())
         lines += [f"advice: {a}" for a in self.advice]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -11,10 +11,20 @@ from lowmem_gblm.runtime import concrete
 from lowmem_gblm.score import gblm_score, gradient_term, magnitude_score, term_share, wanda_score
 
 
+def overflow_fix(job: LinearJob) -> str:
+    """What makes a non-finite score finite: float32 compute when the weights and statistics came in a 16-bit
+    dtype; a lower --alpha when a gradient term was added (GBLM); else the inputs themselves overflow."""
+    dtype = str(job.weight.dtype).removeprefix("torch.")
+    fixes = [f"rerun with --dtype float32 (this run computes in {dtype})"] if job.weight.dtype != torch.float32 else []
+    if "gradient" in job.stats:
+        fixes.append("lower --alpha (the gradient term's weight)")
+    return " or ".join(fixes) or "the checkpoint's weights or activations overflow float32 on this text: check them"
+
+
 def _apply(job: LinearJob, score: torch.Tensor, scope: str = "row") -> torch.Tensor:
     if concrete(score) and not bool(torch.isfinite(score).all()):  # the mask would be arbitrary
-        raise UsageError(f"{job.name}: {int((~torch.isfinite(score)).sum())} score(s) are NaN/Inf (an overflow in "
-                         f"{score.dtype}: lower --alpha, or compute in float32)")
+        raise UsageError(f"{job.name}: {int((~torch.isfinite(score)).sum())} score(s) are NaN/Inf (an overflow); "
+                         f"{overflow_fix(job)}")
     keep = select_keep(score, job.pattern, scope)
     job.weight.masked_fill_(~keep, 0)
     return keep

@@ -6,6 +6,7 @@ import logging
 import time
 from importlib.metadata import version
 
+from lowmem_gblm.calib.data import load_tokenizer
 from lowmem_gblm.config import EvalConfig
 from lowmem_gblm.engine.evaluate import checkpoint_sparsity, evaluate_checkpoint, evaluate_images
 from lowmem_gblm.engine.run import open_model
@@ -82,15 +83,10 @@ def evaluate_tasks(config: EvalConfig) -> dict:
     require_lm_eval()
     if env_world() > 1:
         raise UsageError("--tasks runs in one process; start it without torchrun / accelerate launch")
-    from transformers import AutoTokenizer
-
     from lowmem_gblm.zeroshot.lm import StreamedLM
 
     model = open_model(config.model_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(config.model_dir))
-    except Exception as exc:
-        raise InputError(f"cannot load the tokenizer from {config.model_dir} ({exc})") from exc
+    tokenizer = load_tokenizer(config.model_dir)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device, model.checkpoint_dtype())
     manager = task_manager(config.tasks, config.include_path)
