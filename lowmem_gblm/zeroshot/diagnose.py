@@ -59,12 +59,35 @@ def _fields(doc) -> str:
     return ", ".join(sorted(map(str, doc))) if isinstance(doc, dict) else type(doc).__name__
 
 
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' builders that read the user's own files
+
+
 def config_problem(cfg: dict | None) -> str | None:
-    """A task YAML's own mistake lm-eval would hit as a TypeError: no ``dataset_path`` (and no custom loader)."""
+    """A task YAML's own mistake: no ``dataset_path`` (lm-eval: a TypeError about NoneType), or a file builder
+    (``dataset_path: json``) without ``dataset_kwargs.data_files`` or ``data_dir`` (datasets then searches the
+    current folder, every subfolder, for data files: minutes in a large tree)."""
     if not isinstance(cfg, dict) or "task" not in cfg:
         return None
     if not any(k in cfg for k in ("dataset_path", "custom_dataset", "class")):
         return "its YAML has no dataset_path (e.g. dataset_path: json with dataset_kwargs.data_files)"
+    kwargs = cfg.get("dataset_kwargs")
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    if cfg.get("dataset_path") in LOCAL_BUILDERS and not (kwargs.get("data_files") or kwargs.get("data_dir")):
+        return (f"dataset_path {cfg['dataset_path']} reads local files, but its YAML gives no "
+                "dataset_kwargs.data_files (datasets would search the current folder for them)")
+    return None
+
+
+def config_problems(manager, names) -> str | None:
+    """The first ``config_problem`` among the named tasks' YAMLs (groups are left to lm-eval), before any is
+    loaded."""
+    index = getattr(manager, "task_index", None) or {}
+    for name in names:
+        entry = index.get(name)
+        problem = config_problem(getattr(entry, "cfg", None))
+        if problem:
+            where = getattr(entry, "yaml_path", None)
+            return f"task {name}: {problem}" + (f" ({where})" if where else "")
     return None
 
 
@@ -151,11 +174,9 @@ def task_problem(manager, name: str, limit: int | None, num_fewshot: int | None)
     """What is wrong with task ``name``, or None when nothing is found (the error then speaks for itself)."""
     from lm_eval.tasks import get_task_dict
 
-    entry = manager.task_index.get(name) if hasattr(manager, "task_index") else None
-    problem = config_problem(getattr(entry, "cfg", None))
+    problem = config_problems(manager, [name])
     if problem:
-        where = getattr(entry, "yaml_path", None)
-        return f"task {name}: {problem}" + (f" ({where})" if where else "")
+        return problem
     try:
         loaded = get_task_dict([name], manager)
     except Exception as exc:  # lm-eval's way of meeting a task it cannot build

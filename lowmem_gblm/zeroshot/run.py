@@ -15,7 +15,7 @@ from lowmem_gblm.memory.tracker import PhaseTracker
 from lowmem_gblm.ranks import env_world
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.zeroshot import require_lm_eval
-from lowmem_gblm.zeroshot.diagnose import task_problem, through_package, unreadable_yamls
+from lowmem_gblm.zeroshot.diagnose import config_problems, task_problem, through_package, unreadable_yamls
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ def run_tasks(lm, config: EvalConfig, manager) -> dict:
     (zeroshot.diagnose); an error raised through this package's own code stays a bug."""
     from lm_eval import simple_evaluate
 
+    problem = config_problems(manager, config.tasks)
+    if problem:
+        raise InputError(f"--tasks {','.join(config.tasks)}: {problem}")
     try:
         return simple_evaluate(model=lm, tasks=list(config.tasks), num_fewshot=config.num_fewshot,
                                limit=config.limit, task_manager=manager, log_samples=False)
