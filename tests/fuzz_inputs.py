@@ -67,6 +67,8 @@ TASK_CASES: dict[str, tuple[dict, list[str], str | None]] = {
         "doc_to_target: label", "doc_to_target: num").replace("metric: acc", "metric: word_perplexity")}, [],
         "where lm-eval needs text"),
     "fewshot-above-docs": ({}, ["--num-fewshot", "5"], "--num-fewshot 5"),
+    "json-without-data_files": ({"edit": _replace("dataset_kwargs:\n  data_files:\n", "dataset_kwargs:\n")}, [],
+                                "no dataset_kwargs.data_files"),
     "yaml-syntax-error": ({"edit": lambda y: y.replace("dataset_path: json", "dataset_path: [json")}, [],
                           "line 3"),
     "yaml-empty": ({"edit": lambda y: ""}, [], "(empty)"),
