@@ -92,6 +92,13 @@ def test_plan_with_counts_past_int64_is_one_error_line(tiny_model, extra):
     one_error(run_cli(["plan", str(tiny_model), "--seqlen", "16", *extra]), extra[0])
 
 
+def test_billions_of_one_window_chunks_are_refused_at_once(tiny_model):
+    # each option alone is in range; together they asked the partition for 2**31 chunks (a list built for minutes)
+    result = run_cli(["plan", str(tiny_model), "--seqlen", "16", "--nsamples", str(2**31 - 1), "--chunk-windows",
+                      "1"], seconds=60)
+    one_error(result, "--chunk-windows 1 cuts 2147483647 windows into 2147483647 chunks")
+
+
 @pytest.mark.parametrize("extra", [["--nsamples", str(10**30)], ["--batch-size", str(10**21)],
                                    ["--blocksize", str(10**30), "--method", "sparsegpt"]])
 def test_prune_with_counts_past_int64_is_one_error_line(extra, tiny_model, calib_text, tmp_path):

@@ -20,7 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from lowmem_gblm.errors import UsageError
+
 MAX_CHUNKS = 8  # the automatic chunk size cuts the windows into at most this many chunks (up to 8 ranks busy)
+MAX_CHUNK_COUNT = 1 << 16  # chunks are reduction steps with per-chunk bookkeeping: more is a typo, not a run
 
 
 def auto_chunk(nsamples: int) -> int:
@@ -40,6 +43,11 @@ class Partition:
     def __post_init__(self) -> None:
         if self.nsamples < 1 or self.chunk < 1 or not 0 <= self.rank < self.world:
             raise ValueError(f"bad partition {self}")
+        count = -(-self.nsamples // self.chunk)
+        if count > MAX_CHUNK_COUNT:
+            raise UsageError(f"--chunk-windows {self.chunk} cuts {self.nsamples} windows into {count} chunks; at most "
+                             f"{MAX_CHUNK_COUNT}: pass --chunk-windows {-(-self.nsamples // MAX_CHUNK_COUNT)} or more "
+                             "(or leave it out)")
 
     @cached_property
     def chunks(self) -> list[tuple[int, int]]:
