@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from lowmem_gblm.io.onnx_dinov2 import backbone_output_name, load_onnx, onnx_tensors
+from lowmem_gblm.convert.onnx_dinov2 import backbone_output_name
+from lowmem_gblm.convert.onnx_graph import load_onnx, onnx_tensors
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 

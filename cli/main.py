@@ -34,12 +34,12 @@ from lowmem_gblm.config import (
     StoreDtype,
     Update,
 )
+from lowmem_gblm.convert.gguf_import import import_gguf
+from lowmem_gblm.convert.onnx_dinov2 import import_onnx_dinov2
 from lowmem_gblm.engine import compute_gradients
 from lowmem_gblm.engine import prune as run_prune
 from lowmem_gblm.engine.progress import CONSOLE, live_terminal
 from lowmem_gblm.errors import UsageError
-from lowmem_gblm.io.gguf_import import import_gguf
-from lowmem_gblm.io.onnx_dinov2 import import_onnx_dinov2
 from lowmem_gblm.memory.plan import Budgets, PlanSettings
 from lowmem_gblm.memory.plan import plan as make_plan
 from lowmem_gblm.memory.shape import load_shape

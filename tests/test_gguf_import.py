@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lowmem_gblm.convert.gguf_import import import_gguf
 from lowmem_gblm.engine import streamed_perplexity
 from lowmem_gblm.errors import InputError, UsageError
-from lowmem_gblm.io.gguf_import import import_gguf
 from lowmem_gblm.io.model import StreamedModel
 from tests.tiny_eval import make_tiny_llama, write_tiny_gguf
 

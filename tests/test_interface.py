@@ -19,10 +19,10 @@ from cli import main as cli_main
 from cli.main import app
 from lowmem_gblm import __version__
 from lowmem_gblm.calib.data import load_documents
+from lowmem_gblm.convert import gguf_import
 from lowmem_gblm.engine import progress as progress_mod
 from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.errors import InputError, UsageError
-from lowmem_gblm.io import gguf_import
 from lowmem_gblm.stream.head import window_nll
 from tests.faults import REPO
 

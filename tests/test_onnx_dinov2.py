@@ -20,14 +20,9 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from cli.main import app  # noqa: E402
+from lowmem_gblm.convert.onnx_dinov2 import backbone_output_name, build_dinov2, dinov2_from_onnx  # noqa: E402
+from lowmem_gblm.convert.onnx_graph import load_onnx, onnx_tensors  # noqa: E402
 from lowmem_gblm.errors import InputError  # noqa: E402
-from lowmem_gblm.io.onnx_dinov2 import (  # noqa: E402
-    backbone_output_name,
-    build_dinov2,
-    dinov2_from_onnx,
-    load_onnx,
-    onnx_tensors,
-)
 
 HIDDEN, LAYERS, HEADS, PATCH, GRID = 32, 2, 4, 14, 3
 

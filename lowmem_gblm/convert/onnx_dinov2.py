@@ -10,7 +10,7 @@ The position embeddings are two anonymous initializers, a class part ``[1, 1, D]
 ``[1, P, D]`` (P a square: 1369 = 37² for a 518-pixel grid); they are concatenated back.
 
 Everything is read with ``onnx`` alone (initializers, nodes, constants); onnxruntime is only needed
-by :func:`onnx_tensors`, which runs the ONNX file and returns internal tensors for checking. The
+by ``onnx_graph.onnx_tensors``, which runs the ONNX file and returns internal tensors for checking. The
 config comes from the graph: hidden size (class token), patch size and channels (projection
 kernel), layer count, MLP ratio (``fc1``), heads (the constant shape of the ``Reshape`` after the
 query projection), the LayerNorm epsilon (the constant added under ``Sqrt``), the MLP activation
@@ -35,20 +35,20 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lowmem_gblm.errors import InputError, UsageError
-from lowmem_gblm.io.gguf_import import IMPORT_MARK, prepare_out_dir
+from lowmem_gblm.convert.onnx_graph import Graph, input_size, load_onnx, reaches, shape_dims
+from lowmem_gblm.convert.outdir import prepare_out_dir, write_mark, written_files
+from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.writer import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-VISION_EXTRA = "pip install 'lowmem-gblm[vision]'"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_OVER_CROP = 256 / 224  # DINOv2's evaluation transform: resize to 256, crop 224
@@ -62,71 +62,6 @@ _BLOCK_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 _ANCHOR = "embeddings.cls_token"
 
 
-def _onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise UsageError(f"reading ONNX files needs the onnx package; {VISION_EXTRA}") from None
-    return onnx
-
-
-def load_onnx(path: str | Path):
-    """The ``onnx.ModelProto`` in ``path``, or an InputError naming the file when it is not an ONNX model."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"ONNX file {path} does not exist")
-    onnx = _onnx()
-    from google.protobuf.message import DecodeError
-
-    try:
-        model = onnx.load(str(path))
-    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
-        raise InputError(f"{path} is not an ONNX model ({type(exc).__name__}: {exc})") from exc
-    if not model.graph.node or not model.graph.initializer:
-        raise InputError(f"{path} is not an ONNX model with weights (no graph nodes or initializers)")
-    return model
-
-
-@dataclass
-class _Graph:
-    """Name lookups over one ONNX graph: weights (initializers, and Identity copies of them), constants,
-    the node producing each tensor and the nodes consuming it."""
-
-    nodes: list[Any]
-    values: dict[str, np.ndarray]
-    constants: dict[str, np.ndarray]
-    producer: dict[str, Any]
-    consumers: dict[str, list[Any]] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, model) -> _Graph:
-        from onnx import numpy_helper
-
-        g = model.graph
-        values = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-        constants, producer, consumers = {}, {}, {}
-        for node in g.node:
-            for name in node.output:
-                producer[name] = node
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
-            if node.op_type == "Constant":
-                for attr in node.attribute:
-                    if attr.name == "value":
-                        constants[node.output[0]] = numpy_helper.to_array(attr.t)
-        # the TorchScript exporter shares equal initializers and gives the other names an Identity
-        for node in g.node:
-            if node.op_type == "Identity" and node.input[0] in values:
-                values[node.output[0]] = values[node.input[0]]
-        return cls(list(g.node), values, constants, producer, consumers)
-
-    def const(self, name: str) -> np.ndarray | None:
-        return self.constants.get(name, self.values.get(name))
-
-    def uses(self, name: str, op: str | None = None) -> list[Any]:
-        return [n for n in self.consumers.get(name, []) if op is None or n.op_type == op]
-
-
 @dataclass(frozen=True)
 class Converted:
     """What was read from the ONNX graph: the state dict, the config and facts worth logging."""
@@ -137,7 +72,7 @@ class Converted:
     notes: tuple[str, ...]
 
 
-def _prefix(g: _Graph, source: str) -> str:
+def _prefix(g: Graph, source: str) -> str:
     hits = [name for name in g.values if name.endswith(_ANCHOR)]
     if len(hits) != 1:
         raise InputError(f"{source}: not a DINOv2/ViT backbone (expected one '*{_ANCHOR}' initializer, "
@@ -145,7 +80,7 @@ def _prefix(g: _Graph, source: str) -> str:
     return hits[0][: -len(_ANCHOR)]
 
 
-def _named(g: _Graph, prefix: str) -> dict[str, np.ndarray]:
+def _named(g: Graph, prefix: str) -> dict[str, np.ndarray]:
     """Initializers under the backbone's prefix that belong to Dinov2Model, prefix removed."""
     out = {}
     for name, value in g.values.items():
@@ -156,7 +91,7 @@ def _named(g: _Graph, prefix: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _matmul_weights(g: _Graph, prefix: str) -> dict[str, np.ndarray]:
+def _matmul_weights(g: Graph, prefix: str) -> dict[str, np.ndarray]:
     """``X.weight`` ([out, in]) for every ``MatMul(x, W)`` whose output is added to the bias ``X.bias``."""
     out = {}
     for node in g.nodes:
@@ -169,21 +104,7 @@ def _matmul_weights(g: _Graph, prefix: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _reaches(g: _Graph, start: str, target: Any, depth: int = 12) -> bool:
-    """Whether tensor ``start`` flows into node ``target`` within ``depth`` nodes."""
-    frontier = [start]
-    for _ in range(depth):
-        nxt = []
-        for name in frontier:
-            for node in g.uses(name):
-                if node is target:
-                    return True
-                nxt.extend(node.output)
-        frontier = nxt
-    return False
-
-
-def _position_embeddings(g: _Graph, prefix: str, hidden: int, source: str) -> np.ndarray:
+def _position_embeddings(g: Graph, prefix: str, hidden: int, source: str) -> np.ndarray:
     """[1, 1 + P, D]: the named tensor, or the anonymous class part [1, 1, D] + patch part [1, P, D]."""
     named = g.values.get(prefix + "embeddings.position_embeddings")
     if named is not None:
@@ -198,18 +119,18 @@ def _position_embeddings(g: _Graph, prefix: str, hidden: int, source: str) -> np
                          f"and {len(patch_parts)})")
     (cls_name, cls_part), (patch_name, patch_part) = cls_parts[0], patch_parts[0]
     concat = g.uses(cls_name, "Concat")[0]
-    if concat.input[0] != cls_name or not _reaches(g, patch_name, concat):
+    if concat.input[0] != cls_name or not reaches(g, patch_name, concat):
         raise InputError(f"{source}: the position-embedding parts {cls_name} and {patch_name} are not joined "
                          "as [class, patches]")
     return np.concatenate([cls_part, patch_part], axis=1)
 
 
-def _num_heads(g: _Graph, prefix: str, hidden: int, source: str) -> int:
+def _num_heads(g: Graph, prefix: str, hidden: int, source: str) -> int:
     """Heads from the constant dims of the Reshape that splits layer 0's query projection into heads."""
     biases = [f"{prefix}encoder.layer.0.attention.{q}.bias" for q in ("attention.query", "q_proj")]
     for add in [a for bias in biases for a in g.uses(bias, "Add")]:
         for reshape in g.uses(add.output[0], "Reshape"):
-            dims = _shape_dims(g, reshape.input[1])
+            dims = shape_dims(g, reshape.input[1])
             if dims is not None and len(dims) >= 2:
                 heads, head_dim = dims[-2], dims[-1]
                 if heads == -1 and head_dim > 0:
@@ -220,24 +141,7 @@ def _num_heads(g: _Graph, prefix: str, hidden: int, source: str) -> int:
                      "into [..., heads, head_dim] with constant dims)")
 
 
-def _shape_dims(g: _Graph, name: str) -> list[int] | None:
-    """The trailing dims of a Reshape shape: a constant, or a Concat whose last parts are constants."""
-    value = g.const(name)
-    if value is not None:
-        return [int(v) for v in value.reshape(-1)]
-    node = g.producer.get(name)
-    if node is None or node.op_type != "Concat":
-        return None
-    tail: list[int] = []
-    for part in reversed(node.input):
-        v = g.const(part)
-        if v is None:
-            break
-        tail = [int(x) for x in v.reshape(-1)] + tail
-    return tail or None
-
-
-def _ln_eps(g: _Graph, prefix: str) -> float | None:
+def _ln_eps(g: Graph, prefix: str) -> float | None:
     """Layer 0 norm1's epsilon: a LayerNormalization attribute, or the constant of ``Sqrt(var + eps)``."""
     weight = prefix + "encoder.layer.0.norm1.weight"
     for node in g.uses(weight):
@@ -255,7 +159,7 @@ def _ln_eps(g: _Graph, prefix: str) -> float | None:
     return None
 
 
-def _activation(g: _Graph, prefix: str, source: str) -> str:
+def _activation(g: Graph, prefix: str, source: str) -> str:
     """transformers' name for the MLP activation that follows layer 0's fc1."""
     bias = prefix + "encoder.layer.0.mlp.fc1.bias"
     frontier = [o for add in g.uses(bias, "Add") for o in add.output]
@@ -273,14 +177,7 @@ def _activation(g: _Graph, prefix: str, source: str) -> str:
     raise InputError(f"{source}: the MLP activation after fc1 is not GELU; not a DINOv2 backbone")
 
 
-def _input_size(model) -> tuple[int, int] | None:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    if len(dims) == 4 and dims[2].dim_value > 0 and dims[3].dim_value > 0:
-        return dims[2].dim_value, dims[3].dim_value
-    return None
-
-
-def _pos_resize_note(g: _Graph) -> str:
+def _pos_resize_note(g: Graph) -> str:
     resizes = [n for n in g.nodes if n.op_type == "Resize" and "embeddings" in n.name]
     if not resizes:
         return "position embeddings are not resized in the graph"
@@ -296,7 +193,7 @@ def _pos_resize_note(g: _Graph) -> str:
 
 def dinov2_from_onnx(model, source: str = "ONNX model") -> Converted:
     """Read a DINOv2 backbone's weights and config from an ``onnx.ModelProto`` (pure; nothing is written)."""
-    g = _Graph.of(model)
+    g = Graph.of(model)
     prefix = _prefix(g, source)
     arrays = _named(g, prefix)
     if any(".weights_in." in k for k in arrays):
@@ -343,7 +240,7 @@ def dinov2_from_onnx(model, source: str = "ONNX model") -> Converted:
     }
     notes.append(_pos_resize_note(g))
     state = {k: torch.from_numpy(np.array(arrays[k], dtype=np.float32)) for k in sorted(expected)}
-    return Converted(state, config, _input_size(model), tuple(notes))
+    return Converted(state, config, input_size(model), tuple(notes))
 
 
 def _expected_keys(num_layers: int) -> set[str]:
@@ -414,7 +311,7 @@ def import_onnx_dinov2(onnx_path: str | Path, out_dir: str | Path, overwrite: bo
     for note in converted.notes:
         log.info("onnx import: %s", note)
     prepare_out_dir(out_dir, overwrite)
-    _mark(out_dir, onnx_path, None)
+    write_mark(out_dir, {"onnx": str(onnx_path)}, None)
     model = build_dinov2(converted)
     n_params = sum(p.numel() for p in model.parameters())
     c = converted.config
@@ -424,41 +321,16 @@ def import_onnx_dinov2(onnx_path: str | Path, out_dir: str | Path, overwrite: bo
     model.save_pretrained(out_dir, safe_serialization=True)
     atomic_write_text(out_dir / "preprocessor_config.json",
                       json.dumps(preprocessor_config(converted.input_size), indent=2) + "\n")
-    _mark(out_dir, onnx_path, sorted(p.name for p in out_dir.iterdir() if p.name != IMPORT_MARK))
+    write_mark(out_dir, {"onnx": str(onnx_path)}, written_files(out_dir))
     log.info("onnx import: wrote %s in %.1fs", out_dir, time.perf_counter() - t0)
     return out_dir
 
 
-def _mark(out_dir: Path, onnx_path: Path, files: list[str] | None) -> None:
-    atomic_write_text(out_dir / IMPORT_MARK, json.dumps({"onnx": str(onnx_path), "files": files}, indent=1))
-
-
 def backbone_output_name(model) -> str:
     """The ONNX tensor that is the backbone's last_hidden_state: the output of the final ``layernorm``."""
-    g = _Graph.of(model)
+    g = Graph.of(model)
     bias = _prefix(g, "ONNX model") + "layernorm.bias"
     for node in g.uses(bias):
         if node.op_type in ("Add", "LayerNormalization"):
             return node.output[0]
     raise InputError(f"ONNX model: no node reads {bias}; cannot find the backbone output")
-
-
-def onnx_tensors(model, pixel_values: np.ndarray, names: list[str]) -> list[np.ndarray]:
-    """Run ``model`` with onnxruntime (CPU) on ``pixel_values`` and return the tensors ``names``, internal ones
-    included (they are added to the graph's outputs of a copy)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UsageError(f"running ONNX files needs onnxruntime; {VISION_EXTRA}") from None
-    from onnx import helper
-
-    copy = type(model)()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in present:
-            copy.graph.output.append(helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as exported
-    session = ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(names, {copy.graph.input[0].name: pixel_values.astype(np.float32)})

@@ -20,17 +20,13 @@ from pathlib import Path
 
 import torch
 
+from lowmem_gblm.convert.outdir import prepare_out_dir, write_mark, written_files
 from lowmem_gblm.errors import InputError, UsageError, first_line
-from lowmem_gblm.io.writer import atomic_write_text
 from lowmem_gblm.runtime import COMPUTE_DTYPES, dtype_name, named_dtype
 
 log = logging.getLogger(__name__)
 
 GGUF_TRANSFORMERS = "5.17"  # the first transformers with GgufConfig (dequantize=True); the gguf extra pins it
-IMPORT_MARK = ".lowmem-import.json"  # what an import wrote: --overwrite deletes those files and no other
-# what save_pretrained writes (an import that did not finish may have left any of these)
-_WRITTEN = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-            "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*", "merges.txt")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -53,52 +49,6 @@ def _transformers_gguf():
     return AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 
-def _previous_import(out_dir: Path) -> set[str] | None:
-    """The files an earlier import wrote into ``out_dir`` (from its mark), or None when there was none.
-
-    An import that did not finish marked only that it started: the files it may have written are the
-    ones ``save_pretrained`` writes (``_WRITTEN``).
-    """
-    try:
-        mark = json.loads((out_dir / IMPORT_MARK).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(mark, dict):
-        return None
-    files = mark.get("files")
-    if isinstance(files, list) and all(isinstance(f, str) and f and Path(f).name == f for f in files):
-        return set(files)
-    return {p.name for p in out_dir.iterdir() if p.is_file() and any(p.match(g) for g in _WRITTEN)}
-
-
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create ``out_dir``. A non-empty one is refused, unless ``overwrite`` and it holds an earlier import and
-    nothing else: then that import's files are deleted (never a file an import did not write)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"OUT_DIR {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        ours = _previous_import(out_dir)
-        if ours is None:
-            names = sorted(p.name for p in out_dir.iterdir())
-            raise InputError(f"OUT_DIR {out_dir} is not empty and holds no earlier import ({', '.join(names[:3])}"
-                             f"{'...' if len(names) > 3 else ''}); choose an empty folder (nothing was deleted)")
-        if not overwrite:
-            raise InputError(f"OUT_DIR {out_dir} holds an earlier import; pass --overwrite to replace it, or "
-                             "choose an empty folder")
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours | {IMPORT_MARK})
-        if foreign:
-            raise InputError(f"OUT_DIR {out_dir} holds files no import wrote ({', '.join(foreign[:3])}"
-                             f"{'...' if len(foreign) > 3 else ''}); --overwrite leaves them alone: move them or "
-                             "choose another folder (nothing was deleted)")
-        for name in sorted(ours):
-            path = out_dir / name
-            if path.is_file() or path.is_symlink():
-                path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _mark(out_dir: Path, gguf_path: Path, files: list[str] | None) -> None:
-    atomic_write_text(out_dir / IMPORT_MARK, json.dumps({"gguf": str(gguf_path), "files": files}, indent=1))
 
 
 def _strip_quantization(out_dir: Path) -> None:
@@ -132,7 +82,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.d
         raise InputError(f"GGUF file {gguf_path} does not exist")
     check_complete(gguf_path)
     prepare_out_dir(out_dir, overwrite)
-    _mark(out_dir, gguf_path, None)  # started: a rerun with --overwrite may replace what it leaves
+    write_mark(out_dir, {"gguf": str(gguf_path)}, None)  # started: a rerun with --overwrite may replace what it leaves
     folder, name = str(gguf_path.parent), gguf_path.name
     t0 = time.perf_counter()
     log.info("gguf import: reading and dequantizing %s to %s", gguf_path, torch_dtype)
@@ -152,7 +102,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.d
     model.save_pretrained(out_dir, max_shard_size=shard_size, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     _strip_quantization(out_dir)
-    _mark(out_dir, gguf_path, sorted(p.name for p in out_dir.iterdir() if p.name != IMPORT_MARK))
+    write_mark(out_dir, {"gguf": str(gguf_path)}, written_files(out_dir))
     shards = sorted(p.name for p in out_dir.glob("*.safetensors"))
     log.info("gguf import: wrote %d shard(s) and the tokenizer to %s in %.1fs",
              len(shards), out_dir, time.perf_counter() - t0)
