@@ -9,6 +9,16 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 
+def int8_error_bound(absmax: torch.Tensor) -> torch.Tensor:
+    """Per-block bound on |x - dequant(quant(x))| of the int8 store: absmax times the largest distance from a point
+    of [-1, 1] to the map (half its widest gap, or an end: the map's lowest value is -0.993, not -1)."""
+    from lowmem_gblm.stream.store import int8_code
+
+    code = int8_code().sort().values
+    worst = max(float((code[1:] - code[:-1]).max()) / 2, float(code[0]) + 1, 1 - float(code[-1]))
+    return absmax.to(torch.float32) * worst
+
+
 def load_ids(out_dir) -> torch.Tensor:
     with safe_open(str(out_dir / "calibration_ids.safetensors"), framework="pt") as f:
         return f.get_tensor("input_ids")

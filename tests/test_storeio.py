@@ -22,11 +22,11 @@ from lowmem_gblm.stream.store import (
     INT8_BLOCKSIZE,
     ActivationStore,
     Int8Buffer,
-    int8_error_bound,
     quantize_int8,
     store_nbytes,
 )
 from tests.faults import cli_args, copy_model, edit_tensor, run, with_value
+from tests.reference import int8_error_bound
 from tests.test_prune_stream import read_all
 
 Q1 = "model.layers.1.self_attn.q_proj.weight"

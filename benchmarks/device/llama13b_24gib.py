@@ -508,7 +508,7 @@ class Recorder:
                 return plan
 
             R.plan_run = plan_run
-        self.wrap(G, "save_buffer", "incoming gradient persisted (per block)")
+        self.wrap(G, "save_windows", "incoming gradient persisted (per block)")
         self.wrap(G, "embed", "embed (gradient sweep)")
         self.wrap(PR, "embed", "embed (prune sweep)")
         self.wrap(G._Sweep, "head", "head: loss + dL/dh for every window")
