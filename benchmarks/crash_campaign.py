@@ -21,11 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import cli_args, diff_trees, make_tiny_llama, sample_text, spawn
 
-from lowmem_gblm.testing_hooks import CRASH_ENV  # noqa: E402
-from tests.faults import cli_args, diff_trees, spawn  # noqa: E402
-from tests.tiny import make_tiny_llama, sample_text  # noqa: E402
+from lowmem_gblm.testing_hooks import CRASH_ENV
 
 POINTS = ["shard_write:2", "shard_write:3", "shard_write:4", "manifest:1", "manifest:2", "manifest:3",
           "manifest_write:3", "finalize:1", "write:2"]

@@ -39,11 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
+from peak_memory import calibration_file, child_env
 
-from peak_memory import calibration_file, child_env  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MIB = 2**20
 PHASES = ("gradient_sweep", "prune_sweep")

@@ -14,14 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed one
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from store_int8 import agreement, keep_masks, prepare, real_model_args  # noqa: E402
+from store_int8 import agreement, keep_masks, prepare, real_model_args
 
 
 def main() -> None:

@@ -28,19 +28,15 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lowmem_gblm.mask import Pattern, select_keep  # noqa: E402
-from lowmem_gblm.methods.solve import DEFAULT_TOL, factor_hessian, solve_kept  # noqa: E402
-from lowmem_gblm.methods.sparsegpt import _prepare_hessian, inverse_hessian_cholesky, sparsegpt_prune  # noqa: E402
-from lowmem_gblm.methods.update import lsq_update  # noqa: E402
+from lowmem_gblm.mask import Pattern, select_keep
+from lowmem_gblm.methods.solve import DEFAULT_TOL, factor_hessian, solve_kept
+from lowmem_gblm.methods.sparsegpt import _prepare_hessian, inverse_hessian_cholesky, sparsegpt_prune
+from lowmem_gblm.methods.update import lsq_update
 
 LLAMA_13B_BLOCK = (("q", 5120, 5120), ("k", 5120, 5120), ("v", 5120, 5120), ("o", 5120, 5120),
                    ("gate", 13824, 5120), ("up", 13824, 5120), ("down", 5120, 13824))  # (name, out, in)

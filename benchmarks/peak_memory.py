@@ -231,8 +231,6 @@ def mask_agreement(mask_file: str, out_dir: str) -> dict:
 def synthetic_checkpoint(real: Path, depth: int, work: Path) -> tuple[Path, float]:
     """SmolLM2 block shape, `depth` x the blocks, random fp32 weights, one shard per block."""
     import torch
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from scale import write_checkpoint
 
     cfg = json.loads((real / "config.json").read_text())
@@ -253,7 +251,6 @@ def checkpoint_bytes(folder: Path) -> int:
 def calibration_file(model: Path, work: Path, a) -> Path:
     from transformers import AutoTokenizer
 
-    sys.path.insert(0, str(ROOT))
     from lowmem_gblm.calib.data import calibration_windows, save_ids
 
     path = work / f"calib-ids-{a.nsamples}x{a.seqlen}-s{a.seed}.safetensors"

@@ -18,10 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MiB = 2**20
 
@@ -115,7 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if not a.skip_tiny:
-            from tests.tiny import make_tiny_llama
+            from _common import make_tiny_llama
 
             n, t = 64, 256
             model = make_tiny_llama(work / "tiny", layers=2, hidden=512, heads=8, kv_heads=4, inter=1376, vocab=320,

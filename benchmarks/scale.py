@@ -25,14 +25,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lowmem_gblm.calib.data import save_ids
+from lowmem_gblm.memory.plan import Budgets, PlanSettings, plan
+from lowmem_gblm.memory.probe import baseline_rss
+from lowmem_gblm.memory.shape import load_shape
+from lowmem_gblm.units import fmt_size
 
-from lowmem_gblm.calib.data import save_ids  # noqa: E402
-from lowmem_gblm.memory.plan import Budgets, PlanSettings, plan  # noqa: E402
-from lowmem_gblm.memory.probe import baseline_rss  # noqa: E402
-from lowmem_gblm.memory.shape import load_shape  # noqa: E402
-from lowmem_gblm.units import fmt_size  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = ROOT / "benchmarks" / "configs"
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,

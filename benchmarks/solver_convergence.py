@@ -30,18 +30,16 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lowmem_gblm.mask import Pattern, select_keep
+from lowmem_gblm.methods.solve import factor_hessian
+from lowmem_gblm.methods.update import lsq_update
 
-from lowmem_gblm.mask import Pattern, select_keep  # noqa: E402
-from lowmem_gblm.methods.solve import factor_hessian  # noqa: E402
-from lowmem_gblm.methods.update import lsq_update  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = (2, 15, 28)
 LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")

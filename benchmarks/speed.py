@@ -23,11 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
+from peak_memory import calibration_file, child_env, gib, mask_agreement, run_baseline, run_child
 
-from peak_memory import calibration_file, child_env, gib, mask_agreement, run_baseline, run_child  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_streamed(model: Path, ids: Path, work: Path, a, batch: int) -> dict:

@@ -16,16 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's package, not an installed one
 
 
 def keep_masks(out: Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,8 @@ Steps (each a subcommand, run by the shell script with its own timeout; results 
              works on a partial run (a prune killed by its timeout keeps what it recorded per block)
 
 ``--shape tiny`` is the CPU self-check: the same steps on a 4-block d=256 LLaMA, seconds long; the GPU-only
-parts (memory fraction, semi-structured sparse) are skipped with a message.
+parts (memory fraction, semi-structured sparse) are skipped with a message. The shell script puts the
+repository (the package is not installed on the GPU image) and benchmarks/ (scale.py) on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 GIB = 2**30
 RESULT, TABLE = "llama13b_24gib.json", "llama13b_24gib.txt"

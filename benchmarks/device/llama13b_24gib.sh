@@ -47,7 +47,7 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}  # the package (not installed on the GPU image) and scale.py
 
 pick_work() {  # the non-tmpfs candidate with the most free bytes
   local best=/tmp bestfree=-1 d free fs
