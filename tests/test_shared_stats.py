@@ -16,7 +16,7 @@ from torch import nn
 
 from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.mask import Pattern
-from lowmem_gblm.memory.plan import _statistics_bytes
+from lowmem_gblm.memory.predict import _statistics_bytes
 from lowmem_gblm.memory.probe import input_groups, probe
 from lowmem_gblm.memory.shape import load_shape
 from lowmem_gblm.methods import LinearJob, MethodOptions, get_method
