@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 from cli.main import app
 from lowmem_gblm.errors import InputError, OutOfSpace
 from lowmem_gblm.memory.tracker import RSS_PARTS, PhaseTracker, rss_parts
-from lowmem_gblm.stream import store as store_module
-from lowmem_gblm.stream.store import HEADER_BYTES, ActivationBuffer, ActivationStore, Int8Buffer
+from lowmem_gblm.stream import diskarray
+from lowmem_gblm.stream.diskarray import HEADER_BYTES
+from lowmem_gblm.stream.store import ActivationBuffer, ActivationStore, Int8Buffer
 from tests.faults import cli_args, diff_trees
 
 runner = CliRunner()
@@ -103,7 +104,7 @@ def test_int8_disk_matches_ram_bit_for_bit(tmp_path, dtype):
 @pytest.mark.parametrize("store_dtype", ["auto", "int8"])
 def test_without_sync_file_range(tmp_path, monkeypatch, store_dtype):
     """Where libc has no sync_file_range, written ranges are made clean with fdatasync: same bytes."""
-    monkeypatch.setattr(store_module, "_SYNC_FILE_RANGE", None)
+    monkeypatch.setattr(diskarray, "_SYNC_FILE_RANGE", None)
     x = _data((6, 5, 16), torch.bfloat16, seed=4)
     ram = ActivationStore("cpu", None, store_dtype).new(tuple(x.shape), torch.bfloat16, "h")
     disk = ActivationStore("disk", tmp_path, store_dtype).new(tuple(x.shape), torch.bfloat16, "h")
