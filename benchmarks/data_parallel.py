@@ -196,8 +196,8 @@ def main() -> None:
 
     import torch
 
+    from lowmem_gblm.memory.matmul_peak import measured_peak
     from lowmem_gblm.memory.probe import baseline_rss
-    from lowmem_gblm.memory.work import measured_peak
 
     results_dir = Path(a.out)
     results_dir.mkdir(parents=True, exist_ok=True)

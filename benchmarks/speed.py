@@ -8,7 +8,7 @@ Each case runs in its own subprocess (separate RSS): ``in-memory`` is benchmarks
 (whole model, ``loss.backward()`` per window, then layer-by-layer Wanda/GBLM pruning with everything in
 memory); ``streamed B`` is ``lowmem-gblm prune --method gblm --batch-size B --offload OFFLOAD``. Per streamed
 case: the gradient and prune sweeps' seconds and, from prune_report.json's per-phase ``work``, their matmul
-FLOPs and the fraction of this machine's measured matmul peak (lowmem_gblm.memory.work.measured_peak,
+FLOPs and the fraction of this machine's measured matmul peak (lowmem_gblm.memory.matmul_peak.measured_peak,
 refreshed once at the start so a busy cache entry is not used). Prints a table and ends with one JSON line.
 """
 
@@ -78,7 +78,7 @@ def main() -> None:
 
     import torch
 
-    from lowmem_gblm.memory.work import measured_peak
+    from lowmem_gblm.memory.matmul_peak import measured_peak
 
     torch.set_num_threads(a.threads)
     peak = measured_peak(torch.device(a.device), torch.float32, refresh=True)

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lowmem_gblm.errors import UsageError
 from lowmem_gblm.io.model import linear_names
 from lowmem_gblm.mask import Pattern
-from lowmem_gblm.memory import work
+from lowmem_gblm.memory import matmul_peak, work
 from lowmem_gblm.memory.plan import PlanSettings
 from lowmem_gblm.memory.shape import load_shape
 from lowmem_gblm.methods import MethodOptions, get_method, update
@@ -403,44 +403,46 @@ def test_obs_update_independent_of_blocksize(blocksize):
 
 
 def test_measured_peak_cached(monkeypatch, tmp_path):
-    monkeypatch.setattr(work, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(work, "PEAK_BUDGET_S", 0.3)
-    peak = work.measured_peak(CPU, torch.float32)
+    monkeypatch.setattr(matmul_peak, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(matmul_peak, "PEAK_BUDGET_S", 0.3)
+    peak = matmul_peak.measured_peak(CPU, torch.float32)
     assert peak > 0 and math.isfinite(peak)
-    data = json.loads((tmp_path / work.PEAK_FILE).read_text())
-    key = work.peak_key(CPU, torch.float32)
+    data = json.loads((tmp_path / matmul_peak.PEAK_FILE).read_text())
+    key = matmul_peak.peak_key(CPU, torch.float32)
     assert data[key]["flops_per_s"] == peak and "float32" in key and f"threads={torch.get_num_threads()}" in key
 
     def no_benchmark(*_a, **_k):
         raise AssertionError("the cached peak should have been used")
 
-    monkeypatch.setattr(work, "benchmark_matmul", no_benchmark)
-    assert work.measured_peak("cpu", torch.float32) == peak
-    monkeypatch.setattr(work, "benchmark_matmul", lambda *_a, **_k: {"flops_per_s": 123.0, "n": 8, "seconds": 0.0})
-    assert work.measured_peak(CPU, torch.float32, refresh=True) == 123.0
-    assert work.measured_peak(CPU, torch.float64) == 123.0  # another dtype: another key, measured
-    data = json.loads((tmp_path / work.PEAK_FILE).read_text())
-    assert data[key]["flops_per_s"] == 123.0 and work.peak_key(CPU, torch.float64) in data
+    monkeypatch.setattr(matmul_peak, "benchmark_matmul", no_benchmark)
+    assert matmul_peak.measured_peak("cpu", torch.float32) == peak
+    measured = {"flops_per_s": 123.0, "n": 8, "seconds": 0.0}
+    monkeypatch.setattr(matmul_peak, "benchmark_matmul", lambda *_a, **_k: measured)
+    assert matmul_peak.measured_peak(CPU, torch.float32, refresh=True) == 123.0
+    assert matmul_peak.measured_peak(CPU, torch.float64) == 123.0  # another dtype: another key, measured
+    data = json.loads((tmp_path / matmul_peak.PEAK_FILE).read_text())
+    assert data[key]["flops_per_s"] == 123.0 and matmul_peak.peak_key(CPU, torch.float64) in data
 
 
 def test_measured_peak_ignores_a_damaged_cache(monkeypatch, tmp_path):
-    monkeypatch.setattr(work, "CACHE_DIR", tmp_path)
-    (tmp_path / work.PEAK_FILE).write_text("{not json")
-    monkeypatch.setattr(work, "benchmark_matmul", lambda *_a, **_k: {"flops_per_s": 7.0, "n": 8, "seconds": 0.0})
-    assert work.measured_peak(CPU, torch.float32) == 7.0
-    (tmp_path / work.PEAK_FILE).write_text(json.dumps({work.peak_key(CPU, torch.float32): {"flops_per_s": -1}}))
-    assert work.measured_peak(CPU, torch.float32) == 7.0
+    monkeypatch.setattr(matmul_peak, "CACHE_DIR", tmp_path)
+    (tmp_path / matmul_peak.PEAK_FILE).write_text("{not json")
+    monkeypatch.setattr(matmul_peak, "benchmark_matmul", lambda *_a, **_k: {"flops_per_s": 7.0, "n": 8, "seconds": 0.0})
+    assert matmul_peak.measured_peak(CPU, torch.float32) == 7.0
+    key = matmul_peak.peak_key(CPU, torch.float32)
+    (tmp_path / matmul_peak.PEAK_FILE).write_text(json.dumps({key: {"flops_per_s": -1}}))
+    assert matmul_peak.measured_peak(CPU, torch.float32) == 7.0
 
 
 def test_peak_key_names_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
-    assert work.peak_key("cuda:0", torch.bfloat16).split("|")[1:3] == ["cuda:Some GPU", "bfloat16"]
-    assert work.peak_key(CPU, torch.float32).split("|")[1].startswith("cpu:")
+    assert matmul_peak.peak_key("cuda:0", torch.bfloat16).split("|")[1:3] == ["cuda:Some GPU", "bfloat16"]
+    assert matmul_peak.peak_key(CPU, torch.float32).split("|")[1].startswith("cpu:")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_measured_peak_cuda(monkeypatch, tmp_path):
-    monkeypatch.setattr(work, "CACHE_DIR", tmp_path)
-    peak = work.measured_peak(torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(matmul_peak, "CACHE_DIR", tmp_path)
+    peak = matmul_peak.measured_peak(torch.device("cuda"), torch.bfloat16)
     assert peak > 0 and math.isfinite(peak)
-    assert work.measured_peak("cuda", torch.bfloat16) == peak
+    assert matmul_peak.measured_peak("cuda", torch.bfloat16) == peak

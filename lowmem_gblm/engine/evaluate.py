@@ -29,9 +29,10 @@ from lowmem_gblm.engine.run import open_model, partition
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.model import StreamedModel
 from lowmem_gblm.io.prefetch import BlockReader
+from lowmem_gblm.memory.matmul_peak import measured_peak
 from lowmem_gblm.memory.shape import shape_of
 from lowmem_gblm.memory.tracker import PhaseTracker
-from lowmem_gblm.memory.work import achieved, eval_work, measured_peak
+from lowmem_gblm.memory.work import achieved, eval_work
 from lowmem_gblm.ranks import Ranks, current
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.stream.context import BlockContext

@@ -33,10 +33,11 @@ from lowmem_gblm.io.runstate import (
     written_bytes,
 )
 from lowmem_gblm.memory.budget import machine_budgets, plan_run
+from lowmem_gblm.memory.matmul_peak import measured_peak
 from lowmem_gblm.memory.plan import Plan, PlanSettings
 from lowmem_gblm.memory.shape import shape_of
 from lowmem_gblm.memory.tracker import PhaseStats, PhaseTracker, limit_heap_retention
-from lowmem_gblm.memory.work import achieved, measured_peak, phase_work
+from lowmem_gblm.memory.work import achieved, phase_work
 from lowmem_gblm.ranks import Ranks, current, local_world
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.stream.context import BlockContext
