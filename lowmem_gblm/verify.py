@@ -21,7 +21,7 @@ from lowmem_gblm.io.model import load_hf_config
 from lowmem_gblm.io.runstate import MANIFEST_NAME, REPORT_NAME, STATE_DIR, state_problem
 from lowmem_gblm.io.writer import file_sha256
 
-_BLOCK_MATRIX = re.compile(r"(^|\.)(layers|layer)\.\d+\..+\.weight$")  # decoder layers, vision encoder layers
+_BLOCK_MATRIX = re.compile(r"(?:^|\.)(?:layers|layer)\.(\d+)\..+\.weight$")  # decoder/vision layers; 1: block
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -224,9 +224,6 @@ def _is_router(family, name: str) -> bool:
     return family is not None and family.experts is not None and name.endswith("." + family.experts.router)
 
 
-_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer)\.(\d+)\.")
-
-
 def _num_blocks(root: Path) -> int | None:
     try:
         n = getattr(load_hf_config(root), "num_hidden_layers", None)
@@ -251,7 +248,7 @@ def _summary_problems(sparsity: dict, counted: dict[str, tuple[int, int]], num_b
         return problems
     sums = [[0, 0] for _ in range(num_blocks)]
     for name, (z, n) in counted.items():
-        match = _BLOCK_INDEX.search(name)
+        match = _BLOCK_MATRIX.search(name)
         if match and int(match.group(1)) < num_blocks:
             sums[int(match.group(1))][0] += z
             sums[int(match.group(1))][1] += n

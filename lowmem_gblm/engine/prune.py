@@ -11,7 +11,6 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
-import re
 import shutil
 import time
 from functools import partial
@@ -46,6 +45,7 @@ from lowmem_gblm.io.writer import (
     copy_side_files,
     save_tensors_atomic,
     shard_name,
+    shard_total,
     side_files,
 )
 from lowmem_gblm.mask import Pattern
@@ -487,13 +487,8 @@ def _run_shard_names(manifest: RunState) -> set[str]:
     entry, or one a resume dropped from the manifest to redo is still the run's own file. Older manifests without
     the count: the totals their entries' names carry."""
     totals = {manifest.data.get(TOTAL_SHARDS)}
-    for entry in manifest.done.values():
-        match = _SHARD_RE.fullmatch(str(entry.get("file")))
-        totals.add(int(match.group(2)) if match else None)
+    totals |= {shard_total(str(entry.get("file"))) for entry in manifest.done.values()}
     return {shard_name(k, n) for n in totals if isinstance(n, int) and 0 < n < 100_000 for k in range(n)}
-
-
-_SHARD_RE = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 
 
 def _stale_temp_of(name: str, ours: set[str]) -> bool:

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -89,6 +90,15 @@ def file_sha256(path: Path) -> str:
 
 def shard_name(k: int, total: int) -> str:
     return f"model-{k + 1:05d}-of-{total:05d}.safetensors"
+
+
+_SHARD_NAME = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+
+
+def shard_total(name: str) -> int | None:
+    """The total a ``shard_name`` carries (``model-00002-of-00031.safetensors`` -> 31); None for other names."""
+    match = _SHARD_NAME.fullmatch(name)
+    return int(match.group(2)) if match else None
 
 
 def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
