@@ -54,6 +54,8 @@ def run_setting(a, threads: int) -> dict:
         setting["ood"] = {"sources": a.ood, "windows": a.ood_windows}
     if a.calib != DEFAULT_CALIB:
         setting["calib"] = a.calib
+    if a.dtype != "auto":
+        setting["dtype"] = a.dtype
     return setting
 
 
@@ -126,13 +128,13 @@ def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int, work: Pa
     return path
 
 
-def run_gradients(model: Path, out: Path, calib, norm: str, device: str) -> tuple[float, dict]:
+def run_gradients(model: Path, out: Path, calib, norm: str, device: str, dtype: str) -> tuple[float, dict]:
     from lowmem_gblm.config import GradientConfig
     from lowmem_gblm.engine import compute_gradients
 
     t0 = time.perf_counter()
     result = compute_gradients(GradientConfig(model_dir=str(model), out_dir=str(out), calib=calib, grad_norm=norm,
-                                              device=device, progress=False))
+                                              device=device, dtype=dtype, progress=False))
     return time.perf_counter() - t0, result["phase"]
 
 
@@ -153,12 +155,12 @@ def evaluate(model_dir: Path, a) -> dict:
     from lowmem_gblm.engine import evaluate_checkpoint
 
     res = evaluate_checkpoint(EvalConfig(str(model_dir), "wiki-offline:eval", a.seqlen, a.eval_windows or None,
-                                         a.eval_batch, a.device, progress=False))
+                                         a.eval_batch, a.device, a.dtype, progress=False))
     if a.ood:
         res["ood"] = {}
         for source in a.ood:
             r = evaluate_checkpoint(EvalConfig(str(model_dir), source, a.seqlen, a.ood_windows, a.eval_batch,
-                                               a.device, progress=False))
+                                               a.device, a.dtype, progress=False))
             res["ood"][source] = {"ppl": r["ppl"], "windows": r["windows"], "tokens": r["tokens"]}
     return res
 
@@ -197,7 +199,7 @@ def zeroshot(model_dir: Path, a, task_dir: Path) -> dict:
 
     res = evaluate_tasks(EvalConfig(str(model_dir), tasks=(TASK,), include_path=str(task_dir),
                                     limit=a.zeroshot_limit, batch_size=a.eval_batch, device=a.device,
-                                    progress=False))
+                                    dtype=a.dtype, progress=False))
     return {f"zeroshot_{k}": v for k, v in res["tasks"][TASK].items()}
 
 
@@ -216,6 +218,8 @@ def main() -> None:
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--batch", type=int, default=1, help="prune-sweep forward micro-batch")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype of every sweep and eval (auto: float32 on CPU; part of the rows' setting)")
     p.add_argument("--methods", nargs="+", default=[m for m, _ in METHODS])
     p.add_argument("--patterns", nargs="+", default=["50%", "4:8", "2:4"], help="of: 50%%, 60%%, 70%%, 4:8, 2:4")
     p.add_argument("--updates", nargs="+", default=["none"],
@@ -325,9 +329,11 @@ def main() -> None:
                                          "solver_tol": a.solver_tol}
                     if a.solver_tol != 1e-2:
                         name += f"@tol{a.solver_tol:g}"
-                if ridge:
-                    name += f"+ridge{'D' if a.ridge_scaling != 'none' else ''}{ridge:g}"
-                    options = options | {"ridge": ridge, "ridge_scaling": a.ridge_scaling}
+                if update in ("lsq", "gradual"):  # always explicit: a row without a +ridge name has none, whatever
+                    # the tool's default is
+                    options = options | {"ridge": ridge, "ridge_scaling": a.ridge_scaling if ridge else "none"}
+                    if ridge:
+                        name += f"+ridge{'D' if a.ridge_scaling != 'none' else ''}{ridge:g}"
                 if a.rows and name not in a.rows:
                     continue
                 if layers == "owl":
@@ -347,12 +353,12 @@ def main() -> None:
                     log.info("calibration: %s, %d x %d, seed %d (%s)", a.calib, a.nsamples, a.seqlen, seed, ids_file)
                 if method.startswith("gblm") and method not in grads:  # once per (norm, seed), when first needed
                     gdir = work / f"grad-{extra['grad_norm']}-s{seed}{calib_tag(a.calib)}"
-                    grads[method] = (gdir, *run_gradients(model, gdir, calib, extra["grad_norm"], a.device))
+                    grads[method] = (gdir, *run_gradients(model, gdir, calib, extra["grad_norm"], a.device, a.dtype))
                 out = work / f"{name}-{short.replace(':', 'of').replace('%', 'pct')}-s{seed}"
                 margs = {"method": "gblm", "gradients": str(grads[method][0]), **extra} if method.startswith(
                     "gblm") else {"method": method}
                 report, prune_s = run_prune(model, out, calib, a.device, batch_size=a.batch, update=update, **margs,
-                                            **options)
+                                            dtype=a.dtype, **options)
                 res = evaluate(out, a)
                 if a.zeroshot_limit:
                     res |= zeroshot(out, a, task_dir)
