@@ -45,6 +45,24 @@ class PlanSettings:
     # images: 3 x H x W float32 pixel values and an int64 label)
     solver: str = "auto"  # --update lsq's --solver (methods.update.resolve_solver decides per linear width)
 
+    @classmethod
+    def of_report(cls, report: dict, *, device: str | None = None) -> PlanSettings:
+        """The settings a finished prune run planned with, from its ``prune_report.json``: the options as given
+        and what the engine resolved (``predicted.settings``: store, dtypes, chunking, head chunk, checkpoints),
+        so that a run is re-planned after the fact with nothing guessed (benchmarks/planner_conformance.py).
+        Token windows only (images: the engine's ``sample_bytes`` is not in the report)."""
+        o, chosen = report["options"], report["predicted"]["settings"]
+        update = str(o.get("update") or "none")
+        return cls(method=str(o["method"]) + ("" if update == "none" else f"+{update}"),
+                   nsamples=report["calibration"]["windows"][0], seqlen=report["calibration"]["windows"][1],
+                   device=device or chosen["device"], compute_dtype=chosen["compute_dtype"],
+                   store_dtype=chosen["store_dtype"], offload=chosen["offload"], head_chunk=chosen["head_chunk"],
+                   batch_size=chosen["forward_microbatch"], grad_dtype=chosen["grad_dtype"],
+                   prefetch=bool(o["prefetch"]), phases=tuple(p["phase"] for p in report["predicted"]["phases"]),
+                   checkpoint_every=chosen["checkpoint_every"], nproc=chosen.get("nproc", 1),
+                   rank=chosen.get("rank", 0), chunk_windows=chosen["chunk_windows"],
+                   solver=chosen.get("solver", str(o.get("solver") or "auto")))
+
     def input_bytes(self, seqlen: int) -> int:
         """Every calibration sample's inputs, held by every rank (token ids, or pixel values and labels)."""
         return self.nsamples * (self.sample_bytes if self.sample_bytes is not None else seqlen * 8)
