@@ -74,6 +74,14 @@ MATRIX = [Case(m, u, s, k) for k in KINDS for s in STORES for m in METHODS
 # gradient sweep with --update gradual (the iterative solver's buffers, as lsq's); the rest with -m matrix
 CI_CASES = [Case("sparsegpt", store="disk"), Case("magnitude", "obs"), Case("gblm", "gradual")]
 
+# known findings, not yet fixed: case -> why (tests/test_planner.py marks them xfail)
+MOE_GRADIENT_STEP = (
+    "gblm gradient sweep on the MoE (gblm-cpu-mixtral measured 623.3 MiB, engine 520.4 / re-plan 516.7, -16.5% / "
+    "-17.1%): the probe's MoE block step (memory.probe._experts_bound) counts 46.3 MiB, under the block's own fp32 "
+    "expert weights + accumulators (~70 MiB), so predict._gradient_phase takes the accumulator write (70.5 MiB) as "
+    "the reverse-walk stage and drops the step and its chunk-sum totals (35.3 MiB)")
+KNOWN = {c.id: MOE_GRADIENT_STEP for c in MATRIX if c.method == "gblm" and c.kind == "mixtral"}
+
 
 def make_model(kind: str, root: Path) -> tuple[Path, Path]:
     """The checkpoint of ``kind`` and a file of N x T calibration ids, built once under ``root``."""

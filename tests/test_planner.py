@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.planner_conformance import CI_CASES, MATRIX, conform, make_model, problems
+from benchmarks.planner_conformance import CI_CASES, KNOWN, MATRIX, conform, make_model, problems
 from lowmem_gblm.errors import UsageError
 from lowmem_gblm.memory.plan import Budgets, PlanSettings
 from lowmem_gblm.memory.plan import plan as make_plan
@@ -135,8 +135,9 @@ def conformance_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("conformance")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=() if c in CI_CASES else pytest.mark.matrix)
-                                  for c in MATRIX])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=(
+    [] if c in CI_CASES else [pytest.mark.matrix]) + ([pytest.mark.xfail(reason=KNOWN[c.id])] if c.id in KNOWN else []))
+    for c in MATRIX])
 def test_host_peak_prediction_conforms(conformance_dir, case):
     """The plan's promise, HOST_PEAK_BOUND of the peak RSS each phase measured, for method x update x store x family
     kind (benchmarks/planner_conformance.py): a fresh CPU prune process per case; the engine's own prediction and a
