@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 
 from lowmem_gblm import __version__
 from lowmem_gblm.config import (
+    DEFAULT_RIDGE,
     CalibConfig,
     Dtype,
     EvalConfig,
@@ -55,6 +56,13 @@ from lowmem_gblm.zeroshot.wiki_task import write_task
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Memory-lean, block-streamed pruning of Hugging Face causal LMs (GBLM, Wanda, SparseGPT).")
 log = logging.getLogger("lowmem_gblm")
+
+
+def _ridge_default_text() -> str:
+    """DEFAULT_RIDGE in words for --ridge's help."""
+    kinds = {"unstructured": "unstructured", "nm": "N:M"}
+    return ", ".join(f"{r:g}{' x inputs-per-token' if scaling != 'none' else ''} ({kinds[k]})"
+                     for k, (r, scaling) in DEFAULT_RIDGE.items())
 
 def _folder(text: str) -> Path:
     """A folder argument; an empty one (an unset shell variable) is refused rather than read as '.'."""
@@ -236,12 +244,13 @@ def prune(
     gradual_steps: Annotated[int, typer.Option(
         "--gradual-steps", help="--update gradual, unstructured: steps to the target sparsity (N:M: M-N steps, "
         "one more pruned per group each)")] = 4,
-    ridge: Annotated[float, typer.Option(
+    ridge: Annotated[float | None, typer.Option(
         "--ridge", help="--update lsq/gradual: a ridge toward the dense weights, a fraction of mean(diag H) added to "
-        "the damping (0: the exact refit; large: the masked dense weights)")] = 0.0,
-    ridge_scaling: Annotated[RidgeScaling, typer.Option(
-        "--ridge-scaling", help="none, or inputs-per-token: --ridge times a linear's inputs / calibration tokens")]
-        = "none",
+        "the damping (0: the exact refit; large: the masked dense weights. Default with lsq and gradual: "
+        f"{_ridge_default_text()})", show_default=False)] = None,
+    ridge_scaling: Annotated[RidgeScaling | None, typer.Option(
+        "--ridge-scaling", help="none, or inputs-per-token: --ridge times a linear's inputs / calibration tokens "
+        "(default: none, or the default ridge's)", show_default=False)] = None,
     batch_size: BatchSize = 1,
     checkpoint_every: CheckpointEvery = None,
     chunk_windows: ChunkWindows = None,

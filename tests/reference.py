@@ -65,10 +65,19 @@ def keep_from_score(score: torch.Tensor, pattern: str, sparsity: float | None) -
 def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "unstructured",
                    sparsity: float | None = 0.5, grads: dict | None = None, alpha: float = 0.0,
                    blocksize: int = 128, percdamp: float = 0.01, update: str = "none", prunes=None,
-                   solver: str = "auto", solver_tol: float = 3e-2):
+                   solver: str = "auto", solver_tol: float = 3e-2, ridge: float | None = None):
     """Prune the whole in-memory model: for each block, collect sum x^2 per linear input with hooks while
     the full model runs every window (earlier blocks already pruned), score, mask, go on. ``prunes``: which
-    linears (by full module name) are pruned; None: all."""
+    linears (by full module name) are pruned; None: all. ``ridge``: lsq / gradual solve with percdamp + ridge
+    (None: the prune command's default for them)."""
+    from lowmem_gblm.config import default_ridge
+    from lowmem_gblm.methods import MethodOptions
+    from lowmem_gblm.methods.update import update_damping
+
+    kind = "unstructured" if pattern == "unstructured" else "nm"
+    ridge, scaling = default_ridge(update, kind) if ridge is None else (ridge, "none")
+    solve_options = MethodOptions(alpha=alpha, percdamp=percdamp, solver_tol=solver_tol, ridge=ridge,
+                                  ridge_scaling=scaling, calib_tokens=ids.numel())
     model = load_full(model_dir)
     layers = model.model.layers
     per_layer = sparsity if isinstance(sparsity, list) else None  # OWL: one sparsity per block
@@ -119,13 +128,12 @@ def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "un
             keep = keep_from_score(score, pattern, sparsity)
             if update == "gradual":  # chooses its own mask: the package's function on the in-memory statistics
                 from lowmem_gblm.mask import Pattern
-                from lowmem_gblm.methods import LinearJob, MethodOptions, get_method
+                from lowmem_gblm.methods import LinearJob, get_method
 
                 stats = {"scaler_row": sums[n] / ids.shape[0], "hessian": xtx[n] * (2.0 / ids.shape[0])}
                 if method == "gblm":
                     stats["gradient"] = grads[f"model.layers.{i}.{n}.weight"]
-                job = LinearJob(n, w, stats, Pattern.parse(pattern, sparsity),
-                                MethodOptions(alpha=alpha, percdamp=percdamp, solver_tol=solver_tol))
+                job = LinearJob(n, w, stats, Pattern.parse(pattern, sparsity), solve_options)
                 get_method(f"{method}+gradual").prune(job)
                 continue
             if update != "none":  # the kept weights rewritten for this mask (the package's update math, tested alone)
@@ -136,9 +144,10 @@ def inmemory_prune(model_dir, ids: torch.Tensor, method: str, pattern: str = "un
                 if update == "obs":
                     new = obs_update(w, hessian, keep, blocksize, percdamp)
                 elif resolve_solver(solver, w.shape[1]) == "direct":
-                    new = lsq_update(w, hessian, keep, percdamp)
+                    new = lsq_update(w, hessian, keep, update_damping(solve_options, w.shape[1]))
                 else:
-                    new = solve_kept(w, factor_hessian(hessian, percdamp), keep, solver_tol).weight
+                    damping = update_damping(solve_options, w.shape[1])
+                    new = solve_kept(w, factor_hessian(hessian, damping), keep, solver_tol).weight
                 w.copy_(new)
             w.masked_fill_(~keep, 0)
     return model

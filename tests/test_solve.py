@@ -172,6 +172,9 @@ def test_fake_tensors_run_the_solver_without_values():
 @pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None)])
 def test_streamed_iterative_update_equals_inmemory_and_reports_the_solver(tiny_model, calib_text, tmp_path, pattern,
                                                                           sparsity):
+    from lowmem_gblm.config import DEFAULT_RIDGE
+
+    ridge, scaling = DEFAULT_RIDGE["unstructured" if pattern == "unstructured" else "nm"]
     out = tmp_path / "out"
     run(tiny_model, out, calib_text, method="wanda", update="lsq", solver="iterative", sparsity=sparsity,
         pattern=pattern)
@@ -183,10 +186,13 @@ def test_streamed_iterative_update_equals_inmemory_and_reports_the_solver(tiny_m
             assert float((w - ref[name]).abs().max() / ref[name].abs().max()) <= 1e-5, name
     report = json.loads((out / "prune_report.json").read_text())
     rows = report["sparsity"]["per_linear"]
+    tokens = report["calibration"]["windows"][0] * report["calibration"]["windows"][1]
     for name, row in rows.items():
         assert row["solver"] == "iterative" and row["iterations"] >= 1, name
         assert row["residual"] <= solve_module.DEFAULT_TOL and row["reconstruction_error"] > 0, name
-        assert row["inverse_dtype"] in ("float32", "float64") and row["percdamp_used"] == 0.01, name
+        assert row["inverse_dtype"] in ("float32", "float64"), name
+        per = row["shape"][1] / tokens if scaling == "inputs-per-token" else 1.0
+        assert row["percdamp_used"] == pytest.approx(0.01 + ridge * per), name  # --percdamp + the default ridge
 
 
 def test_iterative_run_resumes_byte_identical(tiny_model, calib_text, tmp_path):
@@ -260,7 +266,28 @@ def test_ridge_options_are_checked_fingerprinted_and_scaled_by_the_runs_tokens(t
         config(tiny_model, tmp_path / "o", calib_text, ridge=0.1)
     with pytest.raises(UsageError, match="--ridge must be"):
         config(tiny_model, tmp_path / "o", calib_text, update="lsq", ridge=-1.0)
-    assert "ridge" not in config(tiny_model, tmp_path / "o", calib_text, update="lsq").fingerprint_dict()
+    # not given: DEFAULT_RIDGE's for the mask kind with a solved update (fingerprinted: it decides bytes), 0 and no
+    # scaling for the others (not fingerprinted: runs from before the option resume)
+    from lowmem_gblm.config import DEFAULT_RIDGE
+
+    assert set(DEFAULT_RIDGE) == {"unstructured", "nm"} and all(r > 0 for r, _ in DEFAULT_RIDGE.values())
+    for update in ("lsq", "gradual"):
+        for kind, pattern in (("unstructured", {}), ("nm", {"pattern": "2:4", "sparsity": None})):
+            ridge, scaling = DEFAULT_RIDGE[kind]
+            default = config(tiny_model, tmp_path / "o", calib_text, update=update, **pattern)
+            assert (default.ridge, str(default.ridge_scaling)) == (ridge, scaling)
+            assert default.fingerprint_dict()["ridge"] == ridge
+            assert (default.method_options().ridge, default.method_options().ridge_scaling) == (ridge, scaling)
+            exact = config(tiny_model, tmp_path / "o", calib_text, update=update, ridge=0.0, **pattern)
+            assert exact.ridge == 0.0 and str(exact.ridge_scaling) == "none"
+            assert not {"ridge", "ridge_scaling"} & set(exact.fingerprint_dict())
+            given = config(tiny_model, tmp_path / "o", calib_text, update=update, ridge=0.2, **pattern)
+            assert (given.ridge, str(given.ridge_scaling)) == (0.2, "none")  # a given ridge is not scaled unless asked
+    for update in ("none", "obs"):
+        plain = config(tiny_model, tmp_path / "o", calib_text, update=update)
+        assert plain.ridge == 0.0 and not {"ridge", "ridge_scaling"} & set(plain.fingerprint_dict())
+    with pytest.raises(UsageError, match="--ridge must be"):
+        config(tiny_model, tmp_path / "o", calib_text, update="lsq", ridge="0.1")
     out = tmp_path / "out"
     run(tiny_model, out, calib_text, method="wanda", update="lsq", ridge=0.5, ridge_scaling="inputs-per-token")
     report = json.loads((out / "prune_report.json").read_text())
