@@ -92,11 +92,12 @@ class RidgeScaling(Choice):
 SOLVED_UPDATES = frozenset({"lsq", "gradual"})  # the updates that run a solver (--solver applies to them)
 # --ridge / --ridge-scaling when --ridge is not given, for the solved updates (0 for the others), by mask kind. The
 # exact refit fits the calibration text: on 32 windows of Wikipedia it gave up to 13.5% of perplexity to SparseGPT
-# on other text; these ridges win it back on every measured domain for SmolLM2 and Gemma-3 at <= 0.9 points of the
-# in-domain gain (README "Out of domain", issue 38). Unstructured masks (chosen jointly with the refit among all of
-# a row's weights) overfit more and need the stronger ridge; N:M refits lose more in domain to a ridge, and the
-# d / N scaling (a linear's inputs per calibration token) gives each model the ridge its calibration size needs.
-DEFAULT_RIDGE = {"unstructured": (0.1, "none"), "nm": (1.0, "inputs-per-token")}
+# on other text (Python code, SmolLM2, 50%). A ridge toward the dense weights that grows with d / N (a linear's
+# inputs per calibration token: the refit's unknowns per row over its equations) wins it back on every measured
+# domain for SmolLM2 and Gemma-3 (README "Out of domain", issue 38). Unstructured masks, chosen jointly with the
+# refit among all of a row's weights, overfit more and take the stronger ridge; N:M refits lose more in domain to
+# a ridge and take the weaker one.
+DEFAULT_RIDGE = {"unstructured": (3.0, "inputs-per-token"), "nm": (1.0, "inputs-per-token")}
 
 
 def default_ridge(update, kind: str) -> tuple[float, str]:
