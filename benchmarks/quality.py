@@ -330,8 +330,8 @@ def main() -> None:
                     if a.solver_tol != 1e-2:
                         name += f"@tol{a.solver_tol:g}"
                 if update in ("lsq", "gradual"):  # always explicit: a row without a +ridge name has none, whatever
-                    # the tool's default is
-                    options = options | {"ridge": ridge, "ridge_scaling": a.ridge_scaling if ridge else "none"}
+                    # the tool's default is (a ridge of 0 has no scaling: PruneConfig drops it)
+                    options = options | {"ridge": ridge, "ridge_scaling": a.ridge_scaling}
                     if ridge:
                         name += f"+ridge{'D' if a.ridge_scaling != 'none' else ''}{ridge:g}"
                 if a.rows and name not in a.rows:

@@ -64,6 +64,7 @@ def _ridge_default_text() -> str:
     return ", ".join(f"{r:g}{' x inputs-per-token' if scaling != 'none' else ''} ({kinds[k]})"
                      for k, (r, scaling) in DEFAULT_RIDGE.items())
 
+
 def _folder(text: str) -> Path:
     """A folder argument; an empty one (an unset shell variable) is refused rather than read as '.'."""
     if not text.strip():

@@ -90,6 +90,7 @@ class RidgeScaling(Choice):
 
 
 SOLVED_UPDATES = frozenset({"lsq", "gradual"})  # the updates that run a solver (--solver applies to them)
+_SOLVER_OPTIONS = ("solver", "solver_tol", "solver_max_iter")
 # --ridge / --ridge-scaling when --ridge is not given, for the solved updates (0 for the others), by mask kind. The
 # exact refit fits the calibration text: on 32 windows of Wikipedia it gave up to 13.5% of perplexity to SparseGPT
 # on other text (Python code, SmolLM2, 50%). A ridge toward the dense weights that grows with d / N (a linear's
@@ -103,9 +104,8 @@ DEFAULT_RIDGE = {"unstructured": (3.0, "inputs-per-token"), "nm": (1.0, "inputs-
 def default_ridge(update, kind: str) -> tuple[float, str]:
     """(--ridge, --ridge-scaling) when --ridge is not given: DEFAULT_RIDGE's for the mask kind ("unstructured" or
     "nm") with a solved update, (0, none) otherwise."""
-    update = str(update.value if isinstance(update, Enum) else update)
-    return DEFAULT_RIDGE[kind] if update in SOLVED_UPDATES else (0.0, "none")
-_SOLVER_OPTIONS = ("solver", "solver_tol", "solver_max_iter")
+    return DEFAULT_RIDGE[kind] if str(update) in SOLVED_UPDATES else (0.0, "none")  # a Choice prints as its value
+
 
 MethodName = _choices("MethodName", sorted(registered()))
 
@@ -313,7 +313,7 @@ class PruneConfig(RunConfig):
             ridge, default = default_ridge(self.update, Pattern.parse(self.pattern, self.sparsity).kind)
             object.__setattr__(self, "ridge", ridge)
             scaling = default if scaling is None else scaling
-        if scaling is None or (isinstance(self.ridge, (int, float)) and not self.ridge):
+        if scaling is None or self.ridge == 0:
             scaling = "none"
         object.__setattr__(self, "ridge_scaling", scaling)
 
