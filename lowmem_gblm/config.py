@@ -4,6 +4,9 @@ plain-JSON export and a stable fingerprint of the options that decide the output
 ``RunConfig`` holds what the two sweeps share (model, output, calibration, device, stores, budgets);
 ``PruneConfig`` adds the method and its options (handed to the method as ``MethodOptions``),
 ``GradientConfig`` is the gradient sweep alone, ``EvalConfig`` the streamed perplexity.
+
+Each option is declared once, as a field built with ``options.option``: its default, help, flag, check, and what it
+decides (fingerprint, method options, plan settings, gradient identity). Everything else is derived from that.
 """
 
 from __future__ import annotations
@@ -11,33 +14,35 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from enum import Enum
 from pathlib import Path
 
 from lowmem_gblm.errors import UsageError
 from lowmem_gblm.mask import Pattern
 from lowmem_gblm.methods import Method, MethodOptions, get_method, registered
+from lowmem_gblm.options import (
+    HOW,
+    PATH,
+    Choice,
+    choices,
+    count,
+    fingerprinted,
+    named,
+    option,
+    plain,
+    specs,
+    validate,
+    within,
+)
 from lowmem_gblm.runtime import COMPUTE_DTYPES, GRAD_FILE_DTYPES
 from lowmem_gblm.stream.store import STORE_DTYPES
 from lowmem_gblm.units import check_count, parse_size
 from lowmem_gblm.userregex import compile_user_regex
 
-
-class Choice(str, Enum):
-    """A typed choice: compares equal to its value and prints as it (typer lists the values in --help)."""
-
-    def __str__(self) -> str:
-        return self.value
-
-
-def _choices(name: str, values) -> type[Choice]:
-    return Choice(name, {v.upper(): v for v in values})
-
-
-Dtype = _choices("Dtype", ("auto", *COMPUTE_DTYPES))  # compute dtype
-StoreDtype = _choices("StoreDtype", STORE_DTYPES)  # activation store: auto (= compute, exact), a float, int8 (lossy)
-GradDtype = _choices("GradDtype", GRAD_FILE_DTYPES)  # GBLM gradient files (accumulation is fp32 either way)
+Dtype = choices("Dtype", ("auto", *COMPUTE_DTYPES))  # compute dtype
+StoreDtype = choices("StoreDtype", STORE_DTYPES)  # activation store: auto (= compute, exact), a float, int8 (lossy)
+GradDtype = choices("GradDtype", GRAD_FILE_DTYPES)  # GBLM gradient files (accumulation is fp32 either way)
 
 
 class Offload(Choice):
@@ -90,7 +95,6 @@ class RidgeScaling(Choice):
 
 
 SOLVED_UPDATES = frozenset({"lsq", "gradual"})  # the updates that run a solver (--solver applies to them)
-_SOLVER_OPTIONS = ("solver", "solver_tol", "solver_max_iter")
 # --ridge / --ridge-scaling when --ridge is not given, for the solved updates (0 for the others), by mask kind. The
 # exact refit fits the calibration text: on 32 windows of Wikipedia it gave up to 13.5% of perplexity to SparseGPT
 # on other text (Python code, SmolLM2, 50%). A ridge toward the dense weights that grows with d / N (a linear's
@@ -107,74 +111,88 @@ def default_ridge(update, kind: str) -> tuple[float, str]:
     return DEFAULT_RIDGE[kind] if str(update) in SOLVED_UPDATES else (0.0, "none")  # a Choice prints as its value
 
 
-MethodName = _choices("MethodName", sorted(registered()))
+def _ridge_default_text() -> str:
+    """DEFAULT_RIDGE in words for --ridge's help."""
+    kinds = {"unstructured": "unstructured", "nm": "N:M"}
+    return ", ".join(f"{r:g}{' x inputs-per-token' if scaling != 'none' else ''} ({kinds[k]})"
+                     for k, (r, scaling) in DEFAULT_RIDGE.items())
+
+
+def _solves(config) -> bool:
+    """The solver options decide bytes only with a solved update and the iterative solver (runs before --solver
+    fingerprinted none of them, and --solver direct reads neither tolerance nor iteration count)."""
+    return str(config.update) in SOLVED_UPDATES and str(config.solver) != "direct"
+
+
+MethodName = choices("MethodName", sorted(registered()))
+_METHODS = "; ".join(f"{m.name}: {m.summary}" for m in sorted(registered().values(), key=lambda m: m.name))
 
 ALPHA_MAX = 3.4028234663852886e38  # float32's largest value: --alpha multiplies float32 scores, beyond it is inf
-
-# Options that do not change the output bytes; left out of the resume fingerprint.
-_NOT_FINGERPRINTED = frozenset({"out_dir", "overwrite", "offload", "progress", "prefetch", "plan_check",
-                                "cpu_memory", "gpu_memory", "disk_space", "checkpoint_every"})
-# Fingerprinted only when not at this default, so runs started before the option existed still resume.
-_FINGERPRINT_IF_NOT = {"store_dtype": "auto", "grad_dtype": "float32", "head_chunk": None, "update": "none",
-                       "layer_sparsity": "uniform", "owl_lambda": 0.08, "owl_m": 5.0, "targets": None,
-                       "ignore": None, "gradual_steps": 4, "ridge": 0.0, "ridge_scaling": "none"}
-# fingerprinted only when set (not None, not False): older runs resume
-_VISION_CALIB = ("images", "labels_file", "pixels_file", "renumber_labels")
-# Options naming a file or folder whose content the run identity records another way: the calibration windows'
-# sha256 (beside the config), the gradient folder's identity and block hashes (in the manifest). How such a path
-# was typed (relative from another folder, absolute, through a symlink) decides no byte, so it is not
-# fingerprinted (MODEL_DIR is fingerprinted resolved: its config and tokenizer files are not hashed).
-_PATH_OPTIONS = ("gradients",)
-_PATH_CALIB = ("source", "ids_file", "images", "labels_file", "pixels_file")
-_CHOICES = {"dtype": Dtype, "store_dtype": StoreDtype, "grad_dtype": GradDtype, "offload": Offload,
-            "grad_norm": GradNorm, "magnitude_scope": MagnitudeScope, "method": MethodName, "update": Update,
-            "layer_sparsity": LayerSparsity, "solver": Solver, "ridge_scaling": RidgeScaling}
+_M = MethodOptions()  # a method option's default is the method's own
 
 
-def _coerce(cfg, name: str) -> None:
-    """Turn a plain string option into its Choice, or say which values it takes."""
-    kind = _CHOICES[name]
-    value = getattr(cfg, name)
-    try:
-        object.__setattr__(cfg, name, kind(str(value.value if isinstance(value, Enum) else value)))
-    except ValueError:
-        flag = "--" + name.replace("_", "-")
-        raise UsageError(f"{flag} must be one of {', '.join(m.value for m in kind)}, got {value!r}") from None
-
-
-def _check_device(device: str) -> None:
+def _device(flag: str, device: str) -> None:
     if device in ("auto", "cpu", "cuda"):
         return
     index = device.removeprefix("cuda:")
     if index == device or not index.isdigit():
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (N >= 0), got {device!r}")
+        raise UsageError(f"{flag} must be auto, cpu, cuda or cuda:N (N >= 0), got {device!r}")
 
 
-def _check_chunk(chunk: int | None) -> None:
-    check_count("--chunk-windows", chunk)
-
-
-def _check_head_chunk(chunk: int | None) -> None:
+def _head_chunk(flag: str, chunk: int | None) -> None:
     if chunk is not None and chunk < 1:
-        raise UsageError(f"--head-chunk must be >= 1 token (or omitted: the whole window), got {chunk}")
-    check_count("--head-chunk", chunk)
+        raise UsageError(f"{flag} must be >= 1 token (or omitted: the whole window), got {chunk}")
+    check_count(flag, chunk)
+
+
+def _size(flag: str, size: str | None) -> None:
+    parse_size(size)  # raises UsageError naming the bad size
+
+
+def _regex(flag: str, regex: str | None) -> None:
+    if regex is not None:
+        compile_user_regex(flag, regex)
+
+
+# the options every command that reads a model shares (help that differs per command is given there)
+_DEVICE = {"help": "auto | cpu | cuda | cuda:N", "check": _device}
+_DTYPE = {"help": "compute dtype (auto: fp32 on CPU, the checkpoint's on CUDA)"}
+_PREFETCH = {"help": "read the next block on a background thread (same output)", "identity": HOW,
+             "flag": "--prefetch/--no-prefetch", "plan": "prefetch"}
+_CHUNK_WINDOWS = {"check": count()}
+_FILE = {"identity": PATH, "cli_type": Path | None}
 
 
 @dataclass(frozen=True)
 class CalibConfig:
     """Where calibration windows come from. ``source`` is a path or a hub name (c4, wikitext2)."""
 
-    source: str | None = None
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    ids_file: str | None = None  # reuse exact windows: safetensors with int tensor input_ids [N, T]
+    source: str | None = option(
+        None, "calibration text: a .txt/.jsonl file, a folder of .txt, wiki-offline(:calib|:eval), c4, wikitext2, the "
+        "out-of-domain python-stdlib / debian-docs / moby-dick(:calib|:eval) (scripts/fetch_ood.sh), or a mix A+B (an "
+        "equal share of the windows from each)", flag="--calib", identity=PATH)
+    nsamples: int = option(128, "calibration windows (or images)", check=count(), gradients=True)
+    seqlen: int = option(2048, "tokens per window", check=count(2), gradients=True)  # one predicted token
+    seed: int = option(0, "window sampling seed")
+    ids_file: str | None = option(  # reuse exact windows: safetensors with int tensor input_ids [N, T]
+        None, "safetensors file with input_ids [N, T]: reuse exact windows (e.g. a run's own)", flag="--calib-ids",
+        **_FILE)
     # vision transformers: an image folder (ImageFolder layout, or flat with ``labels_file``), or exact inputs
     # (safetensors pixel_values [N, 3, H, W] and optional labels [N]); see calib.images
-    images: str | None = None
-    labels_file: str | None = None
-    pixels_file: str | None = None
-    renumber_labels: bool = False  # class names -> 0, 1, ... in natural order, not the model's label2id
+    images: str | None = option(
+        None, "vision transformers: an image folder (FOLDER/<class>/<image>, or flat with --calib-labels), "
+        "preprocessed by the model's preprocessor_config.json or the documented default", flag="--calib-images",
+        **_FILE)
+    labels_file: str | None = option(None, "--calib-images of a flat folder: a CSV of file,label lines",
+                                     flag="--calib-labels", **_FILE)
+    pixels_file: str | None = option(
+        None, "vision transformers: safetensors with pixel_values [N, 3, H, W] and optional labels [N] (exact inputs, "
+        "e.g. a run's own calibration_pixels.safetensors)", flag="--calib-pixels", **_FILE)
+    renumber_labels: bool = option(
+        False, "image classes: number the class names (subfolders, or --calib-labels / --images labels) 0, 1, ... in "
+        "natural order (LABEL_2 before LABEL_10) instead of the model's config.json label2id/id2label; without it a "
+        "class is its id in the config (a name such as LABEL_3, or a class id such as 3) and a class the config does "
+        "not know is refused", legacy=True)
 
     def __post_init__(self) -> None:
         given = [f for f, v in (("--calib", self.source), ("--calib-ids", self.ids_file),
@@ -188,49 +206,66 @@ class CalibConfig:
             raise UsageError("--calib-labels needs --calib-images (a flat image folder)")
         if self.renumber_labels and not self.images:
             raise UsageError("--renumber-labels needs --calib-images (class folders or --calib-labels)")
-        check_count("--nsamples", self.nsamples)
-        check_count("--seqlen", self.seqlen, 2)  # one predicted token
+        validate(self)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """What the gradient sweep and the prune sweep share."""
 
-    model_dir: str
-    out_dir: str
-    calib: CalibConfig
-    device: str = "auto"
-    dtype: Dtype = Dtype.AUTO
-    grad_norm: GradNorm = GradNorm.L1
-    offload: Offload = Offload.AUTO
-    batch_size: int = 1  # windows per block call in every sweep (statistics and gradients stay per window)
-    store_dtype: StoreDtype = StoreDtype.AUTO
-    grad_dtype: GradDtype = GradDtype.FLOAT32
-    head_chunk: int | None = None  # tokens per head call in the gradient sweep (None: the whole window)
-    checkpoint_every: int | None = None  # gradient sweep keeps every k-th block input (None: the planner's choice)
-    chunk_windows: int | None = None  # windows per reduction chunk (None: ceil(N/8)); ranks get whole chunks
-    prefetch: bool = True  # read the next block on a background thread (same bytes either way)
-    progress: bool = True
-    plan_check: bool = True  # refuse before heavy work when the planner says the run cannot fit
-    cpu_memory: str | None = None  # host budget for the plan check (default: RSS + MemAvailable)
-    gpu_memory: str | None = None  # device budget for the plan check (default: free CUDA memory)
-    disk_space: str | None = None  # disk budget for the plan check (default: free space where OUT_DIR is)
+    model_dir: str = option(MISSING, "local Hugging Face checkpoint folder (safetensors)", cli=False)
+    out_dir: str = option(MISSING, "output folder", identity=HOW, cli=False)
+    calib: CalibConfig = option(MISSING, "where the calibration windows come from", cli=False)
+    device: str = option("auto", **_DEVICE)
+    dtype: Dtype = option(Dtype.AUTO, **_DTYPE)
+    grad_norm: GradNorm = option(GradNorm.L1, "GBLM: norm of the per-sample gradients", gradients=True)
+    offload: Offload = option(
+        Offload.AUTO, "activation store: auto (RAM when it fits with a margin, else disk), cpu (RAM) or disk",
+        identity=HOW, plan="offload")
+    batch_size: int = option(  # windows per block call in every sweep (statistics and gradients stay per window)
+        1, "windows per block call: every forward, and the gradient sweep's head and backward", check=count(),
+        plan="batch_size")
+    store_dtype: StoreDtype = option(
+        StoreDtype.AUTO, "activation store: auto (= compute dtype, exact), a float dtype, or int8 (bitsandbytes "
+        "blockwise 8-bit, lossy, ~1 byte/value)", legacy=True, gradients=True, plan="store_dtype")
+    grad_dtype: GradDtype = option(
+        GradDtype.FLOAT32, "GBLM gradient files: float32 (exact) or bfloat16 (half the disk; accumulation stays fp32)",
+        legacy=True, gradients=True, plan="grad_dtype")
+    head_chunk: int | None = option(  # tokens per head call in the gradient sweep (None: the whole window)
+        None, "tokens per head call: bounds the fp32 logits to chunk x vocab (default: the whole window; eval: the "
+        "whole window while its fp32 logits fit 256 MiB, e.g. 256 tokens for a 262k vocabulary)", legacy=True,
+        gradients=True, plan="head_chunk", check=_head_chunk)
+    checkpoint_every: int | None = option(  # gradient sweep keeps every k-th block input (None: the planner's choice)
+        None, "gradient sweep: keep every K-th block input and recompute the rest in the reverse walk (fewer "
+        "boundaries in RAM/on disk, about one more forward pass; same gradients). Default: 1 if it fits, else the "
+        "smallest K that does", identity=HOW, check=count(), plan="checkpoint_every")
+    chunk_windows: int | None = option(  # windows per reduction chunk (None: ceil(N/8)); ranks get whole chunks
+        None, "windows per reduction chunk (default: ceil(N/8); a call never crosses one); statistics are summed per "
+        "chunk in chunk order, so the output does not depend on the number of ranks; ranks get whole ones",
+        gradients=True, **_CHUNK_WINDOWS)
+    prefetch: bool = option(True, **_PREFETCH)  # read the next block on a background thread (same bytes either way)
+    progress: bool = option(True, "progress bars", identity=HOW, cli=False)  # set from --quiet
+    plan_check: bool = option(  # refuse before heavy work when the planner says the run cannot fit
+        True, "refuse before heavy work when the planner says the run cannot fit", identity=HOW,
+        flag="--plan-check/--no-plan-check")
+    cpu_memory: str | None = option(  # host budget for the plan check (default: RSS + MemAvailable)
+        None, "host RAM budget, e.g. 32GiB (default: this process's RSS + MemAvailable)", identity=HOW, check=_size)
+    gpu_memory: str | None = option(  # device budget for the plan check (default: free CUDA memory)
+        None, "device budget, e.g. 24GiB (default: free CUDA memory)", identity=HOW, check=_size)
+    disk_space: str | None = option(  # disk budget for the plan check (default: free space where OUT_DIR is)
+        None, "disk budget, e.g. 500GB (default: free space where the output goes)", identity=HOW, check=_size)
 
     def __post_init__(self) -> None:
-        for name in _CHOICES:
-            if hasattr(self, name):
-                _coerce(self, name)
-        _check_device(self.device)
-        _check_head_chunk(self.head_chunk)
-        check_count("--batch-size", self.batch_size)
-        check_count("--checkpoint-every", self.checkpoint_every)
-        _check_chunk(self.chunk_windows)
-        for size in (self.cpu_memory, self.gpu_memory, self.disk_space):
-            parse_size(size)  # raises UsageError naming the bad size
+        validate(self)
 
     def to_dict(self) -> dict:
         """Plain JSON values (choices as their strings)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def plan_settings(self) -> dict:
+        """The options that feed the planner (declared ``plan=``), by their memory.plan.PlanSettings names; the
+        engine adds what it resolves (method, windows, device, dtype, ranks, chunking)."""
+        return {spec.plan: plain(getattr(self, name)) for name, (_, spec) in specs(type(self)).items() if spec.plan}
 
 
 @dataclass(frozen=True)
@@ -240,32 +275,67 @@ class GradientConfig(RunConfig):
 
 @dataclass(frozen=True)
 class PruneConfig(RunConfig):
-    method: MethodName = MethodName("wanda")
-    sparsity: float | None = 0.5
-    pattern: str = "unstructured"
-    magnitude_scope: MagnitudeScope = MagnitudeScope.ROW
-    update: Update = Update.NONE  # score methods: none, or obs / lsq updates of the kept weights
-    layer_sparsity: LayerSparsity = LayerSparsity.UNIFORM  # owl: per-block sparsity from outlier ratios
-    owl_lambda: float = 0.08  # OWL: each block's sparsity within 2 * lambda of the target (Yin et al.: 0.08)
-    owl_m: float = 5.0  # OWL: an outlier is a Wanda score above M times the block's mean (Yin et al.: 5)
-    targets: str | None = None  # regex (re.search) on a linear's full name: only those are pruned (None: all)
-    ignore: str | None = None  # regex (re.search) on a linear's full name: those are left dense
-    alpha: float = 100.0
-    gradients: str | None = None  # GBLM: a finished gradient folder to reuse
-    percdamp: float = 0.01
-    blocksize: int = 128
-    solver: Solver = Solver.AUTO  # --update lsq: direct, iterative, or auto (methods.update.resolve_solver)
-    solver_tol: float = 3e-2  # iterative: each row stops at this relative residual (methods.solve.DEFAULT_TOL)
-    solver_max_iter: int = 100  # iterative: at most this many iterations per row
-    gradual_steps: int = 4  # --update gradual, unstructured: steps to the target sparsity
-    ridge: float | None = None  # lsq / gradual: a ridge toward the dense weights, a fraction of mean(diag H)
-    # (None: DEFAULT_RIDGE's for the mask kind with lsq / gradual, 0 for the other updates)
-    ridge_scaling: RidgeScaling | None = None  # inputs-per-token: the ridge times in_features / calib tokens
-    # (None: DEFAULT_RIDGE's with a default ridge, else none)
-    overwrite: bool = False
+    method: MethodName = option(MethodName("wanda"), f"pruning method ({_METHODS})", cli_type=str)
+    sparsity: float | None = option(  # None: 0.5 with unstructured masks; an N:M pattern implies it
+        None, "fraction of each row removed, in (0, 1) (default 0.5; N:M patterns imply it)", show_default=False)
+    pattern: str = option("unstructured", "unstructured, or N:M (N kept of every M)")
+    magnitude_scope: MagnitudeScope = option(
+        MagnitudeScope(_M.magnitude_scope), "magnitude: compare weights per output row or over the whole matrix",
+        method=True)
+    update: Update = option(  # score methods: none, or obs / lsq updates of the kept weights
+        Update.NONE, "magnitude/wanda/gblm: after the mask, none (the published methods), obs (SparseGPT's OBS sweep "
+        "for that mask), lsq (exact least squares per row) update of the kept weights, or gradual (the mask chosen "
+        "with the update: the sparsity grows in steps, each step scoring the refit weights with the method's score "
+        "and refitting exactly)", legacy=True)
+    layer_sparsity: LayerSparsity = option(  # owl: per-block sparsity from outlier ratios
+        LayerSparsity.UNIFORM, "uniform (every block at --sparsity) or owl (per block from the dense model's outlier "
+        "ratios, mean = --sparsity; unstructured only)", legacy=True)
+    owl_lambda: float = option(  # OWL: each block's sparsity within 2 * lambda of the target (Yin et al.: 0.08)
+        0.08, "OWL: blocks within 2*lambda of --sparsity", legacy=True)
+    owl_m: float = option(  # OWL: an outlier is a Wanda score above M times the block's mean (Yin et al.: 5)
+        5.0, "OWL: outlier = score above M x the block's mean", legacy=True)
+    targets: str | None = option(  # regex (re.search) on a linear's full name: only those are pruned (None: all)
+        None, "regex: prune only the decoder linears whose full name matches (re.search), e.g. 'mlp\\.' or "
+        "'layers\\.([0-9]|1[0-5])\\.'; default: every linear of every block", legacy=True, check=_regex)
+    ignore: str | None = option(  # regex (re.search) on a linear's full name: those are left dense
+        None, "regex: leave the matching decoder linears dense, e.g. 'down_proj'", legacy=True, check=_regex)
+    alpha: float = option(_M.alpha, "GBLM: weight of the gradient term", method=True,
+                          check=within(0.0, ALPHA_MAX, what=" (float32's range)"))
+    gradients: str | None = option(  # GBLM: a finished gradient folder to reuse
+        None, "GBLM: a finished gradient folder (lowmem-gblm gradients) to reuse", **_FILE)
+    percdamp: float = option(_M.percdamp, "SparseGPT: Hessian dampening, a fraction of mean(diag H)", method=True,
+                             check=within(0.0, 10.0))
+    blocksize: int = option(_M.blocksize, "SparseGPT: columns per lazy-update block", method=True, check=count())
+    solver: Solver = option(  # --update lsq: direct, iterative, or auto (methods.update.resolve_solver)
+        Solver(_M.solver), "--update lsq: iterative (fp32 conjugate gradients, all rows at once; fast at every size), "
+        "direct (float64 Cholesky per row; the reference, slow beyond ~2k columns) or auto (iterative but on narrow "
+        "linears)", method=True, when=_solves, plan="solver")
+    solver_tol: float = option(  # iterative: each row stops at this relative residual (methods.solve.DEFAULT_TOL)
+        _M.solver_tol, "iterative solver: each row stops at this relative residual (smaller: closer to the exact "
+        "solution, more iterations)", method=True, when=_solves, check=within(0.0, 1.0, open_lo=True, open_hi=True))
+    solver_max_iter: int = option(_M.solver_max_iter, "iterative solver: at most this many iterations per row",
+                                  method=True, when=_solves, check=count())
+    gradual_steps: int = option(  # --update gradual, unstructured: steps to the target sparsity
+        _M.gradual_steps, "--update gradual, unstructured: steps to the target sparsity (N:M: M-N steps, one more "
+        "pruned per group each)", method=True, legacy=True, check=within(1, 64))
+    gradual_coarse_tol: float = option(
+        _M.gradual_coarse_tol, "--update gradual: every step but the last stops at this relative residual (or "
+        "--solver-tol when larger; its solution is the next step's warm start)", method=True, legacy=True,
+        when=lambda c: str(c.update) == "gradual", check=within(0.0, 1.0, open_lo=True, open_hi=True))
+    ridge: float | None = option(  # None: DEFAULT_RIDGE's for the mask kind with lsq / gradual, 0 for the others
+        None, "--update lsq/gradual: a ridge toward the dense weights, a fraction of mean(diag H) added to the damping "
+        "(0: the exact refit; large: the masked dense weights. Default with lsq and gradual: "
+        f"{_ridge_default_text()})", method=True, unless=_M.ridge, show_default=False,
+        check=within(0.0, 1e6, what=" (a fraction of mean(diag H))"))
+    ridge_scaling: RidgeScaling | None = option(  # None: DEFAULT_RIDGE's with a default ridge, else none
+        None, "none, or inputs-per-token: --ridge times a linear's inputs / calibration tokens (default: none, or the "
+        "default ridge's)", method=True, unless=_M.ridge_scaling, show_default=False)
+    overwrite: bool = option(False, "discard a previous run in OUT_DIR", identity=HOW)
 
     def __post_init__(self) -> None:
         get_method(str(self.method.value if isinstance(self.method, Enum) else self.method))  # the registry's error
+        if self.sparsity is None and str(self.pattern).strip().lower() == "unstructured":
+            object.__setattr__(self, "sparsity", 0.5)
         self._default_ridge()
         super().__post_init__()
         self.method_spec  # noqa: B018 (refuses --update with a method that updates its own weights)
@@ -279,24 +349,9 @@ class PruneConfig(RunConfig):
             if not self.owl_m > 0.0:
                 raise UsageError(f"--owl-m must be > 0, got {self.owl_m}")
         Pattern.parse(self.pattern, self.sparsity)
-        for flag, regex in (("--targets", self.targets), ("--ignore", self.ignore)):
-            if regex is not None:
-                compile_user_regex(flag, regex)
-        if not 0.0 <= self.alpha <= ALPHA_MAX:
-            raise UsageError(f"--alpha must be a number in [0, {ALPHA_MAX:g}] (float32's range), got {self.alpha}")
-        if not 0.0 <= self.percdamp <= 10.0:
-            raise UsageError(f"--percdamp must be in [0, 10], got {self.percdamp}")
-        check_count("--blocksize", self.blocksize)
-        if not 0.0 < self.solver_tol < 1.0:
-            raise UsageError(f"--solver-tol must be in (0, 1), got {self.solver_tol}")
-        check_count("--solver-max-iter", self.solver_max_iter)
-        if not isinstance(self.ridge, (int, float)) or not 0.0 <= self.ridge <= 1e6:
-            raise UsageError(f"--ridge must be in [0, 1e6] (a fraction of mean(diag H)), got {self.ridge}")
         if self.ridge and str(self.update) not in SOLVED_UPDATES:
             raise UsageError(f"--ridge regularises the exact update of the kept weights: it applies to --update lsq "
                              f"or gradual, not --update {self.update}")
-        if not 1 <= self.gradual_steps <= 64:
-            raise UsageError(f"--gradual-steps must be in [1, 64], got {self.gradual_steps}")
         if str(self.update) == "gradual":
             if str(self.solver) == "direct":
                 raise UsageError("--update gradual refits the kept weights at every step with the iterative solver; "
@@ -339,25 +394,17 @@ class PruneConfig(RunConfig):
         return self.method_spec.needs_gradients and not self.gradients
 
     def method_options(self) -> MethodOptions:
-        return MethodOptions(magnitude_scope=str(self.magnitude_scope), alpha=self.alpha, percdamp=self.percdamp,
-                             blocksize=self.blocksize, solver=str(self.solver), solver_tol=self.solver_tol,
-                             solver_max_iter=self.solver_max_iter, gradual_steps=self.gradual_steps,
-                             ridge=self.ridge, ridge_scaling=str(self.ridge_scaling))
+        """The options declared ``method=True``, as the method reads them."""
+        return MethodOptions(**{name: plain(getattr(self, name)) for name in named(PruneConfig, method=True)})
 
     def fingerprint_dict(self) -> dict:
-        """The options that decide the output bytes. model_dir is a path: the model itself is
-        fingerprinted separately (io.checkpoint.CheckpointIndex.fingerprint)."""
-        data = {k: v for k, v in self.to_dict().items()
-                if k not in _NOT_FINGERPRINTED and _FINGERPRINT_IF_NOT.get(k, object()) != v}
-        data["calib"] = {k: v for k, v in data["calib"].items()
-                         if k not in _VISION_CALIB or (v is not None and v is not False)}
-        if str(self.update) not in SOLVED_UPDATES or str(self.solver) == "direct":  # runs before --solver resume
-            for k in _SOLVER_OPTIONS:
-                data.pop(k, None)
+        """The options that decide the output bytes (declared ``identity=BYTES``). model_dir is a path: the model
+        itself is fingerprinted separately (io.checkpoint.CheckpointIndex.fingerprint)."""
+        data = fingerprinted(self)
         data["model_dir"] = str(Path(self.model_dir).resolve())
         data["pattern"] = str(self.parsed_pattern)
         data["sparsity"] = self.parsed_pattern.sparsity
-        return without_paths(data)
+        return data
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.fingerprint_dict(), sort_keys=True).encode()
@@ -366,10 +413,10 @@ class PruneConfig(RunConfig):
 
 def without_paths(fingerprint: dict) -> dict:
     """A ``fingerprint_dict`` (this version's, or one an older version recorded) without the path-valued options
-    (``_PATH_OPTIONS``, ``_PATH_CALIB``): what is compared when a run resumes."""
-    out = {k: v for k, v in fingerprint.items() if k not in _PATH_OPTIONS}
+    (declared ``identity=PATH``): what is compared when a run resumes."""
+    out = {k: v for k, v in fingerprint.items() if k not in named(PruneConfig, identity=PATH)}
     if isinstance(out.get("calib"), dict):
-        out["calib"] = {k: v for k, v in out["calib"].items() if k not in _PATH_CALIB}
+        out["calib"] = {k: v for k, v in out["calib"].items() if k not in named(CalibConfig, identity=PATH)}
     return out
 
 
@@ -378,34 +425,48 @@ class EvalConfig:
     """Streamed evaluation of a checkpoint (``lowmem-gblm eval``): perplexity on ``data`` and/or lm-eval's
     ``tasks`` (zero-shot accuracy); at least one of the two."""
 
-    model_dir: str
-    data: str | None = None
-    seqlen: int = 2048
-    max_windows: int | None = None
-    batch_size: int = 1
-    device: str = "auto"
-    dtype: Dtype = Dtype.AUTO
-    head_chunk: int | None = None  # tokens per head call (None: the whole window while its fp32 logits fit 256 MiB)
-    chunk_windows: int | None = None  # windows per chunk dealt to ranks (None: ceil(W/8))
-    prefetch: bool = True
-    progress: bool = True
-    tasks: tuple[str, ...] = ()  # lm-eval task names (empty: no zero-shot evaluation)
-    include_path: str | None = None  # a folder of extra lm-eval task YAMLs
-    num_fewshot: int | None = None  # None: each task's own default
-    limit: int | None = None  # documents per task (None: all)
-    pass_tokens: int = 1 << 18  # zero-shot: padded tokens held per streamed pass (engine.loglik)
+    model_dir: str = option(MISSING, "checkpoint folder (dense or pruned)", cli=False)
+    data: str | None = option(
+        None, "perplexity on this evaluation text: a .txt/.jsonl file, a folder of .txt, wiki-offline:eval, wikitext2, "
+        "or out of domain: python-stdlib:eval (code), debian-docs:eval (manuals), moby-dick:eval (a novel of 1851; "
+        "these two from scripts/fetch_ood.sh)")
+    seqlen: int = option(2048, "tokens per window", check=count(2))
+    max_windows: int | None = option(None, "--data: evaluate only the first K windows", check=count())
+    batch_size: int = option(1, "windows (--data) or requests (--tasks) per block call", check=count())
+    device: str = option("auto", **_DEVICE)
+    dtype: Dtype = option(Dtype.AUTO, **_DTYPE)
+    head_chunk: int | None = option(  # tokens per head call (None: the whole window while its fp32 logits fit 256 MiB)
+        None, "tokens per head call: bounds the fp32 logits to chunk x vocab (default: the whole window while its "
+        "fp32 logits fit 256 MiB, e.g. 256 tokens for a 262k vocabulary)", check=_head_chunk)
+    chunk_windows: int | None = option(  # windows per chunk dealt to ranks (None: ceil(W/8))
+        None, "windows per chunk dealt to the ranks (default: ceil(W/8))", **_CHUNK_WINDOWS)
+    prefetch: bool = option(True, **_PREFETCH)
+    progress: bool = option(True, "progress bars", identity=HOW, cli=False)  # set from --quiet / --json
+    tasks: tuple[str, ...] = option(  # lm-eval task names (empty: no zero-shot evaluation)
+        (), "zero-shot accuracy on these lm-evaluation-harness tasks, comma-separated (e.g. boolq,arc_easy; needs pip "
+        "install 'lowmem-gblm[zeroshot]'); with --data both run", cli_type=str | None)
+    include_path: str | None = option(  # a folder of extra lm-eval task YAMLs
+        None, "--tasks: a folder of extra lm-eval task YAMLs (e.g. from `lowmem-gblm wiki-task`)", **_FILE)
+    num_fewshot: int | None = option(  # None: each task's own default
+        None, "--tasks: few-shot examples per prompt (default: each task's own, 0 for most)", check=count(0))
+    limit: int | None = option(None, "--tasks: only the first N documents per task", check=count())
+    pass_tokens: int = option(  # zero-shot: padded tokens held per streamed pass (engine.loglik)
+        1 << 18, "--tasks: padded tokens of requests held per streamed pass (each pass reads every block once; hidden "
+        "states take pass_tokens x hidden size x dtype bytes)", check=count())
     # vision transformers: top-1 on an image folder (or exact pixel values with labels) and the mean cosine of the
     # final features to a reference (dense) model's on the same images
-    images: str | None = None
-    pixels: str | None = None
-    reference: str | None = None
-    renumber_labels: bool = False  # --images: class names -> 0, 1, ... in natural order, not the model's label2id
+    images: str | None = option(
+        None, "vision transformers: top-1 on an image folder (FOLDER/<class>/<image>; flat: features only), "
+        "preprocessed as for --calib-images", **_FILE)
+    pixels: str | None = option(
+        None, "vision transformers: safetensors pixel_values [N, 3, H, W] and optional labels [N]", **_FILE)
+    reference: str | None = option(
+        None, "--images/--pixels: the dense model; reports the mean cosine of the final features", **_FILE)
+    renumber_labels: bool = option(  # --images: class names -> 0, 1, ... in natural order, not the model's label2id
+        False, CalibConfig.__dataclass_fields__["renumber_labels"].metadata["spec"].help)
 
     def __post_init__(self) -> None:
-        _coerce(self, "dtype")
-        _check_chunk(self.chunk_windows)
-        _check_device(self.device)
-        _check_head_chunk(self.head_chunk)
+        validate(self)
         object.__setattr__(self, "tasks", tuple(self.tasks))
         if self.images and self.pixels:
             raise UsageError("--images and --pixels: pass one set of evaluation images")
@@ -431,7 +492,3 @@ class EvalConfig:
             raise UsageError(f"--tasks: empty or padded task name in {list(self.tasks)}; use --tasks a,b,c")
         if self.include_path is not None and not Path(self.include_path).is_dir():
             raise UsageError(f"--include-path {self.include_path}: no such folder")
-        for flag, value, lo in (("--num-fewshot", self.num_fewshot, 0), ("--limit", self.limit, 1),
-                                ("--pass-tokens", self.pass_tokens, 1), ("--seqlen", self.seqlen, 2),
-                                ("--batch-size", self.batch_size, 1), ("--max-windows", self.max_windows, 1)):
-            check_count(flag, value, lo)

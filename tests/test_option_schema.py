@@ -33,6 +33,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "lsq-ridge": ({"update": "lsq", "ridge": 0.5}, {}),
     "lsq-ridge-scaled": ({"update": "lsq", "ridge": 0.5, "ridge_scaling": "inputs-per-token"}, {}),
     "gradual": ({"method": "gblm", "update": "gradual", "gradual_steps": 8}, {}),
+    "gradual-coarse-tol": ({"update": "gradual", "gradual_coarse_tol": 0.2}, {}),
+    "lsq-coarse-tol": ({"update": "lsq", "gradual_coarse_tol": 0.2}, {}),
     "owl": ({"layer_sparsity": "owl", "owl_lambda": 0.1, "owl_m": 4.0}, {}),
     "targets": ({"targets": "mlp", "ignore": "down"}, {}),
     "alpha-gradients": ({"method": "gblm", "alpha": 10.0, "gradients": "g"}, {}),
@@ -48,7 +50,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 
 
 def _config(options: dict, calib: dict) -> PruneConfig:
-    return PruneConfig(model_dir="/models/m", out_dir="o", calib=CalibConfig(**({"source": "x.txt"} | calib)), **options)
+    calib = CalibConfig(**({"source": "x.txt"} | calib))
+    return PruneConfig(model_dir="/models/m", out_dir="o", calib=calib, **options)
 
 
 def _observed() -> dict:
@@ -67,3 +70,92 @@ def test_fingerprints_and_method_options_are_as_recorded(name):
 
 if __name__ == "__main__":  # record the goldens (only when a fingerprint is meant to change: old runs stop resuming)
     GOLDEN.write_text(json.dumps(_observed(), indent=1, sort_keys=True) + "\n")
+
+
+# --- every declared option reaches the places its declaration names ------------------------------------------------
+
+def test_every_config_field_is_declared():
+    from lowmem_gblm.config import EvalConfig, GradientConfig
+    from lowmem_gblm.options import specs
+
+    for cls in (CalibConfig, PruneConfig, GradientConfig, EvalConfig):
+        undeclared = [f.name for f in dataclasses.fields(cls) if f.name not in specs(cls)]
+        assert not undeclared, f"{cls.__name__}: {undeclared} have no option(...) declaration"
+
+
+def test_method_options_are_the_declared_ones_with_the_methods_defaults():
+    from lowmem_gblm.methods import MethodOptions
+    from lowmem_gblm.options import named, specs
+
+    declared = set(named(PruneConfig, method=True))
+    engine_filled = {"calib_tokens"}
+    assert declared == {f.name for f in dataclasses.fields(MethodOptions)} - engine_filled
+    defaults = MethodOptions()
+    for name in declared:  # the option's default is the method's own (None: resolved from other options)
+        field = specs(PruneConfig)[name][0]
+        assert field.default is None or str(field.default) == str(getattr(defaults, name)), name
+
+
+def test_plan_settings_are_fed_by_declared_options_or_resolved_by_the_engine():
+    from lowmem_gblm.memory.plan import PlanSettings
+    from lowmem_gblm.options import specs
+
+    fed = {s.plan: name for name, (_, s) in specs(PruneConfig).items() if s.plan}
+    settings = {f.name for f in dataclasses.fields(PlanSettings)}
+    assert set(fed) <= settings, f"plan= names no PlanSettings field: {set(fed) - settings}"
+    # what engine.run.open_run resolves itself (windows, device, dtypes, ranks, chunking, the method with its update)
+    resolved = {"method", "nsamples", "seqlen", "device", "compute_dtype", "phases", "nproc", "rank", "chunk_windows",
+                "sample_bytes"}
+    assert settings - set(fed) == resolved, "a PlanSettings field nobody feeds (declare plan= on its option)"
+    cfg = _config({"update": "lsq", "solver": "iterative", "offload": "disk", "head_chunk": 8}, {})
+    got = cfg.plan_settings()
+    assert (got["solver"], got["offload"], got["head_chunk"]) == ("iterative", "disk", 8)
+
+
+def test_the_gradient_identity_is_the_declared_options():
+    from lowmem_gblm.config import RunConfig
+    from lowmem_gblm.engine.gradients import REUSE_KEYS
+    from lowmem_gblm.options import named
+
+    assert set(REUSE_KEYS) == {"format_version", "model", "calibration_sha256", *named(CalibConfig, gradients=True),
+                               *named(RunConfig, gradients=True)}
+    assert {"nsamples", "seqlen", "grad_norm", "head_chunk", "chunk_windows"} <= set(REUSE_KEYS)
+
+
+def _cli_args(options: dict, calib: dict) -> list[str]:
+    """The command line of a VARIANTS entry, from the declared flags."""
+    from lowmem_gblm.options import flag, specs
+
+    args = []
+    for cls, values in ((PruneConfig, options), (CalibConfig, {"source": "x.txt"} | calib)):
+        for name, value in values.items():
+            if name == "progress":
+                args += [] if value else ["--quiet"]
+                continue
+            decl = flag(name, specs(cls)[name][1])
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                on, _, off = decl.partition("/")
+                args.append(on if value else off or f"--no-{on[2:]}")
+            else:
+                args += [decl, str(value)]
+    return args
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_the_command_line_builds_the_same_config(name, monkeypatch):
+    """Every option's flag, typed value and default reach PruneConfig as the Python API's."""
+    from typer.testing import CliRunner
+
+    import cli.main as main
+
+    seen = []
+    monkeypatch.setattr(main, "run_prune", lambda config: seen.append(config) or {"sparsity": {"overall": 0.5},
+                                                                                   "method": "x", "pattern": "y"})
+    options, calib = VARIANTS[name]
+    result = CliRunner().invoke(main.app, ["prune", "/models/m", "o", *_cli_args(options, calib)])
+    assert result.exit_code == 0, result.output
+    expected = _config(options, calib)
+    assert seen[0].to_dict() | {"out_dir": "o"} == expected.to_dict()
+    assert seen[0].fingerprint() == expected.fingerprint()

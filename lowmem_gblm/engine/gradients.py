@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_gblm.config import GradientConfig
+from lowmem_gblm.config import CalibConfig, GradientConfig, RunConfig
 from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import Run, open_model, open_run
 from lowmem_gblm.errors import InputError, ResumeMismatch, UsageError
@@ -51,6 +51,7 @@ from lowmem_gblm.io.runstate import (
     with_defaults,
 )
 from lowmem_gblm.io.writer import file_sha256, save_tensors_atomic
+from lowmem_gblm.options import named
 from lowmem_gblm.runtime import dtype_name, named_dtype
 from lowmem_gblm.stream.backward import block_windows, classifier_windows, finish, grad_accumulators, head_windows
 from lowmem_gblm.stream.reduce import ChunkFold
@@ -66,8 +67,8 @@ FORMAT_VERSION = 1
 INCOMING_NAME = "incoming.safetensors"  # in the state dir: dL/d(input of the next block to do)
 # identity fields a reused folder must match (compute dtype / device type may differ); the lossy or
 # optional ones are in an identity only when not at their defaults, so older folders still match
-REUSE_KEYS = ("format_version", "model", "calibration_sha256", "nsamples", "seqlen", "grad_norm", "store_dtype",
-              "grad_dtype", "head_chunk", "chunk_windows")
+REUSE_KEYS = ("format_version", "model", "calibration_sha256", *named(CalibConfig, gradients=True),
+              *named(RunConfig, gradients=True))  # the options declared gradients=True
 
 
 # what a gradient folder holds besides its state file and block files

@@ -79,12 +79,12 @@ class Run:
     @property
     def offload(self) -> str:
         """Where the store lives (cpu | disk): ``--offload``, or the plan check's choice for auto."""
-        return self.plan.settings["offload"]
+        return self.plan.settings.offload
 
     @property
     def checkpoint_every(self) -> int:
         """The gradient sweep keeps every k-th block input (``--checkpoint-every``, or the plan's choice)."""
-        return int(self.plan.settings.get("checkpoint_every") or 1)
+        return self.plan.settings.checkpoint_every
 
     @property
     def nsamples(self) -> int:
@@ -262,12 +262,8 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
                     "pass --chunk-windows %d (or more) for batches of %d", config.batch_size, part.chunk, part.chunk,
                     config.batch_size, config.batch_size)
     settings = PlanSettings(method=method, nsamples=n, seqlen=t, device=device.type, compute_dtype=dtype,
-                            store_dtype=str(config.store_dtype), offload=str(config.offload),
-                            head_chunk=config.head_chunk, batch_size=config.batch_size,
-                            grad_dtype=str(config.grad_dtype), prefetch=config.prefetch, phases=phases,
-                            checkpoint_every=config.checkpoint_every or "auto", nproc=ranks.world,
-                            rank=ranks.rank, chunk_windows=part.chunk, sample_bytes=samples.sample_bytes,
-                            solver=str(getattr(config, "solver", "auto")))  # prune's --solver (eval has none)
+                            phases=phases, nproc=ranks.world, rank=ranks.rank, chunk_windows=part.chunk,
+                            sample_bytes=samples.sample_bytes, **config.plan_settings())
     # each rank plans with its own budgets: the host RAM the ranks on this machine share, split between them;
     # a non-writing rank's disk is its scratch folder's
     where = out if ranks.writer else Path(os.environ.get("LOWMEM_GBLM_SCRATCH") or tempfile.gettempdir())

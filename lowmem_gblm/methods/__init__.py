@@ -27,6 +27,7 @@ class MethodOptions:
     solver_tol: float = 3e-2  # iterative: each row stops at this relative residual (methods.solve.DEFAULT_TOL)
     solver_max_iter: int = 100  # iterative: at most this many iterations per row
     gradual_steps: int = 4  # --update gradual, unstructured: steps to the target sparsity (methods.update)
+    gradual_coarse_tol: float = 1e-1  # --update gradual: each step but the last stops at max(this, solver_tol)
     ridge: float = 0.0  # lsq / gradual: a ridge toward the dense weights, a fraction of mean(diag H) (update_damping)
     ridge_scaling: str = "none"  # "none" or "inputs-per-token": the ridge times in_features / calib_tokens
     calib_tokens: int = 0  # calibration tokens behind each Hessian (the engine fills it; inputs-per-token uses it)

@@ -52,7 +52,6 @@ LSQ_CALL_BYTES = 256 * 2**20  # rows per batched solve: at most this many bytes 
 
 UPDATES = ("none", "obs", "lsq", "gradual")
 GRADUAL_STEPS = 4  # --update gradual (unstructured): the sparsity reaches its target in this many steps
-GRADUAL_COARSE_TOL = 1e-1  # ... each but the last solved to this tolerance (their solutions are warm starts)
 SOLVERS = ("auto", "direct", "iterative")
 AUTO_MIN_COLUMNS = 128  # --solver auto: the direct solve below this many input columns (benchmarks/lsq_solvers.py:
 # on this 2-core CPU the direct solve takes 0.45 ms at 64 x 32 and 1.05 ms at 64 x 64 against 0.77 and 1.45 ms, the
@@ -206,7 +205,7 @@ def gradual(job: LinearJob, dense: torch.Tensor, base: Method) -> tuple[torch.Te
         keep = select_keep(score.masked_fill_(~keep, -torch.inf), pattern)  # per row (config refuses matrix scope)
         del score, current
         last = t == len(schedule) - 1
-        tol = o.solver_tol if last else max(o.solver_tol, GRADUAL_COARSE_TOL)
+        tol = o.solver_tol if last else max(o.solver_tol, o.gradual_coarse_tol)
         state = solve.multipliers_cg(w, factor.inverse, keep & ~factor.dead, tol, o.solver_max_iter, start=state)
         if concrete(w):
             total += int(state.iters.max())
