@@ -125,10 +125,10 @@ def conform(case: Case, model: Path, ids: Path, out: Path) -> dict:
                        # the share of the peak the run itself adds (what a forgotten term would be missing from)
                        "above_baseline_ratio": (q.host_peak_bytes - base) / max(rss - base, 1),
                        "terms": q.terms["host"], "seconds": measured["seconds"]})
-    ran = report["predicted"]["settings"]
+    ran, again = report["predicted"]["settings"], replan.settings.as_dict()
     # disk_dir: where the plan was told a disk store goes (the run: OUT_DIR), a budget rather than a setting
-    differ = {k: (replan.settings.get(k), ran.get(k)) for k in sorted((set(replan.settings) | set(ran)) - {"disk_dir"})
-              if replan.settings.get(k) != ran.get(k)}
+    differ = {k: (again.get(k), ran.get(k)) for k in sorted((set(again) | set(ran)) - {"disk_dir"})
+              if again.get(k) != ran.get(k)}
     return {"case": case.id, "seconds": seconds, "baseline": base, "phases": phases, "settings_differ": differ,
             # linears the probe could not run on fake tensors (data-dependent steps: SparseGPT's, OBS's) and counted
             # analytically: reported, not a failure (the bound holds the analytic count too)

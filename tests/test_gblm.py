@@ -393,9 +393,9 @@ def test_planner_picks_segment_checkpoints_when_the_boundaries_do_not_fit(five_b
     settings = PlanSettings(method="gblm", nsamples=64, seqlen=128, offload="disk", checkpoint_every="auto")
     boundary = 64 * 128 * 64 * 4
     roomy = plan(shape, settings, Budgets(disk_free=1 << 40, disk_dir=Path("/tmp")), baseline=1)
-    assert roomy.settings["checkpoint_every"] == 1
+    assert roomy.settings.checkpoint_every == 1
     # 5 blocks: K = 2 keeps 4 inputs but passes the others through 2 scratch boundaries (no saving); K = 3 saves one
     tight = plan(shape, settings, Budgets(disk_free=roomy.disk_bytes - boundary, disk_dir=Path("/tmp")), baseline=1)
-    assert tight.fits and tight.settings["checkpoint_every"] == 3
+    assert tight.fits and tight.settings.checkpoint_every == 3
     assert roomy.disk_bytes - tight.disk_bytes == boundary
     assert any("recomputes" in note for note in tight.notes)

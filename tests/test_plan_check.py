@@ -159,7 +159,7 @@ def test_disk_too_small_for_fp32_gradient_files_names_grad_dtype(wide, tmp_path)
     with pytest.raises(InputError, match="--grad-dtype bfloat16"):
         plan_run(shape, settings, budgets, check=True)
     chosen = plan_run(shape, replace(settings, grad_dtype="bfloat16"), budgets, check=True)
-    offload = chosen.settings["offload"]
+    offload = chosen.settings.offload
     assert chosen.fits and offload == "cpu"
 
 

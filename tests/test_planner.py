@@ -85,14 +85,14 @@ def test_head_chunks_and_batches_are_exact():
 def test_knobs_and_advice(tmp_path):
     cfg = BENCH / "llama-7b.json"
     roomy = plan(cfg, "wanda", 2, 512, gpu_memory="24GiB", cpu_memory="64GiB", baseline=1)
-    assert roomy.fits and roomy.settings["offload"] == "cpu" and roomy.settings["head_chunk"] is None
+    assert roomy.fits and roomy.settings.offload == "cpu" and roomy.settings.head_chunk is None
     assert [p.name for p in roomy.phases] == ["prune_sweep", "eval"]  # no gradient sweep for Wanda
     # host too small for the boundaries in RAM, no disk given: says which knob fixes it
     tight = plan(cfg, "wanda", 512, 512, gpu_memory="24GiB", cpu_memory="4GiB", baseline=1)
     assert not tight.fits
     assert any("--disk" in a for a in tight.advice)
     with_disk = plan(cfg, "wanda", 512, 512, gpu_memory="24GiB", cpu_memory="4GiB", disk_space="1TB", baseline=1)
-    assert with_disk.fits and with_disk.settings["offload"] == "disk"
+    assert with_disk.fits and with_disk.settings.offload == "disk"
     # with a large vocabulary (LLaMA-3-1B-like shape) the whole-window head (fp32 logits, log-softmax) is the
     # largest device step; a budget under it and over every block step makes the planner chunk the head
     big_vocab = json.loads(cfg.read_text()) | {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
@@ -104,7 +104,7 @@ def test_knobs_and_advice(tmp_path):
     floor = max(steps["block"], long.phase("prune_sweep").device_peak_bytes)
     assert steps["head"] > floor
     squeezed = plan(cfg2, "wanda", 2, 2048, gpu_memory=(steps["head"] + floor) // 2, cpu_memory="64GiB", baseline=1)
-    assert squeezed.fits and squeezed.settings["head_chunk"] is not None
+    assert squeezed.fits and squeezed.settings.head_chunk is not None
     assert squeezed.device_peak_bytes < steps["head"]
 
 
@@ -169,7 +169,7 @@ def test_gblm_disk_peaks_follow_the_gradient_file_dtype():
     # fp32 files outweigh a bf16 shard -> at the first block; bf16 files are a little smaller -> at the last
     assert f32.phase("prune_sweep").disk_bytes == rest + 40 * lin * 4 + blk
     assert bf16.phase("prune_sweep").disk_bytes == rest + 2 * lin + 40 * blk == model + 2 * lin
-    assert bf16.settings["grad_dtype"] == "bfloat16"
+    assert bf16.settings.grad_dtype == "bfloat16"
     # a disk too small for fp32 files names the knob
     tight = plan(BENCH / "llama-13b.json", "gblm", 8, 128, offload="cpu", baseline=1, disk_space="40GB")
     assert not tight.fits and any("--grad-dtype bfloat16" in a for a in tight.advice), tight.advice

@@ -211,7 +211,7 @@ def test_planner_int8_store_is_smaller(tiny_model):
     shape, budgets = load_shape(tiny_model), Budgets.from_options(cpu_memory="64GiB")
     exact = plan(shape, PlanSettings("gblm", 8, 64, offload="disk"), budgets, baseline=1)
     int8 = plan(shape, PlanSettings("gblm", 8, 64, offload="disk", store_dtype="int8"), budgets, baseline=1)
-    assert int8.settings["store_dtype"] == "int8"
+    assert int8.settings.store_dtype == "int8"
     assert int8.phase("gradient_sweep").disk_bytes < exact.phase("gradient_sweep").disk_bytes
     assert Path(tiny_model).is_dir()
 

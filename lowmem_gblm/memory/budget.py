@@ -61,7 +61,7 @@ def machine_budgets(device: torch.device, out: Path, cpu_memory: str | None, gpu
 
 
 def plan_run(shape: ModelShape, settings: PlanSettings, budgets: Budgets, *, check: bool) -> Plan:
-    """The plan for this run; the store it chose is ``plan.settings["offload"]`` (offload "auto": the RAM
+    """The plan for this run; the store it chose is ``plan.settings.offload`` (offload "auto": the RAM
     store when its peak is under RAM_MARGIN of the host budget, else the disk store). Raises InputError
     naming the knob when the run cannot fit and ``check`` is on; with ``check`` off it only warns."""
     base = current_rss()
@@ -80,7 +80,7 @@ def plan_run(shape: ModelShape, settings: PlanSettings, budgets: Budgets, *, che
     if chosen is None:
         tried = [make(o, cpu) for o in candidates]
         chosen = next((p for p in tried if p.fits), tried[-1])
-    off = chosen.settings["offload"]
+    off = chosen.settings.offload
     for p in chosen.phases:
         log.info("plan: %s: device %s, host %s, disk %s (store %s; budgets: device %s, host %s, disk %s)", p.name,
                  fmt_size(p.device_peak_bytes), fmt_size(p.host_peak_bytes), fmt_size(p.disk_bytes), off,

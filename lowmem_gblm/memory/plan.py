@@ -26,11 +26,43 @@ from lowmem_gblm.runtime import dtype_name
 from lowmem_gblm.stream.segments import boundaries_held, recomputed_blocks
 from lowmem_gblm.units import fmt_budget, fmt_size
 
-__all__ = ["HOST_PEAK_BOUND", "Budgets", "Plan", "PlanSettings", "advice", "plan"]  # settings types: settings.py
+# settings types: settings.py
+__all__ = ["HOST_PEAK_BOUND", "Budgets", "Chosen", "Plan", "PlanSettings", "advice", "plan"]
 
 # What the plan promises: its host peak is within this share of the peak RSS a run measures, for every method,
 # update and activation store (benchmarks/planner_conformance.py and tests/test_planner.py hold it to that).
 HOST_PEAK_BOUND = 0.15
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The settings a plan chose (``--offload``, ``--head-chunk``, ``--checkpoint-every`` auto resolved) and what it
+    was made for; ``as_dict`` is the report's ``predicted.settings``."""
+
+    device: str
+    compute_dtype: str
+    store_dtype: str
+    storage_dtype: str
+    offload: str  # cpu | disk
+    head_chunk: int | None  # tokens per head call (None: the whole window)
+    forward_microbatch: int  # windows per block call
+    grad_dtype: str
+    checkpoint_every: int
+    chunk_windows: int
+    solver: str | None = None  # the solved updates only
+    nproc: int | None = None  # data-parallel runs only: ranks, this rank, its windows
+    rank: int | None = None
+    windows_on_rank: int | None = None
+    disk_dir: str | None = None  # the disk store's folder (offload disk)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        for key in ("solver", "nproc", "rank", "windows_on_rank"):
+            if out[key] is None:
+                del out[key]
+        if self.offload != "disk":
+            del out["disk_dir"]
+        return out
 
 
 @dataclass
@@ -40,7 +72,7 @@ class Plan:
     nsamples: int
     seqlen: int
     budgets: dict[str, int | None]  # gpu_memory, cpu_memory, disk_free
-    settings: dict  # device, compute_dtype, store_dtype, offload, head_chunk, grad_dtype, ...
+    settings: Chosen
     phases: list[PhasePlan]
     fits: bool
     advice: list[str]
@@ -66,13 +98,14 @@ class Plan:
         return {
             "model": self.model, "method": self.method, "nsamples": self.nsamples, "seqlen": self.seqlen,
             "device_peak_bytes": self.device_peak_bytes, "host_peak_bytes": self.host_peak_bytes,
-            "disk_bytes": self.disk_bytes, "fits": self.fits, "settings": self.settings, "budgets": self.budgets,
+            "disk_bytes": self.disk_bytes, "fits": self.fits, "settings": self.settings.as_dict(),
+            "budgets": self.budgets,
             "phases": [asdict(p) for p in self.phases], "advice": self.advice, "notes": self.notes,
         }
 
     def summary(self) -> dict:
         """For prune_report.json: next to the measured phases."""
-        return {"settings": self.settings, "budgets": self.budgets, "fits": self.fits,
+        return {"settings": self.settings.as_dict(), "budgets": self.budgets, "fits": self.fits,
                 "phases": [{"phase": q.name, "device_peak_bytes": q.device_peak_bytes,
                             "host_peak_bytes": q.host_peak_bytes, "disk_bytes": q.disk_bytes} for q in self.phases]}
 
@@ -83,7 +116,7 @@ class Plan:
             return "fits: NO"
         g = self.budgets
         names = [("host", "cpu_memory"), ("disk", "disk_free")]
-        if self.settings.get("device") != "cpu":
+        if self.settings.device != "cpu":
             names.insert(0, ("device", "gpu_memory"))
         unchecked = [name for name, key in names if g.get(key) is None]
         if len(unchecked) == len(names):
@@ -96,7 +129,7 @@ class Plan:
         lines = [f"{self.model}: {self.method}, {self.nsamples} x {self.seqlen} tokens; budgets: device "
                  f"{fmt_budget(g['gpu_memory'])}, host {fmt_budget(g['cpu_memory'])}, "
                  f"disk {fmt_budget(g['disk_free'])}",
-                 "settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()),
+                 "settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.as_dict().items()),
                  f"{'phase':<16}{'device peak':>14}{'host peak':>14}{'disk':>14}   largest device / host term"]
         for p in self.phases:
             dn, dv = p.dominant("device")
@@ -131,17 +164,13 @@ def plan(shape: ModelShape, settings: PlanSettings, budgets: Budgets, *, baselin
         if not short:
             break
     _, k, off, chunk, phases, pr, short = tried[-1] if not tried[-1][-1] else min(tried, key=lambda r: r[0])
-    chosen = {"device": s.device, "compute_dtype": dtype_name(s.compute_dtype),
-              "store_dtype": dtype_name(s.store_dtype), "storage_dtype": dtype_name(shape.storage_dtype),
-              "offload": off, "head_chunk": chunk,
-              "forward_microbatch": s.batch_size, "grad_dtype": dtype_name(s.grad_dtype), "checkpoint_every": k,
-              "chunk_windows": s.partition.chunk}
-    if get_method(s.method).solve == "lsq":
-        chosen["solver"] = s.solver
-    if s.nproc > 1:
-        chosen |= {"nproc": s.nproc, "rank": s.rank, "windows_on_rank": s.local}
-    if off == "disk":
-        chosen["disk_dir"] = str(budgets.disk_dir) if budgets.disk_dir is not None else None
+    ranks = {"nproc": s.nproc, "rank": s.rank, "windows_on_rank": s.local} if s.nproc > 1 else {}
+    chosen = Chosen(device=s.device, compute_dtype=dtype_name(s.compute_dtype), store_dtype=dtype_name(s.store_dtype),
+                    storage_dtype=dtype_name(shape.storage_dtype), offload=off, head_chunk=chunk,
+                    forward_microbatch=s.batch_size, grad_dtype=dtype_name(s.grad_dtype), checkpoint_every=k,
+                    chunk_windows=s.partition.chunk, solver=s.solver if get_method(s.method).solve == "lsq" else None,
+                    disk_dir=str(budgets.disk_dir) if off == "disk" and budgets.disk_dir is not None else None,
+                    **ranks)
     notes = list(pr.notes)
     notes.append("device peaks measured on fake tensors (FakeTensorMode) through the real decoder layer "
                  f"{shape.family.layer_class}, SDPA; stores added analytically")
@@ -185,7 +214,7 @@ def _shortfalls(phases: list[PhasePlan], budgets: Budgets, offload: str) -> dict
 
 def _head_knob(p: Plan, dominant: str) -> list[str]:
     """``--head-chunk`` first when the head's whole-window logits are what overflows (a large vocabulary)."""
-    if "head step" not in dominant or p.settings.get("head_chunk") is not None:
+    if "head step" not in dominant or p.settings.head_chunk is not None:
         return []
     return [f"--head-chunk {HEAD_CHUNKS[1]} (the head's fp32 logits for {HEAD_CHUNKS[1]} positions at a time "
             f"instead of the whole window)"]
@@ -199,7 +228,7 @@ def _host_knobs(p: Plan, q: PhasePlan) -> list[str]:
     if ahead:
         knobs.append(f"--no-prefetch (-{fmt_size(ahead)}, the same output)")
     totals = sum(v for k, v in host.items() if "chunk-sum totals" in k)
-    if totals and "nproc" not in p.settings:
+    if totals and p.settings.nproc is None:
         knobs.append(f"--chunk-windows {p.nsamples} (one reduction chunk: -{fmt_size(totals)}; the sums fold in "
                      "another order, so their last bits change)")
     return knobs
@@ -216,7 +245,7 @@ def advice(p: Plan, *, run: bool = False, disk_store: Plan | None = None) -> lis
         q = max(p.phases, key=lambda x: x.device_peak_bytes)
         name, val = q.dominant("device")
         steps = q.terms.get("device_steps", {})
-        batch = p.settings.get("forward_microbatch", 1)
+        batch = p.settings.forward_microbatch
         knobs = [*_head_knob(p, name),
                  f"a smaller --seqlen (now {t})" + (f" or --batch-size (now {batch})" if batch > 1 else ""),
                  "--device cpu" if run else "raise --gpu-memory"]
@@ -227,7 +256,7 @@ def advice(p: Plan, *, run: bool = False, disk_store: Plan | None = None) -> lis
         q = max(p.phases, key=lambda x: x.host_peak_bytes)
         name, val = q.dominant("host")
         knobs = _head_knob(p, name) + _host_knobs(p, q)
-        if p.settings["offload"] == "cpu":
+        if p.settings.offload == "cpu":
             if run:
                 if disk_store is not None and disk_store.host_peak_bytes < p.host_peak_bytes:
                     knobs.append(f"--offload disk (boundaries in files under OUT_DIR; host peak "
@@ -246,7 +275,7 @@ def advice(p: Plan, *, run: bool = False, disk_store: Plan | None = None) -> lis
         knobs = ["an OUT_DIR on a larger disk (or free space there)" if run
                  else "free space or choose another --disk"]
         files = any("gradient files" in k for x in p.phases for k in x.terms.get("disk", {}))
-        if files and p.settings["grad_dtype"] == "float32":
+        if files and p.settings.grad_dtype == "float32":
             knobs.append("--grad-dtype bfloat16 (half the gradient files)")
         knobs.append(fewer)
         out.append(f"disk short by {fmt_size(short['disk_free'])} in {q.name}: {name} = {fmt_size(val)}, "

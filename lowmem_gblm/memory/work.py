@@ -295,7 +295,7 @@ def phase_work(shape: ModelShape, settings: PlanSettings, phase: str, *, done: i
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; one of {', '.join(PHASES)}")
     if settings.head_chunk == "auto":
-        raise ValueError("head_chunk 'auto': pass the chunk the run uses (the plan's settings['head_chunk'])")
+        raise ValueError("head_chunk 'auto': pass the chunk the run uses (the plan's settings.head_chunk)")
     if not 0 <= done <= shape.num_blocks:
         raise ValueError(f"done must be between 0 and {shape.num_blocks}, got {done}")
     s = settings.resolved(shape.storage_dtype)
@@ -323,7 +323,7 @@ def _gradient_work(shape: ModelShape, s: PlanSettings, chunk: int | None, done: 
         return Work("gradient_sweep")
     k = s.checkpoint_every
     if k in (None, "auto"):
-        raise ValueError("checkpoint_every 'auto': pass the k the run uses (the plan's settings['checkpoint_every'])")
+        raise ValueError("checkpoint_every 'auto': pass the k the run uses (the plan's settings.checkpoint_every)")
     start = L - done  # blocks start..L-1 are done
     fwd = L if done == 0 else start - 1  # blocks run forward: boundaries 0..fwd ("last" in the engine)
     head = 1 if done == 0 else 0
