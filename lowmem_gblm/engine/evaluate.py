@@ -24,11 +24,10 @@ from lowmem_gblm.calib.data import eval_windows, load_tokenizer
 from lowmem_gblm.calib.images import load_image_folder, load_pixels
 from lowmem_gblm.calib.samples import Samples
 from lowmem_gblm.config import EvalConfig
-from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import open_model, partition
+from lowmem_gblm.engine.walk import BlockWalk
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.model import StreamedModel
-from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.memory.matmul_peak import measured_peak
 from lowmem_gblm.memory.shape import shape_of
 from lowmem_gblm.memory.tracker import PhaseTracker
@@ -71,14 +70,8 @@ def streamed_perplexity(model: StreamedModel, ids: torch.Tensor, device: torch.d
     hidden = ActivationStore("cpu").new((part.nlocal, t, model.hidden_size), dtype, exact=True)  # in place
     embed(model, local, hidden, dtype)
     ctx = BlockContext.build(model, t, device, dtype)
-    schedule = [(i, None) for i in range(model.num_blocks)]
-    with BlockReader(model, schedule, device, dtype, prefetch) as reader, \
-            PhaseProgress("eval", model.num_blocks, part.nlocal, progress and ranks.writer) as bar:
-        for i in range(model.num_blocks):
-            block = reader.next(i)
-            forward(block, ctx, hidden, hidden, device, dtype, part, batch_size, bar.windows)
-            del block
-            bar.block(f"block {i}")
+    BlockWalk(model, device, dtype, "eval", part.nlocal, progress and ranks.writer, prefetch).run(
+        lambda step: forward(step.take(), ctx, hidden, hidden, device, dtype, part, batch_size, step.bar.windows))
     norm, head = model.load_head(device, HEAD_DTYPE)  # head: [V, D] fp32
     if head_chunk is None:
         head_chunk = auto_head_chunk(head.shape[0], t)
@@ -107,14 +100,8 @@ def streamed_features(model: StreamedModel, samples: Samples, device: torch.devi
     hidden = ActivationStore("cpu").new((n, t, model.hidden_size), dtype, exact=True)  # in place
     embed_samples(model, samples, hidden, dtype)
     ctx = BlockContext.build(model, t, device, dtype)
-    schedule = [(i, None) for i in range(model.num_blocks)]
-    with BlockReader(model, schedule, device, dtype, prefetch) as reader, \
-            PhaseProgress("eval", model.num_blocks, n, progress) as bar:
-        for i in range(model.num_blocks):
-            block = reader.next(i)
-            forward(block, ctx, hidden, hidden, device, dtype, None, batch_size, bar.windows)
-            del block
-            bar.block(f"block {i}")
+    BlockWalk(model, device, dtype, "eval", n, progress, prefetch).run(
+        lambda step: forward(step.take(), ctx, hidden, hidden, device, dtype, None, batch_size, step.bar.windows))
     head = model.load_classifier(device, HEAD_DTYPE)
     features, logits = [], []
     for s, count in windows(n, batch_size):

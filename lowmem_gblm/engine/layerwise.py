@@ -18,10 +18,9 @@ import logging
 import torch
 
 from lowmem_gblm.config import PruneConfig
-from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import Run
+from lowmem_gblm.engine.walk import BlockWalk, Step
 from lowmem_gblm.errors import UsageError
-from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.runstate import STATE_DIR, RunState
 from lowmem_gblm.score.owl import outlier_ratio, owl_sparsities
 from lowmem_gblm.stream.reduce import ChunkFold
@@ -95,25 +94,19 @@ def _outlier_ratios(run: Run, config: PruneConfig) -> list[float] | None:
     store = run.store(run.out / STATE_DIR / "owl_store")
     src, dst = store.new(run.boundary_shape, run.dtype, "o_a"), store.new(run.boundary_shape, run.dtype, "o_b")
     embed_samples(run.model, run.local_samples, src, run.dtype)
-    nblocks = run.model.num_blocks
-    ratios: list[float] = []
-    with BlockReader(run.model, [(i, None) for i in range(nblocks)], run.device, run.dtype,
-                     run.config.prefetch) as reader, \
-            PhaseProgress("owl", nblocks, run.part.nlocal, run.config.progress and run.ranks.writer) as progress:
-        for i in range(nblocks):
-            block = reader.next(i)
-            names = run.model.block_linears(i, config.prunes)
-            with collect_inputs(block, names, frozenset({"scaler_row"}), run.model.expert_units) as stats:
-                fold = ChunkFold(run.ranks, run.part, f"OWL statistics of block {i}")
-                forward(block, run.ctx, src, dst, run.device, run.dtype, run.part, run.batch_size, progress.windows,
-                        lambda step, _stats=stats, _fold=fold: _fold.step(
-                            step, {n: accs["scaler_row"].total for n, accs in _stats.items()}))
-            if run.ranks.writer:
-                ratios.append(outlier_ratio([run.model.unit_weight(block, n) for n in names],
-                                            [fold.result(n) / run.nsamples for n in names], config.owl_m))
-            del block
-            src, dst = dst, src
-            progress.block(f"block {i}")
-    for buf in (src, dst):
-        buf.release()
+
+    def visit(step: Step) -> float | None:
+        block, names = step.take(), run.model.block_linears(step.i, config.prunes)
+        with collect_inputs(block, names, frozenset({"scaler_row"}), run.model.expert_units) as stats:
+            fold = ChunkFold(run.ranks, run.part, f"OWL statistics of block {step.i}")
+            forward(block, run.ctx, step.src, step.dst, run.device, run.dtype, run.part, run.batch_size,
+                    step.bar.windows, lambda k: fold.step(k, {n: a["scaler_row"].total for n, a in stats.items()}))
+        if not run.ranks.writer:
+            return None
+        return outlier_ratio([run.model.unit_weight(block, n) for n in names],
+                             [fold.result(n) / run.nsamples for n in names], config.owl_m)
+
+    ratios = BlockWalk(run.model, run.device, run.dtype, "owl", run.part.nlocal,
+                       run.config.progress and run.ranks.writer, run.config.prefetch).run(visit, (src, dst),
+                                                                                           release=True)
     return ratios if run.ranks.writer else None

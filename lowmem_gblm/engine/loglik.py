@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem_gblm.engine.progress import PhaseProgress
+from lowmem_gblm.engine.walk import BlockWalk, Step
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.model import StreamedModel
-from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.stream.context import BlockContext
 from lowmem_gblm.stream.head import HEAD_DTYPE, continuation_logprob
 from lowmem_gblm.stream.store import ActivationStore
@@ -131,14 +130,12 @@ def run_pass(model: StreamedModel, requests: list[list[int]], batches: list[Batc
         embed(model, ids, buf, dtype)
         hidden.append(buf)
     contexts = {n: BlockContext.build(model, n, device, dtype) for n in sorted({b.length for b in batches})}
-    schedule = [(i, None) for i in range(model.num_blocks)]
-    with BlockReader(model, schedule, device, dtype, prefetch) as reader, \
-            PhaseProgress("loglikelihood", model.num_blocks, len(batches), progress) as bar:
-        for i in range(model.num_blocks):
-            block = reader.next(i)
-            for j, (batch, buf) in enumerate(zip(batches, hidden, strict=True)):
-                forward(block, contexts[batch.length], buf, buf, device, dtype, batch_size=len(batch.members))
-                bar.windows(j + 1)
-            del block
-            bar.block(f"block {i}")
+
+    def visit(step: Step) -> None:
+        block = step.take()
+        for j, (batch, buf) in enumerate(zip(batches, hidden, strict=True)):
+            forward(block, contexts[batch.length], buf, buf, device, dtype, batch_size=len(batch.members))
+            step.bar.windows(j + 1)
+
+    BlockWalk(model, device, dtype, "loglikelihood", len(batches), progress, prefetch).run(visit)
     return hidden

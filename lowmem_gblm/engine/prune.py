@@ -21,9 +21,9 @@ from lowmem_gblm.engine.gradients import GradientFeed, gradient_feed
 from lowmem_gblm.engine.layerwise import layer_sparsity
 from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import Run, open_model, open_run
+from lowmem_gblm.engine.walk import BlockWalk, Step
 from lowmem_gblm.errors import InputError, UsageError
 from lowmem_gblm.io.checkpoint import INDEX_NAME, ShardChanged
-from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.runstate import (
     CALIB_IDS_NAME,
     CALIB_PIXELS_NAME,
@@ -230,14 +230,10 @@ class _PruneSweep:
         schedule = [(i, self._replay_source(i)) for i in range(run.model.num_blocks)]
         linears: dict[str, dict] = {}
         self.output_errors: list[dict | None] = []  # per block (the writer's): output_error_entry, None if unknown
-        with BlockReader(run.model, schedule, run.device, run.dtype, run.config.prefetch) as reader, \
-                PhaseProgress("prune", run.model.num_blocks, run.part.nlocal,
-                              run.config.progress and run.ranks.writer) as progress:
-            for i in range(run.model.num_blocks):
-                linears.update(self.block(i, reader, src, dst, progress))
-                src, dst = dst, src
-        for buf in (src, dst):
-            buf.release()
+        walk = BlockWalk(run.model, run.device, run.dtype, "prune", run.part.nlocal,
+                         run.config.progress and run.ranks.writer, run.config.prefetch, schedule)
+        for report in walk.run(self.block, (src, dst), release=True):
+            linears.update(report)
         return linears
 
     def _replay_source(self, i: int) -> tuple[Path, str] | None:
@@ -265,13 +261,13 @@ class _PruneSweep:
         self._forward(block, src, dst, progress, lambda step: fold.step(step, {"output_error": error.part}), error)
         return output_error_entry(fold.result("output_error")) if run.ranks.writer else None
 
-    def block(self, i: int, reader: BlockReader, src: ActivationBuffer, dst: ActivationBuffer,
-              progress: PhaseProgress) -> dict:
+    def block(self, step: Step) -> dict:
         """Block i pruned (or replayed), its outputs in ``dst``; returns its per-linear report (the writer's).
         The block is freed before its shard is serialized (this frame holds the only reference)."""
+        i, src, dst, progress = step.i, step.src, step.dst, step.bar
         run, key, ranks = self.run, f"block.{i}", self.run.ranks
         try:
-            block = reader.next(i)
+            block = step.take()
         except ShardChanged as exc:  # a finished shard was changed since: its damage must not reach later blocks
             (run.out / self.manifest.entry(key)["file"]).unlink(missing_ok=True)  # ours; written again below
             del self.manifest.done[key]
