@@ -24,6 +24,7 @@ from lowmem_gblm.calib.data import eval_windows, load_tokenizer
 from lowmem_gblm.calib.images import load_image_folder, load_pixels
 from lowmem_gblm.calib.samples import Samples
 from lowmem_gblm.config import EvalConfig
+from lowmem_gblm.engine.modality import adapter
 from lowmem_gblm.engine.run import open_model, partition
 from lowmem_gblm.engine.walk import BlockWalk
 from lowmem_gblm.errors import InputError
@@ -118,9 +119,7 @@ def evaluate_images(config: EvalConfig) -> dict:
     classifier), and with ``--reference`` the mean cosine similarity of each image's final features to the
     reference model's; the checkpoint's sparsity."""
     model = open_model(config.model_dir)
-    if not model.family.vision:
-        raise InputError(f"{config.model_dir} is a language model ({model.family.name}): evaluate it with --data or "
-                         "--tasks")
+    adapter(model).refuse_eval(model, config.model_dir, "--images")
     if config.images:
         pixels, labels, _ = load_image_folder(config.images, model.root,
                                               renumber=config.renumber_labels or not model.num_labels)

@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from lowmem_gblm.config import CalibConfig, GradientConfig, RunConfig
+from lowmem_gblm.engine.modality import adapter
 from lowmem_gblm.engine.progress import PhaseProgress
 from lowmem_gblm.engine.run import Run, open_model, open_run
-from lowmem_gblm.errors import InputError, ResumeMismatch, UsageError
+from lowmem_gblm.errors import InputError, ResumeMismatch
 from lowmem_gblm.io.gradfiles import BlockGradients, GradientFolder, block_file, tensor_sha256
 from lowmem_gblm.io.prefetch import BlockReader
 from lowmem_gblm.io.runstate import (
@@ -53,7 +54,7 @@ from lowmem_gblm.io.runstate import (
 from lowmem_gblm.io.writer import file_sha256, save_tensors_atomic
 from lowmem_gblm.options import named
 from lowmem_gblm.runtime import dtype_name, named_dtype
-from lowmem_gblm.stream.backward import block_windows, classifier_windows, finish, grad_accumulators, head_windows
+from lowmem_gblm.stream.backward import block_windows, finish, grad_accumulators
 from lowmem_gblm.stream.reduce import ChunkFold
 from lowmem_gblm.stream.segments import kept_boundaries, segments
 from lowmem_gblm.stream.stats import collect_inputs
@@ -98,19 +99,16 @@ def gradient_sweep(run: Run, path: Path) -> GradientFolder | None:
     alone opens, locks and writes the folder (and returns it; the others return None)."""
     ranks = run.ranks
     with contextlib.ExitStack() as stack:
-        folder, error = None, None
-        if ranks.writer:
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-                stack.enter_context(OutputLock(path))
-                identity = gradient_identity(run)
-                state = RunState.open(path, GRADIENTS_JSON, identity, what="gradient folder",
-                                      fix="choose another folder", own=_OWN,
-                                      older=lambda recorded: with_defaults(recorded, identity, (CPU_THREADS,)))
-                folder = GradientFolder(path, GRADIENTS_JSON, state.data)
-            except UsageError as exc:
-                error = exc
-        ranks.agree(error, f"opening the gradient folder {path}")
+
+        def open_folder() -> GradientFolder:
+            path.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(OutputLock(path))
+            identity = gradient_identity(run)
+            state = RunState.open(path, GRADIENTS_JSON, identity, what="gradient folder", fix="choose another folder",
+                                  own=_OWN, older=lambda recorded: with_defaults(recorded, identity, (CPU_THREADS,)))
+            return GradientFolder(path, GRADIENTS_JSON, state.data)
+
+        folder = ranks.on_writer(open_folder, f"opening the gradient folder {path}")
         if ranks.broadcast_object(folder.complete if folder else None, "is the gradient folder complete"):
             log.info("gradient folder %s is complete; reusing it", path)
             run.done_blocks = run.model.num_blocks
@@ -273,19 +271,11 @@ class _Sweep:
     def head(self, top) -> None:
         """Per-window loss and dL/d(last hidden state) into g_in; the losses gathered on the writer."""
         run = self.run
-        vision = run.model.family.vision
-        if vision:  # images: cross-entropy of the classifier on the label (or the dense model's own prediction)
-            head, labels = run.model.load_classifier(run.device, run.dtype), run.local_samples.labels
-        else:
-            norm, head = run.model.load_head(run.device, run.dtype)  # head: [V, D]
+        modality = adapter(run.model)
+        head = modality.gradient_head(run)  # the loss: next-token (language models) or the classifier's (images)
         losses: dict[int, float] = {}
         for n, count in run.part.all_batches(run.batch_size):
-            if vision:
-                want = None if labels is None else labels[n:n + count].to(run.device)
-                loss, grad, _used = classifier_windows(head, top.get(n, count), want, run.device, run.dtype)
-            else:
-                loss, grad = head_windows(norm, head, top.get(n, count), run.local_ids[n:n + count, 1:].to(run.device),
-                                          run.device, run.dtype, run.config.head_chunk)
+            loss, grad = head(top.get(n, count), n, count)
             self.g_in.put(n, grad)
             losses.update(zip(run.part.local_windows[n:n + count], loss.tolist(), strict=True))
             del loss, grad
@@ -295,8 +285,7 @@ class _Sweep:
                  part.items()}
         if self.folder is not None:
             self.folder.data["mean_loss"] = sum(every[k] for k in range(run.nsamples)) / run.nsamples
-            if vision:
-                self.folder.data["labels"] = run.samples.label_source
+            self.folder.data |= modality.gradient_record(run)
             log.info("gradient sweep: mean calibration loss %.4f", self.folder.data["mean_loss"])
 
     def segment(self, reader: BlockReader, bounds: dict, c: int, e: int, progress: PhaseProgress) -> None:
@@ -409,14 +398,10 @@ def gradient_feed(run: Run, manifest: RunState | None, gradients: str | None) ->
     sweep run (or resumed) into OUT_DIR/.lowmem/gradients. The folder's identity and block hashes are
     recorded in the prune manifest, so a resumed prune refuses gradients that changed under it. Every rank
     calls it (all of them run the sweep); only the writer gets a feed (it alone prunes)."""
-    ranks, folder, error = run.ranks, None, None
+    ranks, error = run.ranks, None
     if gradients:
-        if ranks.writer:
-            try:
-                folder = open_for_reuse(Path(gradients), gradient_identity(run))
-            except UsageError as exc:
-                error = exc
-        ranks.agree(error, f"opening --gradients {gradients}")
+        folder = ranks.on_writer(lambda: open_for_reuse(Path(gradients), gradient_identity(run)),
+                                 f"opening --gradients {gradients}")
         if folder is not None:
             log.info("using gradients from %s (%s norm, computed in %s on %s)", folder.folder, folder.identity[
                 "grad_norm"], folder.identity.get("compute_dtype"), folder.identity.get("device_type"))
@@ -478,15 +463,13 @@ def compute_gradients(config: GradientConfig) -> dict:
     model = open_model(config.model_dir)
     run = open_run(config, model, "gblm", ("gradient_sweep",))
     try:
-        error = None
-        if run.ranks.writer:
-            try:
-                check_out_dir(run.out, model.root)  # refuse before anything is written
-                RunState.refuse_foreign(run.out, GRADIENTS_JSON, "gradient folder", _OWN)
-                prepare_out_dir(run.out, model.root)
-            except UsageError as exc:
-                error = exc
-        run.ranks.agree(error, f"opening {run.out}")
+
+        def prepare() -> None:
+            check_out_dir(run.out, model.root)  # refuse before anything is written
+            RunState.refuse_foreign(run.out, GRADIENTS_JSON, "gradient folder", _OWN)
+            prepare_out_dir(run.out, model.root)
+
+        run.ranks.on_writer(prepare, f"opening {run.out}")
         with run.phase("gradient_sweep"):
             folder = gradient_sweep(run, run.out)
     finally:

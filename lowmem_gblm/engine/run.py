@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from lowmem_gblm.calib.data import resolve_windows
-from lowmem_gblm.calib.images import load_image_folder, load_pixels
 from lowmem_gblm.calib.samples import TOKENS, Samples
 from lowmem_gblm.config import RunConfig
+from lowmem_gblm.engine.modality import adapter
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.model import StreamedModel
 from lowmem_gblm.io.runstate import (
@@ -249,7 +248,7 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
         raise InputError(f"{model.root} is a backbone without a classifier ({model.family.architectures[0]}): "
                          f"{method} needs a loss to take gradients of; prune it with wanda, sparsegpt or magnitude, "
                          "or give it a classifier (e.g. Dinov2ForImageClassification)")
-    samples = resolve_samples(config, model)
+    samples = adapter(model).samples(config.calib, model)
     device = resolve_device(config.device)
     ranks = current(device.type)
     device = ranks.device(device)
@@ -276,42 +275,6 @@ def open_run(config: RunConfig, model: StreamedModel, method: str, phases: tuple
     threads = ranks.all_objects(torch.get_num_threads(), "gathering every rank's CPU thread count")
     return Run(config, model, samples, device, dtype, out, plan, settings=settings, ranks=ranks, part=part,
                threads=threads)
-
-
-def resolve_samples(config: RunConfig, model: StreamedModel) -> Samples:
-    """The calibration samples the config describes, as the model takes them: token windows for a language model,
-    images (a folder through the model's preprocessing, or exact pixel values) for a vision transformer."""
-    calib = config.calib
-    images = calib.images or calib.pixels_file
-    if not model.family.vision:
-        if images:
-            raise InputError(f"{model.root} is a language model ({model.family.name}): --calib-images / --calib-pixels "
-                             "are for vision transformers; pass --calib or --calib-ids")
-        max_pos = getattr(model.config, "max_position_embeddings", None)
-        ids = resolve_windows(calib, model.root, int(model.config.vocab_size), max_pos, model.family.bos_per_window)
-        if max_pos is not None and ids.shape[1] > max_pos:
-            raise InputError(f"--seqlen {ids.shape[1]} exceeds the model's context ({max_pos} positions)")
-        return Samples.of_ids(ids)
-    if not images:
-        raise InputError(f"{model.root} is a vision transformer ({model.family.name}): pass --calib-images FOLDER "
-                         "(class subfolders, or --calib-labels FILE) or --calib-pixels FILE.safetensors")
-    if calib.images:
-        # a backbone without a classifier does not use labels: its class names need no ids of the model's
-        pixels, labels, _files = load_image_folder(calib.images, model.root, calib.nsamples, calib.seed,
-                                                   labels_file=calib.labels_file,
-                                                   renumber=calib.renumber_labels or not model.num_labels)
-    else:
-        pixels, labels = load_pixels(calib.pixels_file)
-        if pixels.shape[0] < calib.nsamples:
-            raise InputError(f"--calib-pixels {calib.pixels_file} holds {pixels.shape[0]} images; --nsamples "
-                             f"{calib.nsamples} needs at least that many")
-        pixels, labels = pixels[:calib.nsamples], None if labels is None else labels[:calib.nsamples]
-    samples = Samples.of_pixels(pixels, labels)
-    model.seqlen(samples)  # refuses images the model cannot take
-    if labels is not None and model.num_labels and (int(labels.min()) < 0 or int(labels.max()) >= model.num_labels):
-        raise InputError(f"calibration labels run from {int(labels.min())} to {int(labels.max())}; the model has "
-                         f"{model.num_labels} classes")
-    return samples
 
 
 def partition(nsamples: int, chunk_windows: int | None, ranks: Ranks) -> Partition:

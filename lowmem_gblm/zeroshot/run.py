@@ -9,6 +9,7 @@ from importlib.metadata import version
 from lowmem_gblm.calib.data import load_tokenizer
 from lowmem_gblm.config import EvalConfig
 from lowmem_gblm.engine.evaluate import checkpoint_sparsity, evaluate_checkpoint, evaluate_images
+from lowmem_gblm.engine.modality import adapter
 from lowmem_gblm.engine.run import open_model
 from lowmem_gblm.errors import InputError, UsageError, first_line
 from lowmem_gblm.memory.tracker import PhaseTracker
@@ -113,10 +114,8 @@ def evaluate(config: EvalConfig) -> dict:
     checkpoint's sparsity, and one phase record per part (eval, zeroshot)."""
     if config.images or config.pixels:
         return evaluate_images(config)
-    family = open_model(config.model_dir).family
-    if family.vision:
-        raise InputError(f"{config.model_dir} is a vision transformer ({family.name}): --data and --tasks are for "
-                         "language models; evaluate it with --images FOLDER or --pixels FILE")
+    model = open_model(config.model_dir)
+    adapter(model).refuse_eval(model, config.model_dir, "--data" if config.data else "--tasks")
     result = evaluate_checkpoint(config) if config.data else {"phases": []}
     if config.tasks:
         zeroshot = evaluate_tasks(config)
