@@ -145,6 +145,18 @@ class Ranks:
             dist.all_gather_object(out, obj)
         return out
 
+    def on_writer(self, work, what: str):
+        """``work()`` on the writing rank only, then every rank agrees on how it went (``agree``): a UsageError
+        there is raised on every rank. Returns what ``work`` returned on the writer, None on the other ranks."""
+        result, error = None, None
+        if self.writer:
+            try:
+                result = work()
+            except UsageError as exc:
+                error = exc
+        self.agree(error, what)
+        return result
+
     def agree(self, error: Exception | None, what: str) -> None:
         """Every rank reports whether ``what`` worked for it; if one failed, all raise its error (the writer's
         message first), so a refusal on one rank never leaves the others waiting."""

@@ -20,7 +20,6 @@ import torch
 from lowmem_gblm.config import PruneConfig
 from lowmem_gblm.engine.run import Run
 from lowmem_gblm.engine.walk import BlockWalk, Step
-from lowmem_gblm.errors import UsageError
 from lowmem_gblm.io.runstate import STATE_DIR, RunState
 from lowmem_gblm.score.owl import outlier_ratio, owl_sparsities
 from lowmem_gblm.stream.reduce import ChunkFold
@@ -55,17 +54,15 @@ def layer_sparsity(run: Run, config: PruneConfig, manifest: RunState | None,
         with run.phase("owl_sweep"), scratch(folder):
             ratios = _outlier_ratios(run, config)
         source = "forward_sweep"
-    result, error = None, None
-    if ranks.writer:
-        try:
-            result = {"lambda": config.owl_lambda, "m": config.owl_m, "statistics": source, "outlier_ratio": ratios,
-                      "sparsity": owl_sparsities(ratios, config.parsed_pattern.sparsity, config.owl_lambda)}
-            manifest.data[OWL_KEY] = result
-            manifest.save()
-        except UsageError as exc:
-            error = exc
-    ranks.agree(error, "OWL's per-block sparsity")
-    result = ranks.broadcast_object(result, "OWL's per-block sparsity")
+
+    def record() -> dict:
+        result = {"lambda": config.owl_lambda, "m": config.owl_m, "statistics": source, "outlier_ratio": ratios,
+                  "sparsity": owl_sparsities(ratios, config.parsed_pattern.sparsity, config.owl_lambda)}
+        manifest.data[OWL_KEY] = result
+        manifest.save()
+        return result
+
+    result = ranks.broadcast_object(ranks.on_writer(record, "OWL's per-block sparsity"), "OWL's per-block sparsity")
     log.info("OWL: %s", _summary(result))
     return result
 

@@ -86,13 +86,8 @@ def prune(config: PruneConfig) -> dict:
     run = open_run(config, model, method.name, phases)
     try:
         with contextlib.ExitStack() as stack:
-            manifest, report, error = None, None, None
-            if run.ranks.writer:
-                try:
-                    manifest, report = _open_output(run, config, stack)
-                except UsageError as exc:
-                    error = exc
-            run.ranks.agree(error, f"opening OUT_DIR {run.out}")
+            manifest, report = run.ranks.on_writer(lambda: _open_output(run, config, stack),
+                                                   f"opening OUT_DIR {run.out}") or (None, None)
             finished = run.ranks.broadcast_object(report, "whether OUT_DIR is already complete")
             if finished is not None:
                 return finished
