@@ -236,7 +236,7 @@ def test_the_plan_is_per_rank(tiny_model):
         s = PlanSettings(method="gblm", nsamples=nsamples, seqlen=64, offload="disk", nproc=nproc, rank=rank,
                          chunk_windows=1)
         p = plan(shape, s, budgets, baseline=0)
-        return {q.name: q.terms for q in p.phases} | {"settings": p.settings}
+        return {q.name: q.terms for q in p.phases} | {"settings": p.settings.as_dict()}
 
     one, four, other = predicted(1), predicted(4), predicted(4, rank=3)
     boundary = 64 * shape.hidden * 4  # one window's [T, D] fp32 on disk

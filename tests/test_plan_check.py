@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -176,10 +177,10 @@ def test_a_head_that_overflows_the_budget_suggests_head_chunk():
     class _Plan:
         nsamples, seqlen, phases = 4, 2048, [_Phase()]
         shortfalls, budgets = {"cpu_memory": 4 << 30}, {"cpu_memory": 3 << 30}
-        settings = {"offload": "disk", "head_chunk": None}
+        settings = SimpleNamespace(offload="disk", head_chunk=None, nproc=None, forward_microbatch=1)
         host_peak_bytes = 7 << 30
 
     (line,) = advice(_Plan(), run=True)
     assert "try --head-chunk 512" in line
-    _Plan.settings = {"offload": "disk", "head_chunk": 512}
+    _Plan.settings = SimpleNamespace(offload="disk", head_chunk=512, nproc=None, forward_microbatch=1)
     assert "--head-chunk" not in advice(_Plan(), run=True)[0]

@@ -21,7 +21,6 @@ from lowmem_gblm.memory.predict import PhasePlan, predict
 from lowmem_gblm.memory.probe import baseline_rss
 from lowmem_gblm.memory.settings import HEAD_CHUNKS, Budgets, PlanSettings
 from lowmem_gblm.memory.shape import ModelShape
-from lowmem_gblm.methods import get_method
 from lowmem_gblm.runtime import dtype_name
 from lowmem_gblm.stream.segments import boundaries_held, recomputed_blocks
 from lowmem_gblm.units import fmt_budget, fmt_size
@@ -168,7 +167,7 @@ def plan(shape: ModelShape, settings: PlanSettings, budgets: Budgets, *, baselin
     chosen = Chosen(device=s.device, compute_dtype=dtype_name(s.compute_dtype), store_dtype=dtype_name(s.store_dtype),
                     storage_dtype=dtype_name(shape.storage_dtype), offload=off, head_chunk=chunk,
                     forward_microbatch=s.batch_size, grad_dtype=dtype_name(s.grad_dtype), checkpoint_every=k,
-                    chunk_windows=s.partition.chunk, solver=s.solver if get_method(s.method).solve == "lsq" else None,
+                    chunk_windows=s.partition.chunk, solver=s.solver if s.spec.solve == "lsq" else None,
                     disk_dir=str(budgets.disk_dir) if off == "disk" and budgets.disk_dir is not None else None,
                     **ranks)
     notes = list(pr.notes)

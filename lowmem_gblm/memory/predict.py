@@ -19,7 +19,6 @@ from lowmem_gblm.memory.probe import (
 )
 from lowmem_gblm.memory.settings import PlanSettings
 from lowmem_gblm.memory.shape import ModelShape
-from lowmem_gblm.methods import get_method
 from lowmem_gblm.runtime import dtype_bytes
 from lowmem_gblm.stream.segments import boundaries_held
 from lowmem_gblm.stream.store import store_nbytes
@@ -64,7 +63,7 @@ def predict(shape: ModelShape, s: PlanSettings, baseline: int,
     concrete offload and head_chunk. store_dtype: a float dtype or "int8" (boundaries only; incoming-
     gradient buffers stay exact). prefetch: one more block read ahead in host memory (compute dtype on
     the CPU, storage dtype pinned for a GPU)."""
-    meth = get_method(s.method)
+    meth = s.spec
     pr = _probe(shape, s, probe_cache)
     compute_dtype, store_dtype = s.compute_dtype, s.store_dtype
     on_cpu = s.device == "cpu"

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from lowmem_gblm.errors import UsageError
-from lowmem_gblm.methods import get_method
+from lowmem_gblm.methods import Method, get_method
 from lowmem_gblm.methods.update import AUTO_MIN_COLUMNS, resolve_solver
 from lowmem_gblm.runtime import COMPUTE_DTYPES, GRAD_FILE_DTYPES, auto_dtype, dtype_name, named_dtype
 from lowmem_gblm.stream.partition import Partition, auto_chunk
@@ -63,6 +64,11 @@ class PlanSettings:
                    rank=chosen.get("rank", 0), chunk_windows=chosen["chunk_windows"],
                    solver=chosen.get("solver", str(o.get("solver") or "auto")))
 
+    @cached_property
+    def spec(self) -> Method:
+        """The method (with its update) parsed once from ``method`` (e.g. "gblm+lsq"): the registry's Method."""
+        return get_method(self.method)
+
     def input_bytes(self, seqlen: int) -> int:
         """Every calibration sample's inputs, held by every rank (token ids, or pixel values and labels)."""
         return self.nsamples * (self.sample_bytes if self.sample_bytes is not None else seqlen * 8)
@@ -89,7 +95,7 @@ class PlanSettings:
     def resolved(self, storage: torch.dtype) -> PlanSettings:
         """Validated, with torch dtypes (store_dtype: a float dtype or "int8"); offload and head_chunk
         stay as given (see ``offloads`` / ``head_chunks``)."""
-        get_method(self.method)
+        self.spec  # noqa: B018 (refuses an unknown method)
         resolve_solver(str(self.solver), AUTO_MIN_COLUMNS)  # refuses an unknown --solver
         for flag, value, lo in (("--nsamples", self.nsamples, 1), ("--seqlen", self.seqlen, 2),
                                 ("--batch-size", self.batch_size, 1), ("--nproc", self.nproc, 1),
@@ -121,7 +127,7 @@ class PlanSettings:
 
     def checkpoint_choices(self, num_blocks: int) -> list[int]:
         if self.checkpoint_every in (None, "auto"):
-            return candidates(num_blocks) if get_method(self.method).needs_gradients else [1]
+            return candidates(num_blocks) if self.spec.needs_gradients else [1]
         k = int(self.checkpoint_every)
         if k < 1:
             raise UsageError(f"--checkpoint-every must be >= 1, got {k}")

@@ -55,7 +55,7 @@ import torch
 from lowmem_gblm.memory.plan import PlanSettings
 from lowmem_gblm.memory.probe import input_groups
 from lowmem_gblm.memory.shape import ModelShape
-from lowmem_gblm.methods import Method, get_method
+from lowmem_gblm.methods import Method
 from lowmem_gblm.methods.apply import statistics_needed
 from lowmem_gblm.methods.solve import INVERSE_PROBES
 from lowmem_gblm.methods.update import resolve_solver
@@ -308,7 +308,7 @@ def phase_work(shape: ModelShape, settings: PlanSettings, phase: str, *, done: i
         return Work(phase, {}, {"checkpoint: linear weights": shape.num_blocks * shape.linear_numel
                                 * dtype_bytes(shape.storage_dtype)}, {})
     if phase == "gradient_sweep":
-        if not get_method(s.method).needs_gradients:
+        if not s.spec.needs_gradients:
             return Work(phase)
         return _gradient_work(shape, s, chunk, done)
     return _prune_work(shape, s, done)
@@ -367,7 +367,7 @@ def _prune_work(shape: ModelShape, s: PlanSettings, done: int) -> Work:
     ``prune_sweep`` phase opens, so it is not this phase's work (model_bytes() - L * block_bytes() each way).
     """
     L, n, t, d = shape.num_blocks, s.nsamples, s.seqlen, shape.hidden
-    meth = get_method(s.method)
+    meth = s.spec
     wanted = statistics_needed(meth, STATISTICS)
     todo = L - done  # blocks pruned here; the others are replayed (forward only)
     block = sum(matmul_flops(shape, t, n).values())
