@@ -174,12 +174,13 @@ def checkpoint_sparsity(model: StreamedModel) -> dict:
     return {"overall": zeros / total, "per_linear": per_linear, "zeros": zeros, "total": total}
 
 
-def evaluate_checkpoint(config: EvalConfig) -> dict:
+def evaluate_checkpoint(config: EvalConfig, model: StreamedModel | None = None) -> dict:
     """Streamed perplexity of a checkpoint folder on a text source (windows cut with the checkpoint's own
-    tokenizer), its decoder-linear sparsity and the measured peaks of the phase."""
+    tokenizer), its decoder-linear sparsity and the measured peaks of the phase. ``model``: the folder, already
+    opened."""
     if not config.data:
         raise InputError("perplexity needs --data (an evaluation text)")
-    model = open_model(config.model_dir)
+    model = model or open_model(config.model_dir)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and config.seqlen > max_pos:
         raise InputError(f"--seqlen {config.seqlen} exceeds the model's context ({max_pos} positions)")

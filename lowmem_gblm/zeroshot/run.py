@@ -12,6 +12,7 @@ from lowmem_gblm.engine.evaluate import checkpoint_sparsity, evaluate_checkpoint
 from lowmem_gblm.engine.modality import adapter
 from lowmem_gblm.engine.run import open_model
 from lowmem_gblm.errors import InputError, UsageError, first_line
+from lowmem_gblm.io.model import StreamedModel
 from lowmem_gblm.memory.tracker import PhaseTracker
 from lowmem_gblm.ranks import env_world
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
@@ -82,14 +83,15 @@ def run_tasks(lm, config: EvalConfig, manager) -> dict:
         raise InputError(f"--tasks {','.join(config.tasks)}: lm-eval cannot run it: {problem}") from exc
 
 
-def evaluate_tasks(config: EvalConfig) -> dict:
-    """lm-eval's tasks on the streamed checkpoint: dict(tasks={task: metrics}, lm_eval=version, phase stats)."""
+def evaluate_tasks(config: EvalConfig, model: StreamedModel | None = None) -> dict:
+    """lm-eval's tasks on the streamed checkpoint: dict(tasks={task: metrics}, lm_eval=version, phase stats).
+    ``model``: the checkpoint, already opened."""
     require_lm_eval()
     if env_world() > 1:
         raise UsageError("--tasks runs in one process; start it without torchrun / accelerate launch")
     from lowmem_gblm.zeroshot.lm import StreamedLM
 
-    model = open_model(config.model_dir)
+    model = model or open_model(config.model_dir)
     tokenizer = load_tokenizer(config.model_dir)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device, model.checkpoint_dtype())
@@ -116,11 +118,11 @@ def evaluate(config: EvalConfig) -> dict:
         return evaluate_images(config)
     model = open_model(config.model_dir)
     adapter(model).refuse_eval(model, config.model_dir, "--data" if config.data else "--tasks")
-    result = evaluate_checkpoint(config) if config.data else {"phases": []}
+    result = evaluate_checkpoint(config, model) if config.data else {"phases": []}  # the model opened once
     if config.tasks:
-        zeroshot = evaluate_tasks(config)
+        zeroshot = evaluate_tasks(config, model)
         result["phases"].append(zeroshot.pop("phase"))
         result |= zeroshot
         if "sparsity" not in result:
-            result["sparsity"] = checkpoint_sparsity(open_model(config.model_dir))["overall"]
+            result["sparsity"] = checkpoint_sparsity(model)["overall"]
     return result
