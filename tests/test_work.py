@@ -446,3 +446,28 @@ def test_measured_peak_cuda(monkeypatch, tmp_path):
     peak = matmul_peak.measured_peak(torch.device("cuda"), torch.bfloat16)
     assert peak > 0 and math.isfinite(peak)
     assert matmul_peak.measured_peak("cuda", torch.bfloat16) == peak
+
+
+def test_a_peak_a_phase_beat_is_measured_again(monkeypatch, tmp_path):
+    """A cached peak below the rate a phase just reached was measured on a loaded machine: measured again."""
+    monkeypatch.setattr(matmul_peak, "CACHE_DIR", tmp_path)
+    key = matmul_peak.peak_key(CPU, torch.float32)
+    (tmp_path / matmul_peak.PEAK_FILE).write_text(json.dumps({key: {"flops_per_s": 20.0, "n": 256, "seconds": 1}}))
+    monkeypatch.setattr(matmul_peak, "benchmark_matmul",
+                        lambda *_a, **_k: {"flops_per_s": 200.0, "n": 512, "seconds": 0.5, "sizes": 2})
+    assert matmul_peak.measured_peak(CPU, torch.float32, at_least=15.0) == 20.0  # not beaten: cached
+    assert matmul_peak.measured_peak(CPU, torch.float32, at_least=150.0) == 200.0
+    assert json.loads((tmp_path / matmul_peak.PEAK_FILE).read_text())[key]["flops_per_s"] == 200.0
+
+
+def test_a_benchmark_stopped_at_its_first_size_is_not_cached(monkeypatch, tmp_path):
+    monkeypatch.setattr(matmul_peak, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(matmul_peak, "benchmark_matmul",
+                        lambda *_a, **_k: {"flops_per_s": 20.0, "n": 256, "seconds": 1.2, "sizes": 1})
+    assert matmul_peak.measured_peak(CPU, torch.float32) == 20.0
+    assert not (tmp_path / matmul_peak.PEAK_FILE).exists()
+
+
+def test_the_benchmark_counts_its_sizes(monkeypatch):
+    result = matmul_peak.benchmark_matmul(CPU, torch.float32, budget_s=0.2)
+    assert result["sizes"] >= 1 and result["n"] in matmul_peak.PEAK_SIZES["cpu"]

@@ -204,7 +204,8 @@ def _work(model, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, se
     it cannot be counted: the report loses a field, never the result."""
     try:
         work = eval_work(shape_of(model), int(ids.shape[0]), int(ids.shape[1]), dtype)
-        return {"work": achieved(work, seconds, measured_peak(device, dtype))}
+        rate = work.total_flops / seconds if seconds > 0 else None
+        return {"work": achieved(work, seconds, measured_peak(device, dtype, at_least=rate))}
     except Exception as exc:  # noqa: BLE001 (accounting only)
         log.warning("eval: could not count the work (%s: %s)", type(exc).__name__, exc)
         return {}

@@ -176,7 +176,8 @@ class Run:
                                            nproc=1, rank=0)
             done, self.done_blocks = self.done_blocks, 0
             counted = phase_work(shape_of(self.model), settings, name, done=done)
-            result = achieved(counted, seconds, measured_peak(self.device, self.dtype))
+            rate = counted.total_flops / seconds if seconds > 0 else None
+            result = achieved(counted, seconds, measured_peak(self.device, self.dtype, at_least=rate))
         except Exception as exc:  # noqa: BLE001 (accounting only)
             log.warning("%s: could not count the work (%s: %s)", name, type(exc).__name__, exc)
             return
