@@ -3,6 +3,7 @@ builds, and gets one typer option per declared field (flag, type, default and he
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from typing import Annotated
@@ -32,8 +33,7 @@ def option_names(cls: type, skip: tuple[str, ...] = ()) -> list[tuple[type, str]
     """(declaring class, name) of every command-line option of ``cls``, nested configs' included: the class's own
     options first (the ones a command is about), then the nested configs', then the inherited ones."""
     nested = nested_configs(cls)
-    inherited = set().union(*(specs(base) for base in cls.__mro__[1:] if isinstance(base, type) and
-                              "__dataclass_fields__" in vars(base)))
+    inherited = set().union(*(specs(base) for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)))
     own = [n for n in specs(cls) if n not in inherited]
     order = own + [n for n in specs(cls) if n in inherited]
     out = []

@@ -463,7 +463,7 @@ class EvalConfig:
     reference: str | None = option(
         None, "--images/--pixels: the dense model; reports the mean cosine of the final features", **_FILE)
     renumber_labels: bool = option(  # --images: class names -> 0, 1, ... in natural order, not the model's label2id
-        False, CalibConfig.__dataclass_fields__["renumber_labels"].metadata["spec"].help)
+        False, specs(CalibConfig)["renumber_labels"][1].help)
 
     def __post_init__(self) -> None:
         validate(self)

@@ -29,10 +29,10 @@ from lowmem_gblm.engine.run import open_model, partition
 from lowmem_gblm.engine.walk import BlockWalk
 from lowmem_gblm.errors import InputError
 from lowmem_gblm.io.model import StreamedModel
-from lowmem_gblm.memory.matmul_peak import measured_peak
+from lowmem_gblm.memory.matmul_peak import achieved_here
 from lowmem_gblm.memory.shape import shape_of
 from lowmem_gblm.memory.tracker import PhaseTracker
-from lowmem_gblm.memory.work import achieved, eval_work
+from lowmem_gblm.memory.work import eval_work
 from lowmem_gblm.ranks import Ranks, current
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.stream.context import BlockContext
@@ -204,8 +204,7 @@ def _work(model, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, se
     it cannot be counted: the report loses a field, never the result."""
     try:
         work = eval_work(shape_of(model), int(ids.shape[0]), int(ids.shape[1]), dtype)
-        rate = work.total_flops / seconds if seconds > 0 else None
-        return {"work": achieved(work, seconds, measured_peak(device, dtype, at_least=rate))}
+        return {"work": achieved_here(work, seconds, device, dtype)}
     except Exception as exc:  # noqa: BLE001 (accounting only)
         log.warning("eval: could not count the work (%s: %s)", type(exc).__name__, exc)
         return {}

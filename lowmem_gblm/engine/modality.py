@@ -6,7 +6,6 @@ The engine asks the model's adapter (``adapter``) and never branches on the moda
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -22,11 +21,21 @@ from lowmem_gblm.stream.backward import classifier_windows, head_windows
 GradientHead = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-class DecoderLM:
+class _Modality:
+    evaluations: tuple[str, ...]  # the eval flags this kind of model takes
+    wrong_eval: str  # the refusal of any other ({model_dir}, {family})
+
+    def refuse_eval(self, model: StreamedModel, model_dir: str, asked: str) -> None:
+        """Refuse an evaluation this kind of model does not take (``asked``: --data/--tasks, or --images)."""
+        if asked not in self.evaluations:
+            raise InputError(self.wrong_eval.format(model_dir=model_dir, family=model.family.name))
+
+
+class DecoderLM(_Modality):
     """A causal language model: token windows, the next-token loss, perplexity and lm-eval tasks."""
 
-    kind = "language model"
     evaluations = ("--data", "--tasks")
+    wrong_eval = "{model_dir} is a language model ({family}): evaluate it with --data or --tasks"
 
     def samples(self, calib: CalibConfig, model: StreamedModel) -> Samples:
         if calib.images or calib.pixels_file:
@@ -52,19 +61,14 @@ class DecoderLM:
         """What a gradient folder records beyond the losses."""
         return {}
 
-    def refuse_eval(self, model: StreamedModel, model_dir: str, asked: str) -> None:
-        """Refuse an evaluation this kind of model does not take (``asked``: --data/--tasks, or --images)."""
-        if asked not in self.evaluations:
-            raise InputError(f"{model_dir} is a language model ({model.family.name}): evaluate it with --data or "
-                             "--tasks")
 
-
-class VisionEncoder:
+class VisionEncoder(_Modality):
     """A vision transformer (classifier or backbone): images, the classifier's cross-entropy (on the labels, or
     the dense model's own prediction), top-1 and feature cosine."""
 
-    kind = "vision transformer"
     evaluations = ("--images",)
+    wrong_eval = ("{model_dir} is a vision transformer ({family}): --data and --tasks are for language models; "
+                  "evaluate it with --images FOLDER or --pixels FILE")
 
     def samples(self, calib: CalibConfig, model: StreamedModel) -> Samples:
         if not (calib.images or calib.pixels_file):
@@ -102,21 +106,10 @@ class VisionEncoder:
     def gradient_record(self, run) -> dict:
         return {"labels": run.samples.label_source}
 
-    def refuse_eval(self, model: StreamedModel, model_dir: str, asked: str) -> None:
-        if asked not in self.evaluations:
-            raise InputError(f"{model_dir} is a vision transformer ({model.family.name}): --data and --tasks are for "
-                             "language models; evaluate it with --images FOLDER or --pixels FILE")
 
-
-@dataclass(frozen=True)
-class _Adapters:
-    text: DecoderLM
-    vision: VisionEncoder
-
-
-ADAPTERS = _Adapters(DecoderLM(), VisionEncoder())
+TEXT, VISION = DecoderLM(), VisionEncoder()
 
 
 def adapter(model: StreamedModel) -> DecoderLM | VisionEncoder:
     """The model's modality adapter: its family row says which (io.layout.Family.vision)."""
-    return ADAPTERS.vision if model.family.vision else ADAPTERS.text
+    return VISION if model.family.vision else TEXT

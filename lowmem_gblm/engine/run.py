@@ -32,11 +32,11 @@ from lowmem_gblm.io.runstate import (
     written_bytes,
 )
 from lowmem_gblm.memory.budget import machine_budgets, plan_run
-from lowmem_gblm.memory.matmul_peak import measured_peak
+from lowmem_gblm.memory.matmul_peak import achieved_here
 from lowmem_gblm.memory.plan import Plan, PlanSettings
 from lowmem_gblm.memory.shape import shape_of
 from lowmem_gblm.memory.tracker import PhaseStats, PhaseTracker, limit_heap_retention
-from lowmem_gblm.memory.work import achieved, phase_work
+from lowmem_gblm.memory.work import phase_work
 from lowmem_gblm.ranks import Ranks, current, local_world
 from lowmem_gblm.runtime import resolve_device, resolve_dtype
 from lowmem_gblm.stream.context import BlockContext
@@ -176,8 +176,7 @@ class Run:
                                            nproc=1, rank=0)
             done, self.done_blocks = self.done_blocks, 0
             counted = phase_work(shape_of(self.model), settings, name, done=done)
-            rate = counted.total_flops / seconds if seconds > 0 else None
-            result = achieved(counted, seconds, measured_peak(self.device, self.dtype, at_least=rate))
+            result = achieved_here(counted, seconds, self.device, self.dtype)
         except Exception as exc:  # noqa: BLE001 (accounting only)
             log.warning("%s: could not count the work (%s: %s)", name, type(exc).__name__, exc)
             return

@@ -65,6 +65,6 @@ class BlockWalk:
                     bar.block(f"block {i}")
                 src, dst = dst, src
         if release:
-            for buf in {id(b): b for b in buffers or () if b is not None}.values():
+            for buf in buffers or ():
                 buf.release()
         return out

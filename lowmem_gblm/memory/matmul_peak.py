@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lowmem_gblm.memory.probe import _CACHE
+from lowmem_gblm.memory.work import Work, achieved
 from lowmem_gblm.runtime import dtype_name
 
 log = logging.getLogger(__name__)
@@ -140,3 +141,9 @@ def measured_peak(device: torch.device | str, dtype: torch.dtype, refresh: bool 
     except OSError:
         pass
     return float(result["flops_per_s"])
+
+
+def achieved_here(work: Work, seconds: float, device: torch.device | str, dtype: torch.dtype) -> dict:
+    """``memory.work.achieved`` against this machine's measured peak, measured again when the phase beat it."""
+    rate = work.total_flops / seconds if seconds > 0 else None
+    return achieved(work, seconds, measured_peak(device, dtype, at_least=rate))
